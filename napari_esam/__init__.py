@@ -1,0 +1,34 @@
+"""napari-esam: EfficientSAM and MobileSAM segmentation for napari.
+
+Importing the package is light (no torch): the public API is loaded on first access.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "MODEL_NAMES": "napari_esam.models.registry",
+    "build_model": "napari_esam.models.loading",
+    "load_state_dict": "napari_esam.models.weights",
+    "checkpoint_path": "napari_esam.models.weights",
+    "CheckpointError": "napari_esam.models.weights",
+    "synthetic_state_dict": "napari_esam.models.synthetic",
+    "Predictor": "napari_esam.core.predictor",
+    "to_model_rgb": "napari_esam.core.image",
+    "segment_everything": "napari_esam.core.everything",
+    "masks_to_labels": "napari_esam.core.labels",
+    "write_labels": "napari_esam.core.labels_io",
+    "read_labels": "napari_esam.core.labels_io",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'napari_esam' has no attribute {name!r}")

@@ -1,0 +1,243 @@
+"""Official checkpoint files: registry, download (pooch), integrity check, cache and safe loading.
+
+* Files are verified by their **git blob id** (SHA-1 of ``b"blob <size>\\0" + bytes``), the id
+  GitHub shows for the file, so a truncated or corrupt download is always detected.
+* The cache folder is ``$NAPARI_ESAM_CACHE`` or the per-user cache (``pooch.os_cache``).
+  A verified file is never downloaded again; a bad download never stays in the cache.
+* Checkpoints are read with ``torch.load(..., weights_only=True)``: a file can't run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CACHE_ENV = "NAPARI_ESAM_CACHE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be obtained or is not valid for the requested model."""
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """Where an official checkpoint lives and how to recognise and read it."""
+
+    model: str
+    url: str
+    filename: str
+    git_blob_sha1: str
+    #: member of a zip archive holding the torch file (``None`` = the file itself)
+    zip_member: str | None = None
+    #: key of the dict holding the state dict inside the torch file (``None`` = top level)
+    state_dict_key: str | None = None
+
+
+CHECKPOINTS: dict[str, CheckpointSpec] = {
+    "efficientsam_ti": CheckpointSpec(
+        "efficientsam_ti",
+        "https://github.com/yformer/EfficientSAM/raw/main/weights/efficient_sam_vitt.pt",
+        "efficient_sam_vitt.pt",
+        "af883c49e33c68f01107be52df0ecad26a48355f",
+        state_dict_key="model",
+    ),
+    "efficientsam_s": CheckpointSpec(
+        "efficientsam_s",
+        "https://github.com/yformer/EfficientSAM/raw/main/weights/efficient_sam_vits.pt.zip",
+        "efficient_sam_vits.pt.zip",
+        "fa4e9f05f753e109dbde052f97d37903b833cf53",
+        zip_member="efficient_sam_vits.pt",
+        state_dict_key="model",
+    ),
+    "mobilesam": CheckpointSpec(
+        "mobilesam",
+        "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+        "mobile_sam.pt",
+        "7ef2d090979fd9853adf17b7a99c8b94a1c5a6a7",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """The folder holding downloaded checkpoints (``$NAPARI_ESAM_CACHE`` overrides it)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    import pooch
+
+    return Path(pooch.os_cache("napari-esam"))
+
+
+def git_blob_sha1(path: str | os.PathLike) -> str:
+    """Git's blob id of a file: SHA-1 of ``b"blob <size>\\0"`` followed by the bytes."""
+    path = Path(path)
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _spec(model: str) -> CheckpointSpec:
+    from .registry import check_model_name
+
+    return CHECKPOINTS[check_model_name(model)]
+
+
+def checkpoint_path(model: str, *, download: bool = True, progressbar: bool = True) -> Path:
+    """Path of the verified official checkpoint of ``model``, downloading it if needed."""
+    spec = _spec(model)
+    target = cache_dir() / spec.filename
+    if target.is_file():
+        if git_blob_sha1(target) == spec.git_blob_sha1:
+            return target
+        target.unlink()  # corrupt or stale: never keep it
+    if not download:
+        raise CheckpointError(
+            f"the {model} checkpoint is not in the cache; put {spec.filename} (from {spec.url}) "
+            f"at {target}, or pass checkpoint=PATH"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    try:
+        import pooch
+
+        try:
+            fetched = Path(
+                pooch.retrieve(
+                    spec.url, known_hash=None, fname=spec.filename, path=tmpdir,
+                    progressbar=progressbar,
+                )
+            )
+        except Exception as exc:  # network errors come in many classes (requests, urllib, OSError)
+            raise CheckpointError(
+                f"could not download the {model} checkpoint from {spec.url} ({exc}). If this "
+                f"machine is offline, download the file elsewhere and put it at {target}, or "
+                f"pass checkpoint=PATH (CLI: --checkpoint PATH)"
+            ) from exc
+        found = git_blob_sha1(fetched)
+        if found != spec.git_blob_sha1:
+            raise CheckpointError(
+                f"the downloaded {model} checkpoint is corrupt or truncated (git blob id {found}, "
+                f"expected {spec.git_blob_sha1}); it was deleted, try again"
+            )
+        os.replace(fetched, target)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return target
+
+
+def _torch_load(path: Path) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} is not a plain weights file: it holds objects other than tensors "
+            f"(loading it could run code, so it was refused): {str(exc).splitlines()[0]}"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {exc}"
+        ) from exc
+
+
+def _read_checkpoint_file(path: Path, spec: CheckpointSpec | None) -> Any:
+    """Read a .pt file, or a zip archive holding one .pt file (EfficientSAM-S's format)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            is_torch_archive = any(n.endswith("data.pkl") for n in names)
+            if not is_torch_archive:
+                members = [n for n in names if n.endswith((".pt", ".pth")) and not n.endswith("/")]
+                if spec is not None and spec.zip_member in names:
+                    members = [spec.zip_member]
+                if len(members) != 1:
+                    raise CheckpointError(
+                        f"{path} is a zip archive but does not hold exactly one .pt file "
+                        f"(found {members or 'none'})"
+                    )
+                with tempfile.TemporaryDirectory() as tmp:
+                    try:
+                        zf.extract(members[0], tmp)
+                    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                        raise CheckpointError(f"{path} is a corrupt zip archive: {exc}") from exc
+                    return _torch_load(Path(tmp) / members[0])
+    return _torch_load(path)
+
+
+def _unwrap(obj: Any, source: str) -> Mapping[str, Any]:
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping):
+                return inner
+        return obj
+    raise CheckpointError(f"{source} does not hold a state dict (found {type(obj).__name__})")
+
+
+def load_state_dict(model: str, checkpoint: Any = None) -> dict[str, Any]:
+    """State dict (name -> torch tensor) for ``model`` from a checkpoint source.
+
+    ``checkpoint``: ``None`` (the official file, downloaded and cached), a path to a ``.pt``
+    file (or a zip holding one), or a mapping of names to tensors or NumPy arrays.
+    """
+    import torch
+
+    spec = _spec(model)
+    if checkpoint is None:
+        raw: Any = _read_checkpoint_file(checkpoint_path(model), spec)
+        source = spec.filename
+    elif isinstance(checkpoint, Mapping):
+        raw, source = checkpoint, "the given state dict"
+    elif isinstance(checkpoint, (str, os.PathLike)):
+        path = Path(checkpoint).expanduser()
+        raw, source = _read_checkpoint_file(path, spec), str(path)
+    else:
+        raise TypeError(
+            f"checkpoint must be None, a path or a mapping, not {type(checkpoint).__name__}"
+        )
+    state = _unwrap(raw, source)
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: entry {key!r} is not a tensor")
+        out[str(key)] = value
+    return out
+
+
+def describe_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any]) -> str | None:
+    """A human explanation of why ``found`` can't be loaded as ``expected`` (None if it can)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [
+        f"{k} {tuple(found[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and tuple(found[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or wrong):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]})")
+    return "; ".join(parts)

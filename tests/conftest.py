@@ -1,0 +1,9 @@
+"""Test set-up: headless Qt through Xvfb (pytest-xvfb) with the xcb platform."""
+
+import os
+import tempfile
+
+# must happen before napari.settings is imported and before any QApplication exists
+os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
+os.environ.setdefault("NAPARI_CONFIG", os.path.join(tempfile.mkdtemp(), "settings.yaml"))
+os.environ.setdefault("NAPARI_ESAM_CACHE", os.path.join(tempfile.mkdtemp(), "esam-cache"))
