@@ -1,0 +1,740 @@
+"""Safe export and re-import of label masks as OME-Zarr (NGFF 0.5) or TIFF (ImageJ / OME-TIFF).
+
+No Qt and no napari here: the npe2 writer/reader and the CLI are thin adapters over this module.
+
+Formats (chosen by the file extension):
+
+* ``.zarr``: a Zarr v3 group laid out as an OME-NGFF **0.5** label image: one multiscale
+  level ``"0"`` (chunked, compressed), ``attributes["ome"]`` with ``multiscales`` (axes,
+  ``scale``/``translation``) and ``image-label`` (``colors`` for at most :data:`MAX_COLORS`
+  labels), plus our own ``attributes["napari-esam"]`` marker.
+* ``.tif``/``.tiff``: an ImageJ hyperstack when the dtype is uint8/uint16, the file is not
+  BigTIFF, the compression is zlib/none and the axes fit ImageJ's TZCYX order; otherwise an
+  OME-TIFF (any unsigned dtype, BigTIFF when needed). Our metadata (scale, translate, axes,
+  units, name) is stored as JSON in the private TIFF tag :data:`TIFF_TAG`.
+
+Safety: data is written to a hidden temporary sibling and renamed into place only when
+complete; on any exception (including ``KeyboardInterrupt`` and ``ENOSPC``) the temporary
+output is removed and an existing target is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import shutil
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MAX_COLORS",
+    "NGFF_VERSION",
+    "TIFF_TAG",
+    "default_axes",
+    "is_labels_export",
+    "label_color",
+    "needs_bigtiff",
+    "read_labels",
+    "smallest_label_dtype",
+    "write_labels",
+]
+
+MARKER = "napari-esam"
+FORMAT_VERSION = 1
+NGFF_VERSION = "0.5"
+#: ``image-label`` colours are written only when at most this many distinct labels occur.
+MAX_COLORS = 4096
+#: Private TIFF tag holding our JSON metadata.
+TIFF_TAG = 65420
+#: Above this (uncompressed) size a TIFF is written as BigTIFF: 4 GiB minus 32 MiB for tags.
+BIGTIFF_THRESHOLD = 2**32 - 2**25
+TILE = 512
+#: TIFFs up to this many (uncompressed) bytes are read into memory, larger ones lazily.
+EAGER_TIFF_BYTES = 2**30
+
+ProgressCallback = Callable[[int, int], None]
+
+_AXES_ORDER = "tczyx"
+_AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+_NGFF_SPACE_UNITS = {
+    "angstrom", "attometer", "centimeter", "decimeter", "exameter", "femtometer", "foot",
+    "gigameter", "hectometer", "inch", "kilometer", "megameter", "meter", "micrometer", "mile",
+    "millimeter", "nanometer", "parsec", "petameter", "picometer", "terameter", "yard",
+    "yoctometer", "yottameter", "zeptometer", "zettameter",
+}  # fmt: skip
+_NGFF_TIME_UNITS = {
+    "attosecond", "centisecond", "day", "decisecond", "exasecond", "femtosecond", "gigasecond",
+    "hectosecond", "hour", "kilosecond", "megasecond", "microsecond", "millisecond", "minute",
+    "nanosecond", "petasecond", "picosecond", "second", "terasecond", "yoctosecond",
+    "yottasecond", "zeptosecond", "zettasecond",
+}  # fmt: skip
+_IMAGEJ_UNITS = {"micrometer": "micron", "nanometer": "nm", "millimeter": "mm",
+                 "centimeter": "cm", "meter": "m", "angstrom": "A", "inch": "inch"}  # fmt: skip
+_OME_UNITS = {"micrometer": "µm", "nanometer": "nm", "millimeter": "mm", "centimeter": "cm",
+              "meter": "m", "angstrom": "Å", "picometer": "pm", "inch": "in"}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def smallest_label_dtype(max_label: int) -> np.dtype:
+    """Return the smallest unsigned integer dtype (uint8/16/32/64) that holds ``max_label``."""
+    max_label = int(max_label)
+    if max_label < 0:
+        raise ValueError(f"labels must be non-negative, got maximum {max_label}")
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if max_label <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"label {max_label} does not fit in uint64")
+
+
+def needs_bigtiff(shape: Sequence[int], dtype: Any) -> bool:
+    """Whether a TIFF of this shape/dtype must be BigTIFF (estimated size above ~4 GB).
+
+    The estimate is the uncompressed size: compression usually shrinks labels a lot, but a
+    classic TIFF that overflows 4 GiB cannot be repaired, so we stay on the safe side.
+    """
+    nbytes = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize
+    return nbytes > BIGTIFF_THRESHOLD
+
+
+def default_axes(ndim: int) -> str:
+    """Default axis names for ``ndim`` dimensions: yx, zyx, tzyx, tczyx."""
+    axes = {2: "yx", 3: "zyx", 4: "tzyx", 5: "tczyx"}.get(ndim)
+    if axes is None:
+        raise ValueError(f"labels must have 2 to 5 dimensions, got {ndim}")
+    return axes
+
+
+def label_color(value: int) -> list[int]:
+    """A deterministic, well-spread RGBA colour (0-255) for a label value (golden-ratio hues)."""
+    import colorsys
+
+    hue = (int(value) * 0.618033988749895) % 1.0
+    sat = 0.55 + 0.45 * ((int(value) * 0.381966) % 1.0)
+    r, g, b = colorsys.hsv_to_rgb(hue, sat, 0.95)
+    return [round(r * 255), round(g * 255), round(b * 255), 255]
+
+
+def _check_axes(axes: str | None, ndim: int) -> str:
+    if axes is None:
+        return default_axes(ndim)
+    axes = str(axes).lower()
+    it = iter(_AXES_ORDER)
+    in_order = all(ch in it for ch in axes)  # subsequence of "tczyx"
+    if len(axes) != ndim or not in_order or len(set(axes)) != len(axes) or axes[-2:] != "yx":
+        raise ValueError(
+            f"axes {axes!r} do not fit {ndim}-D labels: use {ndim} distinct letters from "
+            f"'tczyx' in that order, ending in 'yx' (e.g. {default_axes(max(2, min(ndim, 5)))!r})"
+        )
+    return axes
+
+
+def _check_vector(name: str, values: Sequence[float] | None, ndim: int, default: float) -> list:
+    if values is None:
+        return [default] * ndim
+    out = [float(v) for v in values]
+    if len(out) != ndim:
+        raise ValueError(f"{name} has {len(out)} values but the labels have {ndim} dimensions")
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{name} values must be finite, got {out}")
+    if name == "scale" and not all(v > 0 for v in out):
+        raise ValueError(f"scale values must be positive, got {out}")
+    return out
+
+
+def _check_units(units: Sequence[str | None] | None, ndim: int) -> list[str | None]:
+    if units is None:
+        return [None] * ndim
+    out = [None if u in (None, "", "pixel") else str(u) for u in units]
+    if len(out) != ndim:
+        raise ValueError(f"units has {len(out)} values but the labels have {ndim} dimensions")
+    return out
+
+
+def _format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".zarr":
+        return "zarr"
+    if suffix in (".tif", ".tiff"):
+        return "tiff"
+    raise ValueError(f"cannot tell the format of {str(path)!r}: use a .zarr, .tif or .tiff name")
+
+
+def _default_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+# ------------------------------------------------------------------- input normalisation
+
+
+def _as_dask(data: Any, fmt: str):
+    """Wrap labels (NumPy, Dask, Zarr or any array-like) as a lazy Dask array.
+
+    Non-Dask input gets blocks that match the output layout: Zarr chunks, or single TIFF pages.
+    """
+    import dask.array as da
+
+    if isinstance(data, (list, tuple)) and data and all(hasattr(d, "shape") for d in data):
+        data = data[0]  # multiscale: export the full-resolution level
+    if isinstance(data, da.Array):
+        return data
+    if not (hasattr(data, "shape") and hasattr(data, "dtype") and hasattr(data, "__getitem__")):
+        data = np.asarray(data)
+    shape = tuple(data.shape)
+    if len(shape) < 2:
+        raise ValueError(f"labels must have 2 to 5 dimensions, got {len(shape)}")
+    if 0 in shape:
+        raise ValueError(f"labels array is empty (shape {shape})")
+    chunks = _zarr_chunks(shape) if fmt == "zarr" else (1,) * (len(shape) - 2) + shape[-2:]
+    # name=False: do not hash the whole array to make a key
+    return da.from_array(data, chunks=chunks, name=False, lock=False)
+
+
+def _check_dtype(dtype: np.dtype) -> None:
+    if dtype.kind not in "biu":
+        raise ValueError(
+            f"labels must be an integer (or bool) array, got dtype {dtype}: "
+            "convert them explicitly, e.g. data.astype(np.uint32)"
+        )
+
+
+def _block_range(block: np.ndarray) -> np.ndarray:
+    return np.array([block.min(), block.max()], dtype=block.dtype).reshape((1,) * block.ndim + (2,))
+
+
+def _value_range(x, pool: ThreadPoolExecutor) -> tuple[int, int]:
+    """Minimum and maximum of a Dask array; each chunk is reduced as soon as it is computed."""
+    ranges = x.map_blocks(
+        _block_range, chunks=(1,) * x.ndim + (2,), new_axis=x.ndim, dtype=x.dtype
+    ).compute(scheduler="threads", pool=pool)
+    return int(ranges[..., 0].min()), int(ranges[..., 1].max())
+
+
+def _convert_block(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Check one block (non-negative, fits ``dtype``) and cast it to ``dtype``."""
+    block = np.asarray(block)
+    if block.dtype.kind == "b":
+        return block.astype(dtype)
+    _check_dtype(block.dtype)
+    if block.size:
+        if block.dtype.kind == "i":
+            lo = int(block.min())
+            if lo < 0:
+                raise ValueError(f"labels must be non-negative, found {lo}")
+        hi = int(block.max())
+        if hi > np.iinfo(dtype).max:
+            raise ValueError(f"label {hi} does not fit the output dtype {dtype}")
+    return block.astype(dtype, copy=False)
+
+
+def _present_labels(block: np.ndarray) -> np.ndarray:
+    """Non-zero label values occurring in ``block``."""
+    if block.size == 0:
+        return np.empty(0, dtype=np.int64)
+    top = int(block.max())
+    if top >= 2**16:
+        values = np.unique(block)
+        return values[values != 0]
+    flat = block.reshape(-1)
+    counts = np.zeros(top + 1, dtype=np.int64)
+    step = 2**16  # bincount converts to intp: keep that copy small
+    for start in range(0, flat.size, step):
+        counts += np.bincount(flat[start : start + step], minlength=top + 1)
+    counts[0] = 0
+    return np.flatnonzero(counts)
+
+
+class _BlockConverter:
+    """Validates/casts blocks (possibly from worker threads), tracks labels and progress."""
+
+    def __init__(self, dtype: np.dtype, total: int, progress: ProgressCallback | None) -> None:
+        self.dtype = dtype
+        self.total = total
+        self.progress = progress
+        self.done = 0
+        self.labels: set[int] | None = set()
+        self.cancelled = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, block: np.ndarray, units: int = 1) -> np.ndarray:
+        if self.cancelled.is_set():
+            raise RuntimeError("labels export cancelled")
+        out = _convert_block(block, self.dtype)
+        present = _present_labels(out) if self.labels is not None else None
+        with self._lock:
+            if present is not None and self.labels is not None:
+                self.labels.update(int(v) for v in present[: MAX_COLORS + 1])
+                if len(self.labels) > MAX_COLORS:
+                    self.labels = None  # too many labels for a colour table
+            self.done += units
+            if self.progress is not None:
+                self.progress(self.done, self.total)
+        return out
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def write_labels(
+    path: str | os.PathLike[str],
+    data: Any,
+    *,
+    scale: Sequence[float] | None = None,
+    translate: Sequence[float] | None = None,
+    axes: str | None = None,
+    units: Sequence[str | None] | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+    compression: str | None = "auto",
+    dtype: Any = None,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Write a label mask to ``path`` (``.zarr`` → OME-Zarr, ``.tif``/``.tiff`` → TIFF).
+
+    Args:
+        path: target; its parent directory must exist.
+        data: 2-D to 5-D integer or bool labels (NumPy, Dask, Zarr or array-like). Bool is
+            stored as 0/1; floats and negative values raise ``ValueError``.
+        scale, translate: per-axis pixel size and origin (e.g. a napari layer's).
+        axes: letters from ``tczyx`` in that order, ending in ``yx`` (default by ndim:
+            ``yx``, ``zyx``, ``tzyx``, ``tczyx``).
+        units: per-axis unit names (``"micrometer"``, ``"second"``; None/"pixel" = none).
+        name: label layer name stored in the metadata (default: the file name stem).
+        overwrite: replace an existing ``path``; otherwise ``FileExistsError``.
+        compression: ``"auto"`` (zstd for Zarr, zlib for TIFF), ``"zstd"``, ``"zlib"`` or
+            None/``"none"``. zstd TIFFs need imagecodecs and are not ImageJ-readable.
+        dtype: force an unsigned output dtype (skips the min/max pre-pass over Dask input);
+            by default the smallest of uint8/16/32/64 that holds the largest label.
+        progress: ``progress(done, total)`` called after each block (Zarr: chunks, TIFF:
+            pages), possibly from a worker thread; raising from it cancels the export.
+
+    Returns:
+        The written path. Data is written chunk by chunk (Zarr) or page by page (TIFF) into a
+        hidden temporary sibling that is renamed into place only once complete.
+    """
+    target = Path(os.fspath(path)).expanduser()
+    fmt = _format_of(target)
+    compression = _check_compression(compression, fmt)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"directory {str(target.parent)!r} does not exist")
+    _check_target(target, overwrite)
+
+    x = _as_dask(data, fmt)
+    ndim = x.ndim
+    axes = _check_axes(axes, ndim)
+    _check_dtype(np.dtype(x.dtype))
+    if 0 in x.shape:
+        raise ValueError(f"labels array is empty (shape {tuple(x.shape)})")
+    meta = {
+        "name": name if name is not None else _default_name(target),
+        "axes": axes,
+        "scale": _check_vector("scale", scale, ndim, 1.0),
+        "translate": _check_vector("translate", translate, ndim, 0.0),
+        "units": _check_units(units, ndim),
+    }
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+    converter: _BlockConverter | None = None
+    try:
+        out_dtype = _output_dtype(x, dtype, pool)
+        if fmt == "zarr":
+            chunks = _zarr_chunks(x.shape)
+            nblocks = math.prod(math.ceil(s / c) for s, c in zip(x.shape, chunks, strict=True))
+            converter = _BlockConverter(out_dtype, nblocks, progress)
+            _write_zarr(tmp, x.rechunk(chunks), chunks, converter, meta, compression, pool)
+        else:
+            converter = _BlockConverter(out_dtype, math.prod(x.shape[:-2]), progress)
+            _write_tiff(tmp, x, converter, meta, compression, pool)
+        _move_into_place(tmp, target, overwrite)
+    except BaseException:
+        if converter is not None:
+            converter.cancelled.set()
+        pool.shutdown(wait=True, cancel_futures=True)  # no worker may still write into tmp
+        _remove(tmp)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    return target
+
+
+def _check_compression(compression: str | None, fmt: str) -> str | None:
+    value = "none" if compression is None else str(compression).lower()
+    if value == "auto":
+        value = "zstd" if fmt == "zarr" else "zlib"
+    if value not in ("zstd", "zlib", "none"):
+        raise ValueError(f"unknown compression {compression!r}: use 'zstd', 'zlib' or None")
+    if fmt == "tiff" and value == "zstd":
+        try:
+            import imagecodecs  # noqa: F401
+        except ImportError:
+            raise ValueError("zstd compression of TIFF needs 'imagecodecs'; use 'zlib'") from None
+    return None if value == "none" else value
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{str(target)!r} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
+        )
+    if target.is_dir() and _format_of(target) == "tiff":
+        raise IsADirectoryError(f"{str(target)!r} is a directory, not a TIFF file")
+
+
+def _output_dtype(x, dtype: Any, pool: ThreadPoolExecutor) -> np.dtype:
+    if dtype is not None:
+        out = np.dtype(dtype)
+        if out.kind != "u":
+            raise ValueError(f"dtype must be an unsigned integer type, got {out}")
+        return out  # values are checked block by block while writing
+    if x.dtype.kind == "b":
+        return np.dtype(np.uint8)
+    lo, hi = _value_range(x, pool)
+    if lo < 0:
+        raise ValueError(f"labels must be non-negative, found {lo}")
+    return smallest_label_dtype(hi)
+
+
+def _zarr_chunks(shape: Sequence[int]) -> tuple[int, ...]:
+    """≤512×512 tiles in YX, 1 along leading axes (more along the last one for small tiles)."""
+    cy, cx = min(shape[-2], TILE), min(shape[-1], TILE)
+    lead = [1] * (len(shape) - 2)
+    if lead:
+        lead[-1] = max(1, min(shape[-3], TILE * TILE // (cy * cx)))
+    return (*lead, cy, cx)
+
+
+def _zarr_compressors(compression: str | None):
+    from zarr.codecs import BloscCodec, GzipCodec
+
+    if compression == "zstd":
+        return (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),)
+    if compression == "zlib":
+        return (GzipCodec(level=6),)
+    return None
+
+
+def _ngff_attrs(meta: dict, labels: set[int] | None) -> dict:
+    axes = []
+    for ax, unit in zip(meta["axes"], meta["units"], strict=True):
+        entry: dict[str, Any] = {"name": ax, "type": _AXIS_TYPES[ax]}
+        allowed = _NGFF_TIME_UNITS if ax == "t" else _NGFF_SPACE_UNITS
+        if unit in allowed:
+            entry["unit"] = unit
+        axes.append(entry)
+    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": meta["scale"]}]
+    if any(meta["translate"]):
+        transforms.append({"type": "translation", "translation": meta["translate"]})
+    image_label: dict[str, Any] = {}
+    if labels is not None:
+        image_label["colors"] = [{"label-value": v, "rgba": label_color(v)} for v in sorted(labels)]
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [
+            {
+                "name": meta["name"],
+                "axes": axes,
+                "datasets": [{"path": "0", "coordinateTransformations": transforms}],
+            }
+        ],
+        "image-label": image_label,
+    }
+
+
+def _marker(meta: dict, dtype: np.dtype) -> dict:
+    return {"format_version": FORMAT_VERSION, "kind": "labels", "dtype": str(dtype), **meta}
+
+
+def _write_zarr(
+    tmp: Path,
+    x,
+    chunks: tuple[int, ...],
+    converter: _BlockConverter,
+    meta: dict,
+    compression: str | None,
+    pool: ThreadPoolExecutor,
+) -> None:
+    import dask.array as da
+    import zarr
+
+    group = zarr.open_group(tmp, mode="w-", zarr_format=3)
+    array = group.create_array(
+        "0",
+        shape=x.shape,
+        dtype=converter.dtype,
+        chunks=chunks,
+        compressors=_zarr_compressors(compression),
+        fill_value=0,
+        dimension_names=list(meta["axes"]),
+        config={"write_empty_chunks": False},
+    )
+    checked = x.map_blocks(
+        converter, dtype=converter.dtype, meta=np.empty((0,) * x.ndim, dtype=converter.dtype)
+    )
+    # chunk-aligned blocks: each task writes whole chunks, so no lock is needed
+    da.store(checked, array, lock=False, scheduler="threads", pool=pool)
+    group.attrs.update(
+        {"ome": _ngff_attrs(meta, converter.labels), MARKER: _marker(meta, converter.dtype)}
+    )
+
+
+def _tiff_pages(x, converter: _BlockConverter, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
+    """Yield YX pages in C order, computing one Dask chunk of the innermost leading axis."""
+    if x.ndim == 2:
+        yield converter(x.compute(scheduler="threads", pool=pool))
+        return
+    for outer in np.ndindex(*x.shape[:-3]):
+        start = 0
+        for size in x.chunks[-3]:
+            slab = x[(*outer, slice(start, start + size))].compute(scheduler="threads", pool=pool)
+            yield from converter(slab, units=size)
+            start += size
+
+
+def _imagej_ok(meta: dict, dtype: np.dtype, bigtiff: bool, compression: str | None) -> bool:
+    axes = meta["axes"]
+    return (
+        dtype in (np.dtype(np.uint8), np.dtype(np.uint16))
+        and not bigtiff
+        and compression in ("zlib", None)
+        and not ("c" in axes and "z" in axes)  # ImageJ order is TZCYX, NGFF's is TCZYX
+    )
+
+
+def _write_tiff(
+    tmp: Path,
+    x,
+    converter: _BlockConverter,
+    meta: dict,
+    compression: str | None,
+    pool: ThreadPoolExecutor,
+) -> None:
+    import tifffile
+
+    from napari_esam import __version__
+
+    dtype = converter.dtype
+    bigtiff = needs_bigtiff(x.shape, dtype)
+    imagej = _imagej_ok(meta, dtype, bigtiff, compression)
+    axes, scale, units = meta["axes"], meta["scale"], meta["units"]
+    sy, sx = scale[-2], scale[-1]
+    xunit = units[-1]
+    kwargs: dict[str, Any] = {}
+    if imagej:
+        md: dict[str, Any] = {"axes": axes.upper()}
+        if "z" in axes:
+            md["spacing"] = scale[axes.index("z")]
+        if "t" in axes:
+            md["finterval"] = scale[axes.index("t")]
+        if xunit in _IMAGEJ_UNITS:
+            md["unit"] = _IMAGEJ_UNITS[xunit]
+        kwargs.update(imagej=True, metadata=md)
+    else:
+        md = {"axes": axes.upper(), "Name": meta["name"], "PhysicalSizeX": sx, "PhysicalSizeY": sy}
+        if xunit in _OME_UNITS:
+            md["PhysicalSizeXUnit"] = md["PhysicalSizeYUnit"] = _OME_UNITS[xunit]
+        if "z" in axes:
+            md["PhysicalSizeZ"] = scale[axes.index("z")]
+            zunit = units[axes.index("z")]
+            if zunit in _OME_UNITS:
+                md["PhysicalSizeZUnit"] = _OME_UNITS[zunit]
+        if "t" in axes:
+            md["TimeIncrement"] = scale[axes.index("t")]
+        kwargs.update(ome=True, metadata=md)
+    description = json.dumps({MARKER: _marker(meta, dtype)})
+    with open(tmp, "xb") as fh:
+        tifffile.imwrite(
+            fh,
+            _tiff_pages(x, converter, pool),
+            shape=tuple(x.shape),
+            dtype=dtype,
+            bigtiff=bigtiff,
+            photometric="minisblack",
+            compression=compression,
+            resolution=(1.0 / sx, 1.0 / sy),
+            software=f"napari-esam {__version__}",
+            extratags=[(TIFF_TAG, "s", 0, description, True)],
+            **kwargs,
+        )
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Rename the complete ``tmp`` onto ``target``; an old target is swapped out and removed."""
+    if not (target.exists() or target.is_symlink()):
+        os.rename(tmp, target)  # fails rather than merging if a directory appeared meanwhile
+        return
+    _check_target(target, overwrite)  # re-check: it may have appeared while we were writing
+    if tmp.is_file() and target.is_file():
+        os.replace(tmp, target)  # atomic for files
+        return
+    backup = target.with_name(f".{target.name}.bak-{secrets.token_hex(4)}")
+    os.rename(target, backup)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    _remove(backup)
+
+
+def _remove(path: Path) -> None:
+    """Best-effort removal of a temporary file or directory (never masks the real error)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError as exc:  # pragma: no cover - depends on the file system
+        warnings.warn(f"could not remove temporary {str(path)!r}: {exc}", stacklevel=3)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def is_labels_export(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a label export written by napari-esam (cheap metadata check)."""
+    p = Path(os.fspath(path))
+    try:
+        fmt = _format_of(p)
+    except ValueError:
+        return False
+    try:
+        if fmt == "zarr":
+            with open(p / "zarr.json", encoding="utf-8") as fh:
+                attrs = json.load(fh).get("attributes", {})
+            return isinstance(attrs.get(MARKER), dict) and attrs[MARKER].get("kind") == "labels"
+        return _tiff_marker(p) is not None
+    except (OSError, ValueError):
+        return False
+
+
+def _tiff_marker(path: Path) -> dict | None:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages.first.tags.get(TIFF_TAG)
+        if tag is None:
+            return None
+        value = json.loads(tag.value).get(MARKER)
+    return value if isinstance(value, dict) else None
+
+
+def read_labels(path: str | os.PathLike[str]) -> tuple[Any, dict]:
+    """Open labels written by :func:`write_labels`, or a plain Zarr array / OME-Zarr / TIFF.
+
+    Returns ``(array, meta)`` with ``meta`` keys ``name``, ``axes``, ``scale``,
+    ``translate``, ``units`` and ``napari_esam`` (whether it is our export). Zarr data is
+    returned as a read-only ``zarr.Array`` (lazy); TIFF data as NumPy, or lazily through
+    tifffile's Zarr store when larger than :data:`EAGER_TIFF_BYTES`.
+    """
+    p = Path(os.fspath(path)).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or directory: {str(p)!r}")
+    if p.is_dir() or p.suffix.lower() == ".zarr":
+        return _read_zarr(p)
+    return _read_tiff(p)
+
+
+def _meta(path: Path, ndim: int, **given: Any) -> dict:
+    meta = {
+        "name": _default_name(path),
+        "axes": default_axes(ndim) if 2 <= ndim <= 5 else None,
+        "scale": [1.0] * ndim,
+        "translate": [0.0] * ndim,
+        "units": [None] * ndim,
+        "napari_esam": False,
+    }
+    meta.update({k: v for k, v in given.items() if v is not None})
+    return meta
+
+
+def _read_zarr(path: Path) -> tuple[Any, dict]:
+    import zarr
+
+    try:
+        node = zarr.open(path, mode="r")
+    except zarr.errors.NodeNotFoundError as exc:
+        raise ValueError(f"{str(path)!r} is not a Zarr array or group") from exc
+    if isinstance(node, zarr.Array):
+        return node, _meta(path, node.ndim)
+    attrs = node.attrs.asdict()
+    ome = attrs.get("ome", attrs)  # NGFF 0.5 nests under "ome"; 0.4 is at the top level
+    multiscales = ome.get("multiscales")
+    if not multiscales:
+        raise ValueError(f"{str(path)!r} is a Zarr group without OME-NGFF 'multiscales'")
+    dataset = multiscales[0]["datasets"][0]
+    array = node[dataset["path"]]
+    scale = translate = None
+    for transform in dataset.get("coordinateTransformations", []):
+        if transform.get("type") == "scale":
+            scale = [float(v) for v in transform["scale"]]
+        elif transform.get("type") == "translation":
+            translate = [float(v) for v in transform["translation"]]
+    axes_meta = multiscales[0].get("axes", [])
+    names = "".join(a["name"] if isinstance(a, dict) else a for a in axes_meta).lower()
+    units = [a.get("unit") if isinstance(a, dict) else None for a in axes_meta] or None
+    ours = attrs.get(MARKER) if isinstance(attrs.get(MARKER), dict) else {}
+    meta = _meta(
+        path,
+        array.ndim,
+        name=ours.get("name") or multiscales[0].get("name"),
+        axes=ours.get("axes") or (names if len(names) == array.ndim else None),
+        scale=ours.get("scale") or scale,
+        translate=ours.get("translate") or translate,
+        units=ours.get("units") or units,
+        napari_esam=bool(ours),
+    )
+    return array, meta
+
+
+def _read_tiff(path: Path) -> tuple[Any, dict]:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        tag = tif.pages.first.tags.get(TIFF_TAG)
+        ours: dict = {}
+        if tag is not None:
+            with contextlib.suppress(ValueError, AttributeError):
+                ours = json.loads(tag.value).get(MARKER) or {}
+        shape, dtype = series.shape, series.dtype
+        tiff_axes = series.axes.lower()
+        eager = math.prod(shape) * dtype.itemsize <= EAGER_TIFF_BYTES
+        data = series.asarray() if eager else None
+    if data is None:
+        import zarr
+
+        data = zarr.open_array(tifffile.imread(path, aszarr=True), mode="r")
+    axes = ours.get("axes")
+    if axes is None and len(tiff_axes) == len(shape):
+        with contextlib.suppress(ValueError):
+            axes = _check_axes(tiff_axes, len(shape))
+    meta = _meta(
+        path,
+        len(shape),
+        name=ours.get("name"),
+        axes=axes,
+        scale=ours.get("scale"),
+        translate=ours.get("translate"),
+        units=ours.get("units"),
+        napari_esam=bool(ours),
+    )
+    return data, meta
