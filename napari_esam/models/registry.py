@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from .base import PromptableModel
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # keep this module torch-free: the CLI and plugin discovery import it
+    from .base import PromptableModel
 
 #: every model name accepted by :func:`napari_esam.build_model`
 MODEL_NAMES: tuple[str, ...] = ("efficientsam_ti", "efficientsam_s", "mobilesam")

@@ -1,0 +1,246 @@
+"""``napari-esam everything``: segment everything in every slice of an image or stack.
+
+The output is computed slice by slice into a Zarr store, so it can be stopped at any time
+and resumed by running the same command again. ``-o OUT.tif`` computes into the working
+store ``OUT.tif.partial.zarr`` next to it and exports the TIFF when every slice is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from .cli import UserError
+
+HELP = "segment everything in every 2-D slice of an image or stack (resumable)"
+TIFF_WORK_SUFFIX = ".partial.zarr"
+#: at most this many per-slice counts are printed
+MAX_LISTED = 50
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``everything`` subcommand."""
+    from .core.batch import EverythingParams
+    from .models.registry import MODEL_NAMES
+
+    d = EverythingParams()
+    p = subparsers.add_parser(
+        "everything",
+        help=HELP,
+        description=HELP + ". Finished slices are recorded in the Zarr output; running the "
+        "same command again resumes (--overwrite starts over).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("input", metavar="INPUT", help="TIFF, Zarr, .npy, PNG or JPEG image/stack")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                   help="labels output: OUT.zarr (OME-Zarr) or OUT.tif/.tiff")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUTPUT instead of resuming it")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="mobilesam", choices=MODEL_NAMES)
+    g.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="autocast dtype on CUDA (default: float32)")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="weights file (default: the official weights, downloaded once)")
+    g = p.add_argument_group("stack")
+    g.add_argument("--axis", type=int, nargs="+", default=None, metavar="N",
+                   help="stack axis (or axes) to iterate; default: every axis but the last "
+                   "two (and the channel axis)")
+    g.add_argument("--channel-axis", default="auto", metavar="N|none|auto",
+                   help="channel axis; auto = the last axis when it has 3 or 4 entries (RGB)")
+    g.add_argument("--channel", type=int, default=None, metavar="C",
+                   help="channel to segment (default: RGB, the first three channels)")
+    g.add_argument("--contrast-limits", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="intensity range mapped to 0-255 for every slice (default: each "
+                   "slice's 0.5-99.5 percentiles)")
+    g.add_argument("--ids", dest="id_scope", choices=("stack", "slice"), default="stack",
+                   help="label ids unique across the stack, or 1..n in each slice")
+    g = p.add_argument_group("segment everything")
+    g.add_argument("--method", choices=("sam", "efficientsam"), default=d.method)
+    g.add_argument("--points-per-side", type=int, default=d.points_per_side)
+    g.add_argument("--points-per-batch", type=_batch_size, default=d.points_per_batch,
+                   help="points decoded per model call, or 'auto' (from free memory)")
+    g.add_argument("--pred-iou-thresh", type=float, default=d.pred_iou_thresh)
+    g.add_argument("--stability-score-thresh", type=float, default=d.stability_score_thresh)
+    g.add_argument("--stability-score-offset", type=float, default=d.stability_score_offset)
+    g.add_argument("--box-nms-thresh", type=float, default=d.box_nms_thresh)
+    g.add_argument("--crop-n-layers", type=int, default=d.crop_n_layers)
+    g.add_argument("--crop-nms-thresh", type=float, default=d.crop_nms_thresh)
+    g.add_argument("--crop-overlap-ratio", type=float, default=d.crop_overlap_ratio)
+    g.add_argument("--crop-n-points-downscale-factor", type=int,
+                   default=d.crop_n_points_downscale_factor)
+    g.add_argument("--min-mask-region-area", type=int, default=d.min_mask_region_area,
+                   help="remove holes and islands smaller than this in each mask (pixels)")
+    g.add_argument("--min-size", type=int, default=d.min_size,
+                   help="drop objects smaller than this (pixels)")
+    g.add_argument("--max-size", type=int, default=d.max_size,
+                   help="drop objects larger than this (pixels), e.g. a background mask")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def _batch_size(text: str) -> int | None:
+    if text.lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def _channel_axis(text: str) -> int | str | None:
+    low = str(text).lower()
+    if low in ("auto", "none"):
+        return None if low == "none" else "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(
+            f"--channel-axis must be an integer, 'none' or 'auto', not {text!r}"
+        ) from None
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~napari_esam.core.batch.BatchSettings` of parsed arguments."""
+    from .core.batch import BatchSettings, EverythingParams, ModelSpec
+
+    params = EverythingParams(
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        stability_score_offset=args.stability_score_offset,
+        box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers,
+        crop_nms_thresh=args.crop_nms_thresh,
+        crop_overlap_ratio=args.crop_overlap_ratio,
+        crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
+        min_mask_region_area=args.min_mask_region_area,
+        method=args.method,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        contrast_limits=tuple(args.contrast_limits) if args.contrast_limits else None,
+    )
+    checkpoint = None
+    if args.checkpoint is not None:
+        path = Path(args.checkpoint).expanduser()
+        if not path.is_file():
+            raise UserError(f"checkpoint file not found: {str(path)!r}")
+        checkpoint = str(path.resolve())
+    model = ModelSpec(args.model, checkpoint, args.device, args.dtype)
+    return BatchSettings(model=model, params=params, id_scope=args.id_scope)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the subcommand; returns the exit code (errors raise for ``cli.main``)."""
+    from .core import batch
+    from .models.weights import CheckpointError
+
+    out = Path(args.output).expanduser()
+    suffix = out.suffix.lower()
+    if suffix not in (".zarr", ".tif", ".tiff"):
+        raise UserError(f"OUTPUT must end in .zarr, .tif or .tiff, not {str(out)!r}")
+    if not out.parent.is_dir():
+        raise UserError(f"the output directory {str(out.parent)!r} does not exist")
+    settings = settings_from_args(args)
+    settings.validate()
+    source = batch.StackSource.create(
+        args.input, axis=args.axis, channel_axis=_channel_axis(args.channel_axis),
+        channel=args.channel,
+    )
+    if Path(source.data) == out.resolve():
+        raise UserError("OUTPUT must not be the INPUT")
+
+    tiff = suffix in (".tif", ".tiff")
+    store = Path(str(out) + TIFF_WORK_SUFFIX) if tiff else out
+    if tiff and out.exists() and not store.exists() and not args.overwrite:
+        raise UserError(
+            f"{str(out)!r} already exists (a finished export); pass --overwrite to recompute it"
+        )
+    if args.overwrite and tiff and store.exists():
+        batch._remove_store(store)
+    try:
+        batch.get_model(settings.model)  # load (and download) before any work: fail early
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from exc
+
+    output = batch.ZarrOutput(store)
+    axes = batch.input_axes(args.input)
+    output.prepare(source, settings, overwrite=args.overwrite, axes=axes, name=out.stem)
+    done_before = len(output.done())
+    n = source.n_slices
+    if done_before:
+        print(f"resuming {str(store)!r}: {done_before} of {n} slices already done",
+              file=sys.stderr)
+    result = _run_with_bar(source, settings, output, disable=args.no_progress)
+    if tiff:
+        _export_tiff(output, out, axes=_group_axes(output), disable=args.no_progress)
+        batch._remove_store(store)
+    _print_summary(result.counts, n, out)
+    return 0
+
+
+def _run_with_bar(source: Any, settings: Any, output: Any, *, disable: bool) -> Any:
+    from tqdm import tqdm
+
+    from .core.batch import run_batch
+
+    bar = tqdm(total=source.n_slices, unit="slice", desc="segment everything",
+               disable=disable, file=sys.stderr, dynamic_ncols=True)
+    state = {"done": 0}
+
+    def progress(ev: Any) -> None:
+        if ev.kind == "start":
+            bar.n = state["done"] = ev.done
+            bar.refresh()
+        elif ev.kind == "slice":
+            bar.update(ev.done - state["done"])
+            state["done"] = ev.done
+            bar.set_postfix_str(f"slice {ev.index}: {ev.n_objects} objects")
+        elif ev.kind == "step" and ev.steps:
+            bar.set_postfix_str(f"slice {ev.index}: batch {ev.step}/{ev.steps}")
+
+    with bar:
+        return run_batch(source, settings, output, progress=progress)
+
+
+def _group_axes(output: Any) -> str | None:
+    from .core.labels_io import MARKER
+
+    return output.group.attrs.asdict().get(MARKER, {}).get("axes")
+
+
+def _export_tiff(output: Any, target: Path, *, axes: str | None, disable: bool) -> None:
+    from tqdm import tqdm
+
+    from .core.labels_io import write_labels
+
+    with tqdm(unit="page", desc=f"writing {target.name}", disable=disable,
+              file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        write_labels(target, output.read_only(), axes=axes, overwrite=True, progress=progress)
+
+
+def _print_summary(counts: dict[int, int], n: int, out: Path) -> None:
+    values = [counts[i] for i in sorted(counts)]
+    total = sum(values)
+    print(f"wrote {str(out)!r}: {len(values)} of {n} slices, {total} objects")
+    if len(values) <= MAX_LISTED:
+        for i in sorted(counts):
+            print(f"  slice {i}: {counts[i]} objects")
+    else:
+        srt = sorted(values)
+        median = srt[len(srt) // 2]
+        mean = total / len(values) if values else math.nan
+        print(f"  objects per slice: min {srt[0]}, median {median}, mean {mean:.1f}, "
+              f"max {srt[-1]}")

@@ -1,0 +1,327 @@
+"""The "Segment everything" dock widget: a thin Qt view over :mod:`.batch_controller`.
+
+Sections (top to bottom): input, model, parameters (with an "Advanced" fold), output, the
+Run/Cancel buttons with the progress bar, and the per-slice counts of the last run.
+:meth:`EverythingWidget.add_section` appends further sections (e.g. export) below them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QCollapsible
+
+from ..core.batch import BatchProgress, BatchResult, EverythingParams
+from ..models.registry import MODEL_NAMES
+from .batch_controller import EverythingController, EverythingForm, counts_rows, progress_text
+
+#: progress bar resolution (the bar shows fractions of slices)
+BAR_MAX = 1000
+
+
+def _spin(lo: int, hi: int, value: int, tip: str = "") -> QSpinBox:
+    w = QSpinBox()
+    w.setRange(lo, hi)
+    w.setValue(value)
+    w.setToolTip(tip)
+    return w
+
+
+def _dspin(lo: float, hi: float, value: float, step: float = 0.01, tip: str = "") -> QDoubleSpinBox:
+    w = QDoubleSpinBox()
+    w.setDecimals(3)
+    w.setRange(lo, hi)
+    w.setSingleStep(step)
+    w.setValue(value)
+    w.setToolTip(tip)
+    return w
+
+
+class EverythingWidget(QWidget):
+    """Segment everything in every slice of an image layer, into a Labels layer and/or Zarr."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.controller = EverythingController(napari_viewer)
+        self.controller.on_progress = self._on_progress
+        self.controller.on_finished = self._on_finished
+        self.controller.on_error = self._on_error
+        d = EverythingParams()
+
+        layout = QVBoxLayout(self)
+        self.setLayout(layout)
+
+        # input
+        box = QGroupBox("Input")
+        form = QFormLayout(box)
+        self.layer_combo = QComboBox()
+        self.axis_combo = QComboBox()
+        self.axis_combo.setToolTip("the axis whose slices are segmented one by one")
+        form.addRow("Image layer", self.layer_combo)
+        form.addRow("Stack axis", self.axis_combo)
+        layout.addWidget(box)
+
+        # model
+        box = QGroupBox("Model")
+        form = QFormLayout(box)
+        self.model_combo = QComboBox()
+        self.model_combo.addItems(MODEL_NAMES)
+        self.model_combo.setCurrentText("mobilesam")
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.checkpoint_edit = QLineEdit()
+        self.checkpoint_edit.setPlaceholderText("official weights (downloaded once)")
+        ckpt_btn = QPushButton("…")
+        ckpt_btn.setMaximumWidth(30)
+        ckpt_btn.clicked.connect(self._browse_checkpoint)
+        row = QHBoxLayout()
+        row.addWidget(self.checkpoint_edit)
+        row.addWidget(ckpt_btn)
+        form.addRow("Model", self.model_combo)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Checkpoint", row)
+        layout.addWidget(box)
+
+        # parameters
+        box = QGroupBox("Parameters")
+        form = QFormLayout(box)
+        self.points_per_side = _spin(1, 256, d.points_per_side, "grid of N x N prompt points")
+        self.pred_iou_thresh = _dspin(0, 1, d.pred_iou_thresh, tip="keep masks above this IoU")
+        self.stability_thresh = _dspin(0, 1, d.stability_score_thresh, tip="keep stable masks")
+        self.box_nms_thresh = _dspin(0, 1, d.box_nms_thresh, tip="overlap that removes a mask")
+        self.min_size = _spin(0, 10**8, d.min_size, "drop objects smaller than this (pixels)")
+        self.max_size = _spin(0, 10**9, 0, "drop objects larger than this (pixels; 0 = keep)")
+        self.layer_contrast = QCheckBox("use the layer's contrast limits")
+        self.layer_contrast.setChecked(True)
+        self.unique_ids = QCheckBox("label ids unique across the stack")
+        self.unique_ids.setChecked(True)
+        form.addRow("Points per side", self.points_per_side)
+        form.addRow("Min predicted IoU", self.pred_iou_thresh)
+        form.addRow("Min stability", self.stability_thresh)
+        form.addRow("Box NMS", self.box_nms_thresh)
+        form.addRow("Min size (px)", self.min_size)
+        form.addRow("Max size (px)", self.max_size)
+        form.addRow(self.layer_contrast)
+        form.addRow(self.unique_ids)
+        adv = QCollapsible("Advanced")
+        adv_widget = QWidget()
+        adv_form = QFormLayout(adv_widget)
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(["sam", "efficientsam"])
+        self.points_per_batch = _spin(1, 1024, d.points_per_batch or 64, "points per model call")
+        self.stability_offset = _dspin(0, 10, d.stability_score_offset, 0.1)
+        self.min_region_area = _spin(0, 10**6, d.min_mask_region_area,
+                                     "remove holes/islands smaller than this in each mask")
+        self.crop_n_layers = _spin(0, 4, d.crop_n_layers, "extra passes on zoomed crops")
+        self.crop_nms_thresh = _dspin(0, 1, d.crop_nms_thresh)
+        self.crop_overlap = _dspin(0, 0.99, d.crop_overlap_ratio)
+        self.crop_downscale = _spin(1, 8, d.crop_n_points_downscale_factor)
+        adv_form.addRow("Method", self.method_combo)
+        adv_form.addRow("Points per batch", self.points_per_batch)
+        adv_form.addRow("Stability offset", self.stability_offset)
+        adv_form.addRow("Min mask region (px)", self.min_region_area)
+        adv_form.addRow("Crop layers", self.crop_n_layers)
+        adv_form.addRow("Crop NMS", self.crop_nms_thresh)
+        adv_form.addRow("Crop overlap", self.crop_overlap)
+        adv_form.addRow("Crop points downscale", self.crop_downscale)
+        adv.addWidget(adv_widget)
+        form.addRow(adv)
+        layout.addWidget(box)
+
+        # output
+        box = QGroupBox("Output")
+        form = QFormLayout(box)
+        self.to_layer = QCheckBox("new Labels layer")
+        self.to_layer.setChecked(True)
+        self.zarr_edit = QLineEdit()
+        self.zarr_edit.setPlaceholderText("optional: path/to/labels.zarr (resumable)")
+        zarr_btn = QPushButton("…")
+        zarr_btn.setMaximumWidth(30)
+        zarr_btn.clicked.connect(self._browse_zarr)
+        row = QHBoxLayout()
+        row.addWidget(self.zarr_edit)
+        row.addWidget(zarr_btn)
+        self.overwrite = QCheckBox("overwrite an existing Zarr (else resume it)")
+        form.addRow(self.to_layer)
+        form.addRow("Zarr", row)
+        form.addRow(self.overwrite)
+        layout.addWidget(box)
+
+        # run
+        row = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.run_button.clicked.connect(self._run_clicked)
+        self.cancel_button.clicked.connect(self.cancel)
+        row.addWidget(self.run_button)
+        row.addWidget(self.cancel_button)
+        layout.addLayout(row)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, BAR_MAX)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+        self.progress.setFormat("idle")
+        layout.addWidget(self.progress)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
+        self.counts_table = QTableWidget(0, 2)
+        self.counts_table.setHorizontalHeaderLabels(["slice", "objects"])
+        self.counts_table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.counts_table.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.counts_table.verticalHeader().setVisible(False)
+        self.counts_table.setMinimumHeight(120)
+        self.counts_table.setVisible(False)
+        layout.addWidget(self.counts_table)
+
+        #: later sections (e.g. export) go here, below the run controls
+        self.sections = QVBoxLayout()
+        layout.addLayout(self.sections)
+        layout.addStretch(1)
+
+        self.layer_combo.currentTextChanged.connect(self._refresh_axes)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    # ------------------------------------------------------------------ helpers
+    def add_section(self, widget: QWidget) -> None:
+        """Append a section below the run controls (used by later features, e.g. export)."""
+        self.sections.addWidget(widget)
+
+    def _refresh_layers(self, *_: Any) -> None:
+        current = self.layer_combo.currentText()
+        names = self.controller.image_layers()
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+        self.layer_combo.blockSignals(False)
+        self._refresh_axes()
+
+    def _refresh_axes(self, *_: Any) -> None:
+        self.axis_combo.clear()
+        for label, value in self.controller.axis_choices(self.layer_combo.currentText()):
+            self.axis_combo.addItem(label, value)
+
+    def _browse_checkpoint(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Checkpoint", "", "PyTorch (*.pt *.pth *.zip)")
+        if path:
+            self.checkpoint_edit.setText(path)
+
+    def _browse_zarr(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Labels Zarr", "labels.zarr", "Zarr (*.zarr)")
+        if path:
+            self.zarr_edit.setText(path if path.endswith(".zarr") else path + ".zarr")
+
+    def form(self) -> EverythingForm:
+        """The current choices."""
+        max_size = self.max_size.value() or None
+        params = EverythingParams(
+            points_per_side=self.points_per_side.value(),
+            points_per_batch=self.points_per_batch.value(),
+            pred_iou_thresh=self.pred_iou_thresh.value(),
+            stability_score_thresh=self.stability_thresh.value(),
+            stability_score_offset=self.stability_offset.value(),
+            box_nms_thresh=self.box_nms_thresh.value(),
+            crop_n_layers=self.crop_n_layers.value(),
+            crop_nms_thresh=self.crop_nms_thresh.value(),
+            crop_overlap_ratio=self.crop_overlap.value(),
+            crop_n_points_downscale_factor=self.crop_downscale.value(),
+            min_mask_region_area=self.min_region_area.value(),
+            method=self.method_combo.currentText(),
+            min_size=self.min_size.value(),
+            max_size=max_size,
+        )
+        return EverythingForm(
+            model=self.model_combo.currentText(),
+            device=self.device_combo.currentText(),
+            checkpoint=self.checkpoint_edit.text(),
+            params=params,
+            layer_contrast=self.layer_contrast.isChecked(),
+            id_scope="stack" if self.unique_ids.isChecked() else "slice",
+            stack_axis=self.axis_combo.currentData(),
+            to_layer=self.to_layer.isChecked(),
+            zarr_path=self.zarr_edit.text(),
+            overwrite=self.overwrite.isChecked(),
+        )
+
+    # ---------------------------------------------------------------------- run
+    def _run_clicked(self) -> None:
+        self.run()
+
+    def run(self, start: bool = True) -> Any:
+        """Start a run with the current choices; returns the worker (None on a bad input)."""
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.counts_table.setVisible(False)
+        self.progress.setValue(0)
+        self.progress.setFormat("loading the model…")
+        self.status.setText("running")
+        try:
+            return self.controller.start(self.layer_combo.currentText(), self.form(),
+                                         start=start)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            self._on_error(exc)
+            return None
+
+    def cancel(self) -> None:
+        """Stop after the current point batch; finished slices are kept."""
+        self.controller.cancel()
+        self.cancel_button.setEnabled(False)
+        self.status.setText("cancelling…")
+
+    def _on_progress(self, ev: BatchProgress) -> None:
+        self.progress.setValue(int(round(ev.fraction * BAR_MAX)))
+        self.progress.setFormat(progress_text(ev))
+        if ev.kind == "slice":
+            self.status.setText(f"slice {ev.index}: {ev.n_objects} objects")
+
+    def _on_finished(self, result: BatchResult) -> None:
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        done = len(result.counts)
+        self.progress.setValue(int(round(BAR_MAX * done / result.total)) if result.total else 0)
+        self.progress.setFormat(f"{done} / {result.total} slices")
+        self.status.setText(self.controller.summary(result))
+        source = self.controller.last_source
+        rows = counts_rows(result, source) if source is not None else []
+        self.counts_table.setRowCount(len(rows))
+        for r, (label, n) in enumerate(rows):
+            self.counts_table.setItem(r, 0, QTableWidgetItem(label))
+            item = QTableWidgetItem(str(n))
+            item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            self.counts_table.setItem(r, 1, item)
+        self.counts_table.setVisible(bool(rows))
+
+    def _on_error(self, exc: BaseException) -> None:
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.progress.setFormat("error")
+        self.status.setText(f"Error: {exc}")
+        from napari.utils.notifications import show_error
+
+        show_error(f"Segment everything: {exc}")

@@ -1,0 +1,289 @@
+"""The "Segment everything" widget's logic, without Qt (testable with a bare viewer).
+
+The view (:mod:`napari_esam.widgets.batch`) fills an :class:`EverythingForm`, calls
+:meth:`EverythingController.start` and :meth:`~EverythingController.cancel`, and shows what
+the controller reports through ``on_progress`` / ``on_finished`` / ``on_error``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.batch import (
+    BatchProgress,
+    BatchResult,
+    BatchSettings,
+    EverythingParams,
+    MemoryOutput,
+    ModelSpec,
+    StackSource,
+    ZarrOutput,
+    iter_batch,
+    output_dtype,
+)
+
+#: ``stack_axis`` value meaning "every axis but the image plane"
+AUTO_AXIS = None
+
+
+@dataclass
+class EverythingForm:
+    """What the user chose in the widget."""
+
+    model: str = "mobilesam"
+    device: str = "auto"
+    checkpoint: str = ""
+    params: EverythingParams = field(default_factory=EverythingParams)
+    #: use the layer's contrast limits for every slice (else each slice's percentiles)
+    layer_contrast: bool = True
+    id_scope: str = "stack"
+    stack_axis: int | None = AUTO_AXIS
+    to_layer: bool = True
+    zarr_path: str = ""
+    overwrite: bool = False
+
+
+@dataclass
+class RunState:
+    """The running (or last) job."""
+
+    layer_name: str
+    source: StackSource
+    output: ZarrOutput | MemoryOutput
+    labels_layer: Any = None
+    worker: Any = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    last: BatchProgress | None = None
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``75`` → ``"1:15"``; ``3725`` → ``"1:02:05"``; ``None`` → ``"?"``."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def progress_text(ev: BatchProgress) -> str:
+    """``"2 / 5 slices · 0:42 left"`` (the progress bar's text)."""
+    text = f"{ev.done} / {ev.total} slices"
+    if ev.kind == "start":
+        return text + " · starting"
+    return f"{text} · {format_seconds(ev.eta)} left"
+
+
+def counts_rows(result: BatchResult, source: StackSource) -> list[tuple[str, int]]:
+    """(slice label, object count) rows, labelled by stack coordinates."""
+    rows = []
+    for index, n in result.counts.items():
+        coords = source.coords(index)
+        label = ", ".join(str(c) for c in coords) if coords else "image"
+        rows.append((label, n))
+    return rows
+
+
+class EverythingController:
+    """Builds the batch job from a layer and a form, runs it, updates the result layer.
+
+    ``runner`` is :func:`napari_esam.widgets.workers.start_worker` (default) or
+    :func:`~napari_esam.widgets.workers.run_sync`; ``model_factory`` (tests, custom models)
+    replaces loading ``form.model``.
+    """
+
+    def __init__(
+        self,
+        viewer: Any,
+        *,
+        runner: Callable[..., Any] | None = None,
+        model_factory: Callable[[], Any] | str | None = None,
+    ) -> None:
+        self.viewer = viewer
+        self.runner = runner
+        self.model_factory = model_factory
+        self.state: RunState | None = None
+        self.result: BatchResult | None = None
+        #: the source of the last run started (for labelling its counts)
+        self.last_source: StackSource | None = None
+        self.on_progress: Callable[[BatchProgress], None] | None = None
+        self.on_finished: Callable[[BatchResult], None] | None = None
+        self.on_error: Callable[[BaseException], None] | None = None
+
+    # ------------------------------------------------------------------- choices
+    def image_layers(self) -> list[str]:
+        from napari.layers import Image
+
+        return [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def axis_choices(self, layer_name: str | None) -> list[tuple[str, int | None]]:
+        """(label, value) choices for the stack axis of a layer."""
+        if not layer_name or layer_name not in self.viewer.layers:
+            return [("auto", AUTO_AXIS)]
+        layer = self.viewer.layers[layer_name]
+        ndim = layer.ndim  # excludes an RGB axis
+        if ndim == 2:
+            return [("none (2-D image)", AUTO_AXIS)]
+        names = list(self.viewer.dims.axis_labels)[-ndim:]
+        if ndim == 3:
+            return [
+                (f"{a} ({names[a]})" if len(names) == 3 and _is_name(names[a]) else str(a), a)
+                for a in range(3)
+            ]
+        return [(f"axes 0-{ndim - 3} (every slice)", AUTO_AXIS)]
+
+    @property
+    def running(self) -> bool:
+        return self.state is not None and self.state.worker is not None
+
+    # --------------------------------------------------------------------- build
+    def settings(self, form: EverythingForm, layer: Any) -> BatchSettings:
+        params = form.params
+        if form.layer_contrast:
+            lo, hi = (float(v) for v in layer.contrast_limits)
+            params = _replace(params, contrast_limits=(lo, hi))
+        else:
+            params = _replace(params, contrast_limits=None)
+        checkpoint = form.checkpoint.strip() or None
+        if checkpoint is not None:
+            path = Path(checkpoint).expanduser()
+            if not path.is_file():
+                raise ValueError(f"checkpoint file not found: {str(path)!r}")
+            checkpoint = str(path.resolve())
+        spec = ModelSpec(form.model, checkpoint, form.device, None, self.model_factory)
+        settings = BatchSettings(spec, params, form.id_scope)
+        settings.validate()
+        return settings
+
+    def source(self, form: EverythingForm, layer: Any) -> StackSource:
+        data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+        channel_axis = -1 if layer.rgb else None
+        axis = form.stack_axis
+        if axis is not None and layer.ndim == 2:
+            axis = None
+        return StackSource.create(data, axis=axis, channel_axis=channel_axis)
+
+    # ----------------------------------------------------------------------- run
+    def start(self, layer_name: str, form: EverythingForm, *, start: bool = True) -> Any:
+        """Validate, prepare the output and the result layer, start the job; returns the
+        worker (``start=False``: not started yet, for tests that connect signals first)."""
+        if self.running:
+            raise RuntimeError("a segment-everything run is already going")
+        if not layer_name or layer_name not in self.viewer.layers:
+            raise ValueError("choose an image layer to segment")
+        layer = self.viewer.layers[layer_name]
+        if not form.to_layer and not form.zarr_path.strip():
+            raise ValueError("choose an output: a new Labels layer and/or a Zarr path")
+        settings = self.settings(form, layer)
+        source = self.source(form, layer)
+        scale = list(layer.scale)[-len(source.out_shape) :]
+        translate = list(layer.translate)[-len(source.out_shape) :]
+        if form.zarr_path.strip():
+            path = Path(form.zarr_path.strip()).expanduser()
+            if path.suffix.lower() != ".zarr":
+                raise ValueError(f"the output path must end in .zarr, not {str(path)!r}")
+            output: ZarrOutput | MemoryOutput = ZarrOutput(path)
+            output.prepare(source, settings, overwrite=form.overwrite, scale=scale,
+                           translate=translate, name=f"{layer.name} everything")
+        else:
+            output = MemoryOutput(source.out_shape, output_dtype(source, settings))
+        state = RunState(layer_name, source, output)
+        if form.to_layer:
+            data = output.read_only() if isinstance(output, ZarrOutput) else output.array
+            state.labels_layer = self.viewer.add_labels(
+                data, name=f"{layer.name} everything", scale=scale, translate=translate,
+                metadata={"napari-esam": {"source": layer.name}},
+            )
+        self.state = state
+        self.result = None
+        self.last_source = source
+        job = self._job(state, settings)
+        callbacks = {
+            "on_returned": self._finished,
+            "on_errored": self._errored,
+            "on_progress": self._progress,
+            "desc": "Segment everything",
+        }
+        if self.runner is None:
+            from .workers import start_worker
+
+            worker = start_worker(job, start=start, **callbacks)
+        else:
+            worker = self.runner(job, **callbacks)
+        if self.state is state:  # a synchronous runner has already finished
+            state.worker = worker
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the running job to stop after the current point batch (finished slices stay)."""
+        if self.state is not None:
+            self.state.cancel.set()
+
+    def _job(self, state: RunState, settings: BatchSettings) -> Callable[[], Any]:
+        def job():
+            return (
+                yield from iter_batch(state.source, settings, state.output,
+                                      cancel=state.cancel.is_set)
+            )
+
+        return job
+
+    # ------------------------------------------------------------------ callbacks
+    def _progress(self, ev: BatchProgress) -> None:
+        state = self.state
+        if state is None:
+            return
+        state.last = ev
+        if ev.kind == "slice" and state.labels_layer is not None:
+            state.labels_layer.refresh()
+        if self.on_progress is not None:
+            self.on_progress(ev)
+
+    def _finished(self, result: BatchResult) -> None:
+        state, self.state = self.state, None
+        self.result = result
+        if state is not None and state.labels_layer is not None:
+            layer = state.labels_layer
+            layer.metadata = {
+                **layer.metadata,
+                "napari-esam": {
+                    "source": state.layer_name,
+                    "counts": {int(k): int(v) for k, v in result.counts.items()},
+                    "complete": result.complete,
+                },
+            }
+            layer.refresh()
+        if self.on_finished is not None:
+            self.on_finished(result)
+
+    def _errored(self, exc: BaseException) -> None:
+        self.state = None
+        if self.on_error is not None:
+            self.on_error(exc)
+        else:
+            raise exc
+
+    def summary(self, result: BatchResult) -> str:
+        n = sum(result.counts.values())
+        done = len(result.counts)
+        head = "Cancelled" if result.cancelled else "Done"
+        return (
+            f"{head}: {done} / {result.total} slices, {n} objects "
+            f"({format_seconds(result.elapsed)})"
+        )
+
+
+def _replace(params: EverythingParams, **changes: Any) -> EverythingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, **changes)
+
+
+def _is_name(label: str) -> bool:
+    """Whether a napari axis label is a real name (not the default "0" / "-3")."""
+    return not str(label).lstrip("-").isdigit()

@@ -1,0 +1,152 @@
+"""The "Segment everything" widget, headless, with the fast blob model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_esam.core.batch import BATCH_ATTR, ZarrOutput
+from napari_esam.widgets.batch import EverythingWidget
+from napari_esam.widgets.batch_controller import (
+    EverythingController,
+    EverythingForm,
+    format_seconds,
+    progress_text,
+)
+from napari_esam.widgets.workers import run_sync
+from tests.batch_fakes import FAST, BlobModel, blob_stack
+
+
+def make_widget(viewer) -> EverythingWidget:
+    widget = EverythingWidget(viewer)
+    widget.controller.model_factory = BlobModel
+    widget.points_per_side.setValue(FAST["points_per_side"])
+    widget.device_combo.setCurrentText("cpu")
+    return widget
+
+
+def run_and_wait(qtbot, widget, timeout=120_000):
+    worker = widget.run(start=False)
+    assert worker is not None, widget.status.text()
+    with qtbot.waitSignal(worker.finished, timeout=timeout):
+        worker.start()
+    return worker
+
+
+def test_widget_segments_a_stack_into_a_labels_layer(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    stack, counts = blob_stack(3)
+    viewer.add_image(stack, name="cells", scale=(2.0, 0.5, 0.5))
+    widget = make_widget(viewer)
+    assert widget.layer_combo.currentText() == "cells"
+    assert [widget.axis_combo.itemData(i) for i in range(widget.axis_combo.count())] == [0, 1, 2]
+    progress: list = []
+    widget.controller.on_progress = lambda ev: (progress.append(ev), widget._on_progress(ev))
+
+    run_and_wait(qtbot, widget)
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=10_000)
+
+    layer = viewer.layers["cells everything"]
+    labels = np.asarray(layer.data)
+    assert labels.shape == stack.shape and list(layer.scale) == [2.0, 0.5, 0.5]
+    ids = [set(np.unique(labels[i]).tolist()) - {0} for i in range(3)]
+    assert [len(s) for s in ids] == counts
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])
+    assert layer.metadata["napari-esam"]["counts"] == dict(enumerate(counts))
+    # the progress bar and the per-slice counts
+    assert [e.index for e in progress if e.kind == "slice"] == [0, 1, 2]
+    assert widget.progress.value() == widget.progress.maximum()
+    assert widget.progress.format() == "3 / 3 slices"
+    assert widget.status.text().startswith(f"Done: 3 / 3 slices, {sum(counts)} objects")
+    table = widget.counts_table
+    assert table.isVisibleTo(widget) and table.rowCount() == 3
+    assert [int(table.item(r, 1).text()) for r in range(3)] == counts
+    assert not widget.cancel_button.isEnabled()
+
+
+def test_widget_opens_from_the_plugin_menu(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((16, 16), np.uint8), name="img")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-esam", "Segment everything")
+    assert isinstance(widget, EverythingWidget)
+    assert widget.layer_combo.currentText() == "img"
+    assert widget.axis_combo.count() == 1 and widget.axis_combo.itemData(0) is None
+    viewer.add_image(np.zeros((4, 16, 16), np.uint8), name="stack")
+    assert widget.layer_combo.findText("stack") >= 0  # follows the layer list
+
+
+def test_widget_cancel_keeps_zarr_slices_and_a_rerun_resumes(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    stack, counts = blob_stack(4)
+    viewer.add_image(stack, name="cells")
+    widget = make_widget(viewer)
+    out = tmp_path / "cells.zarr"
+    widget.zarr_edit.setText(str(out))
+
+    def cancel_on_first_slice(ev):
+        widget._on_progress(ev)
+        if ev.kind == "slice":
+            widget.cancel()
+
+    widget.controller.on_progress = cancel_on_first_slice
+    run_and_wait(qtbot, widget)
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=10_000)
+    assert widget.status.text().startswith("Cancelled")
+    done = ZarrOutput(out).done()
+    assert 1 <= len(done) < 4
+    layer = viewer.layers["cells everything"]
+    assert isinstance(layer.data, zarr.Array)  # lazy view of the store, opened read-only
+    assert layer.data.read_only
+
+    widget.controller.on_progress = widget._on_progress
+    run_and_wait(qtbot, widget)
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=10_000)
+    rec = zarr.open_group(out, mode="r").attrs[BATCH_ATTR]
+    assert rec["complete"] and [rec["slices"][str(i)] for i in range(4)] == counts
+    final = viewer.layers["cells everything [1]"].data
+    assert [len(np.unique(final[i])) - 1 for i in range(4)] == counts
+
+
+def test_widget_reports_bad_choices_without_starting(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((2, 16, 16), np.uint8), name="img")
+    widget = make_widget(viewer)
+    widget.to_layer.setChecked(False)
+    assert widget.run() is None
+    assert "choose an output" in widget.status.text()
+    widget.to_layer.setChecked(True)
+    widget.zarr_edit.setText("/nonexistent-dir/x.zarr")
+    assert widget.run() is None and "does not exist" in widget.status.text()
+    assert widget.run_button.isEnabled()
+    assert "everything" not in " ".join(layer.name for layer in viewer.layers)
+
+
+def test_controller_without_qt_threads_handles_rgb_and_2d(make_napari_viewer):
+    viewer = make_napari_viewer()
+    stack, counts = blob_stack(2)
+    gray = (stack > 1000).astype(np.uint8) * 255
+    viewer.add_image(np.repeat(gray[..., None], 3, -1), name="rgb", rgb=True)
+    viewer.add_image(stack[1], name="plane")
+    ctl = EverythingController(viewer, runner=run_sync, model_factory=BlobModel)
+    finished = []
+    ctl.on_finished = finished.append
+    form = EverythingForm(device="cpu")
+    form.params = type(form.params)(**FAST)
+    ctl.start("rgb", form)
+    assert finished[-1].complete and list(finished[-1].counts.values()) == counts
+    assert viewer.layers["rgb everything"].data.shape == (2, 64, 64)
+    ctl.start("plane", form)
+    assert finished[-1].counts == {0: counts[1]}
+    assert viewer.layers["plane everything"].data.shape == (64, 64)
+    assert ctl.axis_choices("plane") == [("none (2-D image)", None)]
+    with pytest.raises(ValueError, match="choose an image layer"):
+        ctl.start("", form)
+
+
+def test_progress_text_and_time_format():
+    from napari_esam.core.batch import BatchProgress
+
+    assert format_seconds(75) == "1:15" and format_seconds(3725) == "1:02:05"
+    assert format_seconds(None) == "?"
+    assert progress_text(BatchProgress("slice", 2, 5, eta=42.0)) == "2 / 5 slices · 0:42 left"
