@@ -5,5 +5,7 @@ import tempfile
 
 # must happen before napari.settings is imported and before any QApplication exists
 os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
+# PyQt6: PySide6 6.12 on CPython 3.11 leaks references to None/True and aborts long suites
+os.environ.setdefault("QT_API", "pyqt6")
 os.environ.setdefault("NAPARI_CONFIG", os.path.join(tempfile.mkdtemp(), "settings.yaml"))
 os.environ.setdefault("NAPARI_ESAM_CACHE", os.path.join(tempfile.mkdtemp(), "esam-cache"))

@@ -1,0 +1,1292 @@
+"""The interactive prompt segmentation of the "Segment with prompts" widget, without Qt.
+
+:class:`PromptController` reads napari layers (an image, a Points layer of positive/negative
+clicks, a Shapes layer of rectangles), maps the prompts from world coordinates into the pixel
+grid of the 2-D plane the viewer shows, keeps an LRU cache of image embeddings, shows the
+decoded mask in a preview Labels layer and commits it to an output Labels layer through
+napari's undo history. It works on a ``napari.Viewer`` or a bare ``napari.components.
+ViewerModel``; the Qt view (:mod:`.prompt`) only forwards user input to it.
+
+Conventions (documented in ``docs/prompt_widget.md``):
+
+* A point's polarity is its ``label`` feature: ``"positive"`` (green) or ``"negative"``
+  (red); a points layer without that feature counts every point as positive.
+* Rectangles of the Shapes layer are boxes; other shapes are ignored (with a message).
+* Points (and at most one box) form one object; boxes without points are one object each,
+  decoded together in one batched decoder call.
+
+The model is reached only through an :class:`Engine` (``embed`` a plane, ``predict`` masks
+from prompts on an embedding), built by an injectable factory: the default
+:class:`SamEngine` resizes the plane to the model's 1024 input; a tiled engine can replace it.
+Heavy work (building the model, encoding) runs through a :data:`~.workers.Runner`:
+synchronously by default, in a napari thread worker in the widget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .workers import Progress, Runner, run_sync
+
+POSITIVE = "positive"
+NEGATIVE = "negative"
+#: ``layer.metadata`` key marking the layers this plugin creates
+ROLE_KEY = "napari_esam_role"
+PREVIEW_NAME = "ESAM preview"
+LABELS_NAME = "ESAM labels"
+POINTS_NAME = "ESAM points"
+BOXES_NAME = "ESAM boxes"
+DEVICES = ("auto", "cuda", "cpu")
+#: keys bound on the prompt layers (documented in docs/prompt_widget.md)
+KEYS = {
+    "toggle_polarity": "n",
+    "next_mask": "m",
+    "commit": "c",
+    "clear": "Shift-C",
+    "undo": "Control-Z",
+}
+_POSITIVE_VALUES = {POSITIVE, "pos", "+", "1", "true", "fg", "foreground"}
+_PREVIEW_COLORS = ("#ffd700", "#00e5ff", "#ff40ff", "#ff8c00", "#7cfc00", "#1e90ff")
+
+
+class PromptError(ValueError):
+    """A problem the user can fix (shown as a message, never raised to napari)."""
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """The image embedding of one plane, with the sizes needed to decode on it."""
+
+    features: Any
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+class Engine(Protocol):
+    """How the controller reaches a model: the hook a tiled engine replaces.
+
+    ``embed`` runs in a worker thread; ``predict`` runs on the GUI thread and must be fast.
+    """
+
+    name: str
+    max_points: int | None
+    has_negative_point_embedding: bool
+    encoder_calls: int
+
+    def embed(self, image: np.ndarray, contrast_limits: tuple[float, float] | None) -> Any:
+        """(H, W) or (H, W, 3) plane → an opaque embedding for :meth:`predict`."""
+
+    def predict(
+        self,
+        embedding: Any,
+        point_coords: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts of B objects (SAM's (x, y) pixels) → masks (B, K, H, W) bool, scores (B, K).
+
+        Raises ``ValueError`` with a user-readable message for invalid prompts.
+        """
+
+
+class SamEngine:
+    """Whole-plane engine over :class:`~napari_esam.core.predictor.Predictor`.
+
+    The plane is resized to the model's 1024-pixel input (longest side), so planes larger
+    than 1024 px are segmented at reduced resolution; tiled mode gives full resolution.
+    """
+
+    tiled = False
+
+    def __init__(self, model: Any) -> None:
+        from ..core.predictor import Predictor
+
+        self.model = model
+        self._encoder = Predictor(model)  # used by one worker at a time
+        self._decoder = Predictor(model)  # used on the GUI thread
+        self._current: Embedding | None = None
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def max_points(self) -> int | None:
+        return self.model.max_points
+
+    @property
+    def has_negative_point_embedding(self) -> bool:
+        return bool(self.model.has_negative_point_embedding)
+
+    @property
+    def encoder_calls(self) -> int:
+        return self._encoder.encoder_calls
+
+    def embed(self, image: np.ndarray, contrast_limits: tuple[float, float] | None) -> Embedding:
+        self._encoder.set_image(image, contrast_limits)
+        enc = self._encoder
+        return Embedding(enc.get_image_embedding(), enc.original_size, enc.input_size)
+
+    def predict(
+        self,
+        embedding: Embedding,
+        point_coords: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self._current is not embedding:
+            self._decoder.set_embedding(
+                embedding.features, embedding.original_size, embedding.input_size
+            )
+            self._current = embedding
+        masks, scores, _ = self._decoder.predict_batch(
+            point_coords, point_labels, boxes, multimask_output=True
+        )
+        return masks.astype(bool, copy=False), scores
+
+
+EngineFactory = Callable[[str, Any, str], Engine]
+
+
+def default_engine_factory(model_name: str, checkpoint: Any, device: str) -> Engine:
+    """Build ``model_name`` with ``checkpoint`` (``None`` = official weights) on ``device``."""
+    from ..models.loading import build_model
+
+    return SamEngine(build_model(model_name, checkpoint, device))
+
+
+class EmbeddingCache:
+    """A small LRU cache of embeddings (one entry per image, plane, model and contrast)."""
+
+    def __init__(self, maxsize: int = 8) -> None:
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self.maxsize = maxsize
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, value: int) -> None:
+        self._maxsize = max(1, int(value))
+        self._trim()
+
+    def get(self, key: Hashable) -> Any | None:
+        if key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        self._trim()
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _trim(self) -> None:
+        while len(self._items) > self._maxsize:
+            self._items.popitem(last=False)
+
+
+# ------------------------------------------------------------------------- geometry
+
+
+def image_array(layer: Any) -> Any:
+    """The full-resolution data of an image layer (level 0 of a multiscale pyramid)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def spatial_shape(layer: Any) -> tuple[int, ...]:
+    """The image layer's data shape without the RGB(A) axis."""
+    shape = tuple(int(s) for s in image_array(layer).shape)
+    return shape[:-1] if layer.rgb else shape
+
+
+@dataclass(frozen=True)
+class Plane:
+    """The 2-D plane of an image layer shown by the viewer.
+
+    ``index[a]`` is the slice index on every non-displayed axis ``a`` and ``None`` on the two
+    displayed axes; the plane's rows run along ``row_axis`` and its columns along ``col_axis``.
+    With a ``channel_axis``, ``index`` holds the channel that is segmented.
+    """
+
+    index: tuple[int | None, ...]
+    row_axis: int
+    col_axis: int
+    shape: tuple[int, int]
+    channel_axis: int | None = None
+    rgb: bool = False
+
+    @property
+    def ndim(self) -> int:
+        return len(self.index)
+
+    def data_slicer(self) -> tuple:
+        """Index into the image data giving this plane (RGB axis kept)."""
+        idx = tuple(slice(None) if i is None else i for i in self.index)
+        return idx + ((slice(None),) if self.rgb else ())
+
+    def labels_index(self) -> tuple[int | None, ...]:
+        """``index`` for the output labels, whose channel axis has size 1."""
+        return tuple(
+            0 if a == self.channel_axis else i for a, i in enumerate(self.index)
+        )
+
+    def labels_slicer(self) -> tuple:
+        return tuple(slice(None) if i is None else i for i in self.labels_index())
+
+    def to_plane(self, arr: np.ndarray) -> np.ndarray:
+        """Data sliced with a slicer above → (rows, cols[, C]) in the plane's orientation."""
+        return np.swapaxes(arr, 0, 1) if self.row_axis > self.col_axis else arr
+
+    def labels_indices(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Fancy indices into the output labels for plane pixels (``rows``, ``cols``)."""
+        out = []
+        for a, i in enumerate(self.labels_index()):
+            if a == self.row_axis:
+                out.append(np.asarray(rows, dtype=np.intp))
+            elif a == self.col_axis:
+                out.append(np.asarray(cols, dtype=np.intp))
+            else:
+                out.append(np.full(len(rows), i, dtype=np.intp))
+        return tuple(out)
+
+    @property
+    def key(self) -> tuple:
+        return (self.index, self.row_axis, self.col_axis)
+
+
+def plane_of(
+    viewer: Any, layer: Any, channel_axis: int | None = None, channel: int | None = None
+) -> Plane:
+    """The :class:`Plane` of image ``layer`` that ``viewer`` shows.
+
+    ``channel_axis`` (a data axis of ``layer``) with ``channel`` picks the segmented channel
+    (``None`` = the one the slider shows). Raises :class:`PromptError` when the view cannot be
+    segmented (3-D display, the image not spanning the displayed axes, a slice off the image).
+    """
+    if viewer.dims.ndisplay != 2:
+        raise PromptError("Switch the viewer to 2-D display to segment with prompts.")
+    shape = spatial_shape(layer)
+    ndim = len(shape)
+    offset = viewer.dims.ndim - ndim
+    displayed = [int(d) - offset for d in viewer.dims.displayed]
+    if min(displayed) < 0:
+        raise PromptError(
+            f"Image {layer.name!r} does not span the displayed axes; show two of its axes."
+        )
+    row_axis, col_axis = displayed
+    if channel_axis is not None and not 0 <= channel_axis < ndim:
+        raise PromptError(f"Channel axis {channel_axis} does not exist in {layer.name!r}.")
+    if channel_axis in (row_axis, col_axis):
+        raise PromptError(
+            f"The channel axis {channel_axis} is displayed; choose a non-displayed axis."
+        )
+    position = np.asarray(layer.world_to_data(viewer.dims.point), dtype=float)
+    index: list[int | None] = []
+    for a in range(ndim):
+        if a in (row_axis, col_axis):
+            index.append(None)
+            continue
+        i = int(np.round(position[a]))
+        if a == channel_axis and channel is not None:
+            i = int(channel)
+            if not 0 <= i < shape[a]:
+                raise PromptError(f"Channel {i} does not exist (axis {a} has {shape[a]}).")
+        if not 0 <= i < shape[a]:
+            raise PromptError(
+                f"The current slice (axis {a}, index {i}) lies outside image {layer.name!r}."
+            )
+        index.append(i)
+    return Plane(
+        tuple(index), row_axis, col_axis, (shape[row_axis], shape[col_axis]), channel_axis,
+        bool(layer.rgb),
+    )
+
+
+def read_plane(data: Any, plane: Plane) -> np.ndarray:
+    """Read ``plane`` from image ``data`` → (H, W) or (H, W, 3) NumPy array."""
+    arr = data[plane.data_slicer()]
+    if hasattr(arr, "compute") and not isinstance(arr, np.ndarray):
+        arr = arr.compute()
+    arr = plane.to_plane(np.asarray(arr))
+    if plane.rgb:
+        arr = arr[..., :3]
+    return np.ascontiguousarray(arr)
+
+
+def rc_to_xy(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Plane (row, col) → SAM (x, y). The one place where the axes are swapped."""
+    return np.stack([np.asarray(cols, float), np.asarray(rows, float)], axis=-1)
+
+
+def _world_points(viewer: Any, layer: Any, data: np.ndarray) -> np.ndarray:
+    """Layer data coordinates (N, D) → full world coordinates (N, viewer ndim).
+
+    World axes the layer does not have take the viewer's current position.
+    """
+    base = np.asarray(viewer.dims.point, dtype=float)
+    out = np.tile(base, (len(data), 1))
+    for n, p in enumerate(np.asarray(data, dtype=float)):
+        world = np.asarray(layer.data_to_world(p), dtype=float)
+        k = min(len(world), len(base))
+        out[n, len(base) - k :] = world[len(world) - k :]
+    return out
+
+
+def _to_image_data(layer: Any, world: np.ndarray) -> np.ndarray:
+    return np.array([np.asarray(layer.world_to_data(w), dtype=float) for w in world]).reshape(
+        len(world), -1
+    )
+
+
+def _on_plane(coords: np.ndarray, plane: Plane) -> np.ndarray:
+    """Whether image data coordinates (N, D) lie on ``plane`` (channel axis ignored)."""
+    ok = np.ones(len(coords), dtype=bool)
+    for a, i in enumerate(plane.index):
+        if i is None or a == plane.channel_axis:
+            continue
+        ok &= np.round(coords[:, a]) == i
+    return ok
+
+
+def is_positive(value: Any) -> bool:
+    """A point's ``label`` feature value → positive (True) or negative (False)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return bool(value > 0)
+    return str(value).strip().lower() in _POSITIVE_VALUES
+
+
+@dataclass
+class PlanePrompts:
+    """Prompts mapped onto a plane, in SAM's (x, y) pixel coordinates."""
+
+    points_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    point_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    boxes_xyxy: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    outside: int = 0
+    other_slice: int = 0
+    not_rectangles: int = 0
+
+    @property
+    def n_points(self) -> int:
+        return len(self.points_xy)
+
+    @property
+    def n_boxes(self) -> int:
+        return len(self.boxes_xyxy)
+
+    @property
+    def empty(self) -> bool:
+        return self.n_points == 0 and self.n_boxes == 0
+
+
+def collect_prompts(
+    viewer: Any, image: Any, plane: Plane, points: Any, shapes: Any
+) -> PlanePrompts:
+    """Map the points and rectangles lying on ``plane`` into its pixel grid.
+
+    Prompts on other slices are skipped; prompts outside the image are skipped and counted.
+    """
+    h, w = plane.shape
+    out = PlanePrompts()
+    if points is not None and len(points.data):
+        coords = _to_image_data(image, _world_points(viewer, points, points.data))
+        feats = points.features
+        if "label" in feats and len(feats) == len(coords):
+            pos = np.array([is_positive(v) for v in feats["label"]], dtype=bool)
+        else:
+            pos = np.ones(len(coords), dtype=bool)
+        on = _on_plane(coords, plane)
+        rows, cols = coords[:, plane.row_axis], coords[:, plane.col_axis]
+        inside = (rows >= -0.5) & (rows < h - 0.5) & (cols >= -0.5) & (cols < w - 0.5)
+        out.other_slice += int((~on).sum())
+        out.outside += int((on & ~inside).sum())
+        keep = on & inside
+        out.points_xy = rc_to_xy(np.clip(rows[keep], 0, h), np.clip(cols[keep], 0, w))
+        out.point_labels = pos[keep].astype(np.int64)
+    if shapes is not None and len(shapes.data):
+        boxes = []
+        for verts, kind in zip(shapes.data, shapes.shape_type, strict=False):
+            if kind != "rectangle":
+                out.not_rectangles += 1
+                continue
+            coords = _to_image_data(image, _world_points(viewer, shapes, np.asarray(verts)))
+            centre = coords.mean(axis=0, keepdims=True)
+            if not _on_plane(centre, plane)[0]:
+                out.other_slice += 1
+                continue
+            rows, cols = coords[:, plane.row_axis], coords[:, plane.col_axis]
+            r0, r1, c0, c1 = rows.min(), rows.max(), cols.min(), cols.max()
+            if r1 < -0.5 or c1 < -0.5 or r0 >= h - 0.5 or c0 >= w - 0.5:
+                out.outside += 1
+                continue
+            (x0, y0), (x1, y1) = rc_to_xy(
+                np.clip([r0, r1], 0, h), np.clip([c0, c1], 0, w)
+            )
+            boxes.append((x0, y0, x1, y1))
+        if boxes:
+            out.boxes_xyxy = np.asarray(boxes, dtype=float)
+    return out
+
+
+def labels_geometry(image: Any, channel_axis: int | None = None) -> dict[str, Any]:
+    """Shape and transform of an output Labels layer for ``image``.
+
+    The labels have the image's spatial shape; a ``channel_axis`` gets size 1, scaled to span
+    every channel, so one label image is shown whichever channel the slider shows.
+    """
+    shape = list(spatial_shape(image))
+    scale = np.asarray(image.scale, dtype=float).copy()
+    translate = np.asarray(image.translate, dtype=float).copy()
+    if channel_axis is not None:
+        n = shape[channel_axis]
+        translate[channel_axis] += (n - 1) / 2 * scale[channel_axis]
+        scale[channel_axis] *= n
+        shape[channel_axis] = 1
+    return {
+        "shape": tuple(shape),
+        "scale": tuple(scale),
+        "translate": tuple(translate),
+        "rotate": np.asarray(image.rotate),
+        "shear": np.asarray(image.shear),
+        "affine": image.affine.affine_matrix,
+    }
+
+
+def preview_geometry(image: Any, plane: Plane) -> dict[str, Any]:
+    """Shape and transform of a preview layer covering only ``plane``."""
+    from napari.utils.transforms import Affine
+
+    geo = labels_geometry(image, plane.channel_axis)
+    shape = list(geo["shape"])
+    offset = np.zeros(len(shape))
+    for a, i in enumerate(plane.index):
+        if i is None:
+            continue
+        shape[a] = 1
+        if a != plane.channel_axis:
+            offset[a] = i
+    linear = Affine(scale=image.scale, rotate=image.rotate, shear=image.shear).linear_matrix
+    geo["shape"] = tuple(shape)
+    geo["translate"] = tuple(np.asarray(geo["translate"]) + linear @ offset)
+    return geo
+
+
+def _set_geometry(layer: Any, geo: dict[str, Any]) -> None:
+    for name in ("scale", "translate", "rotate", "shear", "affine"):
+        current = getattr(layer, name)
+        current = current.affine_matrix if name == "affine" else current
+        if not np.array_equal(np.asarray(current), np.asarray(geo[name])):
+            setattr(layer, name, geo[name])
+
+
+# ----------------------------------------------------------------------- controller
+
+
+@dataclass
+class _Decoded:
+    """The last decoder output, for the preview, mask cycling and commit."""
+
+    plane: Plane
+    layer_id: Hashable
+    masks: np.ndarray  # (B, K, H, W)
+    scores: np.ndarray  # (B, K)
+
+    def chosen(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per object, the mask ranked ``rank`` by score (0 = best) and its score."""
+        order = np.argsort(-self.scores, axis=1, kind="stable")
+        k = rank % self.scores.shape[1]
+        pick = order[:, k]
+        b = np.arange(len(pick))
+        return self.masks[b, pick], self.scores[b, pick]
+
+
+class PromptController:
+    """Prompts in, preview out, labels committed: the widget's logic without Qt.
+
+    Events (``controller.events``): ``status(text, level)``, ``busy(value)``,
+    ``progress(value)`` (a :class:`~.workers.Progress`), ``changed()`` (layers or settings).
+    """
+
+    def __init__(
+        self,
+        viewer: Any,
+        engine_factory: EngineFactory = default_engine_factory,
+        runner: Runner = run_sync,
+        cache_size: int = 8,
+        notify: bool = True,
+    ) -> None:
+        from napari.utils.events import EmitterGroup
+
+        self.viewer = viewer
+        self.engine_factory = engine_factory
+        self.runner = runner
+        self.notify = notify
+        self.events = EmitterGroup(source=self, status=None, busy=None, progress=None, changed=None)
+        self.cache = EmbeddingCache(cache_size)
+        self.model_name = "mobilesam"
+        self.checkpoint: Any = None
+        self.device = "auto"
+        self.use_contrast_limits = False
+        self.overwrite = False
+        self.channel_axis: int | None = None
+        self.channel: int | None = None
+        self.polarity = POSITIVE
+        self.mask_rank = 0
+        self.status = ""
+        self.busy = False
+        self._image: Any = None
+        self._points: Any = None
+        self._shapes: Any = None
+        self._labels: Any = None
+        self._preview: Any = None
+        self._engine: Engine | None = None
+        self._engine_key: tuple | None = None
+        self._failed: dict[Hashable, str] = {}
+        self._pending = False
+        self._decoded: _Decoded | None = None
+        self._data_version = 0
+        self._last_warning = ""
+        self._last_labels: Any = None
+        self._updating = False
+        self._rerun = False
+        viewer.dims.events.current_step.connect(self._on_view_changed)
+        viewer.dims.events.order.connect(self._on_view_changed)
+        viewer.dims.events.ndisplay.connect(self._on_view_changed)
+        viewer.layers.events.removed.connect(self._on_layer_removed)
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def engine_key(self) -> tuple:
+        ckpt = self.checkpoint
+        ckpt = ("state_dict", id(ckpt)) if isinstance(ckpt, dict) else (str(ckpt) if ckpt else None)
+        return (self.model_name, ckpt, self.device)
+
+    @property
+    def engine(self) -> Engine | None:
+        """The loaded engine for the current model settings (``None`` until first used)."""
+        return self._engine if self._engine_key == self.engine_key else None
+
+    @property
+    def encoder_calls(self) -> int:
+        return 0 if self._engine is None else int(self._engine.encoder_calls)
+
+    def set_model(
+        self, name: str | None = None, checkpoint: Any = ..., device: str | None = None
+    ) -> None:
+        """Change the model, its checkpoint (``None`` = official) or the device."""
+        if name is not None:
+            self.model_name = name
+        if checkpoint is not ...:
+            self.checkpoint = checkpoint or None
+        if device is not None:
+            self.device = device
+        if self._engine_key != self.engine_key:
+            self._engine = None
+            self._engine_key = None
+            self._failed.clear()
+        self._decoded = None
+        self.events.changed()
+        self.update()
+
+    def set_cache_size(self, size: int) -> None:
+        self.cache.maxsize = size
+
+    def set_channel(self, axis: int | None, channel: int | None = None) -> None:
+        """Segment channel ``channel`` of ``axis`` (``None``: the one the slider shows)."""
+        self.channel_axis = axis
+        self.channel = channel if axis is not None else None
+        self._decoded = None
+        self.update()
+
+    def set_use_contrast_limits(self, value: bool) -> None:
+        self.use_contrast_limits = bool(value)
+        self.update()
+
+    # -------------------------------------------------------------------- layers
+    @property
+    def image_layer(self) -> Any:
+        return self._image
+
+    @image_layer.setter
+    def image_layer(self, layer: Any) -> None:
+        if layer is self._image:
+            return
+        if self._image is not None:
+            self._image.events.data.disconnect(self._on_image_data)
+            self._image.events.contrast_limits.disconnect(self._on_contrast)
+        self._image = layer
+        self._decoded = None
+        self.channel_axis = self.channel = None
+        if layer is not None:
+            layer.events.data.connect(self._on_image_data)
+            layer.events.contrast_limits.connect(self._on_contrast)
+        self.events.changed()
+        self.update()
+
+    @property
+    def points_layer(self) -> Any:
+        return self._points
+
+    @points_layer.setter
+    def points_layer(self, layer: Any) -> None:
+        if layer is self._points:
+            return
+        if self._points is not None:
+            self._points.events.data.disconnect(self._on_prompts)
+            self._points.events.features.disconnect(self._on_prompts)
+            _unbind_keys(self._points)
+        self._points = layer
+        if layer is not None:
+            _ensure_label_feature(layer, self.polarity)
+            layer.events.data.connect(self._on_prompts)
+            layer.events.features.connect(self._on_prompts)
+            self._bind_keys(layer)
+        self.update()
+
+    @property
+    def shapes_layer(self) -> Any:
+        return self._shapes
+
+    @shapes_layer.setter
+    def shapes_layer(self, layer: Any) -> None:
+        if layer is self._shapes:
+            return
+        if self._shapes is not None:
+            self._shapes.events.data.disconnect(self._on_prompts)
+            _unbind_keys(self._shapes)
+        self._shapes = layer
+        if layer is not None:
+            layer.events.data.connect(self._on_prompts)
+            self._bind_keys(layer)
+        self.update()
+
+    @property
+    def labels_layer(self) -> Any:
+        """The output Labels layer (``None``: one is created on the first commit)."""
+        return self._labels
+
+    @labels_layer.setter
+    def labels_layer(self, layer: Any) -> None:
+        self._labels = layer
+
+    @property
+    def preview_layer(self) -> Any:
+        return self._preview
+
+    def ensure_prompt_layers(self) -> tuple[Any, Any]:
+        """Create (or reuse) the points and boxes layers for the current image."""
+        image = self._image
+        if image is None:
+            self._message("Add or choose an image layer first.", "warning")
+            return self._points, self._shapes
+        ndim = len(spatial_shape(image))
+        geo = {"scale": image.scale, "translate": image.translate}
+        size = float(np.clip(max(spatial_shape(image)[-2:]) / 50, 4, 30))
+        with self._keep_selection():
+            if self._shapes is None:
+                shapes = self.viewer.add_shapes(
+                    ndim=ndim, name=BOXES_NAME, edge_color="#ffd700", face_color="transparent",
+                    edge_width=max(1.0, size / 4), metadata={ROLE_KEY: "boxes"}, **geo,
+                )
+                self.shapes_layer = shapes
+            if self._points is None:
+                points = self.viewer.add_points(
+                    np.empty((0, ndim)), name=POINTS_NAME, size=size, border_color="white",
+                    border_width=0.1, metadata={ROLE_KEY: "points"}, **geo,
+                )
+                self.points_layer = points
+        self._points.mode = "add"
+        self.viewer.layers.selection.active = self._points
+        self.events.changed()
+        return self._points, self._shapes
+
+    # -------------------------------------------------------------------- prompts
+    def set_polarity(self, polarity: str) -> None:
+        """Polarity of the next clicks: ``"positive"`` or ``"negative"``."""
+        if polarity not in (POSITIVE, NEGATIVE):
+            raise ValueError(f"polarity must be {POSITIVE!r} or {NEGATIVE!r}")
+        self.polarity = polarity
+        if self._points is not None:
+            _ensure_label_feature(self._points, polarity)
+            self._points.feature_defaults = {"label": polarity}
+            _show_current_colour(self._points, polarity)
+        self._status(f"Next clicks are {polarity}.")
+        self.events.changed()
+
+    def toggle_polarity(self) -> None:
+        self.set_polarity(NEGATIVE if self.polarity == POSITIVE else POSITIVE)
+
+    def next_mask(self) -> None:
+        """Show the next of the three candidate masks (by score)."""
+        if self._decoded is None:
+            self._message("No preview yet: add a point or a box.", "info")
+            return
+        self.mask_rank = (self.mask_rank + 1) % self._decoded.scores.shape[1]
+        self._show_decoded()
+
+    def clear_prompts(self) -> None:
+        """Remove all points and boxes (of every slice) and the preview."""
+        with self._batch():
+            if self._points is not None and len(self._points.data):
+                self._points.data = np.empty((0, self._points.ndim))
+            if self._shapes is not None and len(self._shapes.data):
+                self._shapes.selected_data = set(range(len(self._shapes.data)))
+                self._shapes.remove_selected()
+        self._decoded = None
+        self.mask_rank = 0
+        self._clear_preview()
+
+    def clear_object(self) -> None:
+        """Discard the current object (its prompts and preview)."""
+        self.clear_prompts()
+        self._status("Cleared the current object.")
+        self.update()
+
+    # --------------------------------------------------------------------- update
+    def _context(self) -> tuple[Any, Plane, tuple]:
+        image = self._image
+        if image is None or image not in self.viewer.layers:
+            raise PromptError("Add or choose an image layer to segment.")
+        plane = plane_of(self.viewer, image, self.channel_axis, self.channel)
+        cl = tuple(float(c) for c in image.contrast_limits) if self.use_contrast_limits else None
+        key = (image.unique_id, self._data_version, plane.key, self.engine_key, cl)
+        return image, plane, key
+
+    def update(self) -> None:
+        """Recompute after any change: embedding (in the background) if needed, then decode."""
+        if self._updating:  # e.g. a synchronous runner finishing inside _update
+            self._rerun = True
+            return
+        self._updating = True
+        try:
+            self._rerun = True
+            while self._rerun:
+                self._rerun = False
+                self._update()
+        finally:
+            self._updating = False
+
+    def _update(self) -> None:
+        try:
+            image, plane, key = self._context()
+        except PromptError as exc:
+            self._decoded = None
+            self._clear_preview()
+            self._status(str(exc), "warning")
+            return
+        prompts = collect_prompts(self.viewer, image, plane, self._points, self._shapes)
+        notes = self._prompt_notes(prompts)
+        embedding = self.cache.get(key)
+        if embedding is None or self.engine is None:
+            if self._decoded is not None and self._decoded.plane != plane:
+                self._decoded = None
+                self._clear_preview()
+            if prompts.empty and self.engine is None:
+                self._status(" ".join([*notes, self._hint(plane)]), self._level(notes))
+                return
+            self._request_embedding(image, plane, key)
+            return
+        if prompts.empty:
+            self._decoded = None
+            self._clear_preview()
+            self._status(" ".join([*notes, self._hint(plane)]), self._level(notes))
+            return
+        self._decode(image, plane, prompts, embedding, notes)
+
+    def _hint(self, plane: Plane) -> str:
+        where = "" if plane.ndim == 2 else f" on slice {self._slice_text(plane)}"
+        return f"Click a positive point or draw a box{where}."
+
+    @staticmethod
+    def _slice_text(plane: Plane) -> str:
+        return ", ".join(str(i) for i in plane.index if i is not None)
+
+    def _prompt_notes(self, prompts: PlanePrompts) -> list[str]:
+        notes = []
+        if prompts.outside:
+            notes.append(f"{prompts.outside} prompt(s) outside the image were ignored.")
+        if prompts.not_rectangles:
+            notes.append(f"{prompts.not_rectangles} non-rectangle shape(s) were ignored.")
+        return notes
+
+    @staticmethod
+    def _level(notes: Sequence[str]) -> str:
+        return "warning" if any("ignored" in n for n in notes) else "info"
+
+    def _objects(
+        self, prompts: PlanePrompts
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """Prompts → (point_coords (B, N, 2), point_labels (B, N), boxes (B, 4)) per object."""
+        n_pts, n_box = prompts.n_points, prompts.n_boxes
+        if n_pts and n_box > 1:
+            raise PromptError(
+                f"Points combine with one box into one object, but there are {n_box} boxes. "
+                "Keep one box, or remove the points to segment each box as its own object."
+            )
+        if n_pts and not n_box and not prompts.point_labels.any():
+            raise PromptError(
+                "Negative points alone do not define an object: add a positive point or a box."
+            )
+        coords = prompts.points_xy[None] if n_pts else None
+        labels = prompts.point_labels[None] if n_pts else None
+        boxes = prompts.boxes_xyxy if n_box else None
+        return coords, labels, boxes
+
+    def _decode(
+        self, image: Any, plane: Plane, prompts: PlanePrompts, embedding: Any, notes: list[str]
+    ) -> None:
+        engine = self.engine
+        try:
+            coords, labels, boxes = self._objects(prompts)
+            masks, scores = engine.predict(embedding, coords, labels, boxes)
+        except ValueError as exc:  # PromptError or the predictor's prompt checks
+            self._decoded = None
+            self._clear_preview()
+            self._message(" ".join([*notes, str(exc)]), "warning")
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: a message, not a crash
+            self._decoded = None
+            self._clear_preview()
+            self._message(f"Decoding the prompts failed: {type(exc).__name__}: {exc}", "warning")
+            return
+        previous = self._decoded
+        self._decoded = _Decoded(plane, image.unique_id, masks, scores)
+        if previous is None or previous.masks.shape[0] != masks.shape[0]:
+            self.mask_rank = 0
+        if (
+            labels is not None
+            and not engine.has_negative_point_embedding
+            and not labels.all()
+        ):
+            notes.append(
+                f"{engine.name} has no learned embedding for negative points; they may not "
+                "remove area (MobileSAM supports them)."
+            )
+        self._show_decoded(notes)
+
+    def _show_decoded(self, notes: Sequence[str] = ()) -> None:
+        dec = self._decoded
+        if dec is None or self._image is None:
+            return
+        masks, scores = dec.chosen(self.mask_rank)
+        preview = np.zeros(dec.plane.shape, dtype=np.uint8)
+        for b, m in enumerate(masks):
+            preview[m] = b % 255 + 1
+        self._set_preview(self._image, dec.plane, preview)
+        n = len(masks)
+        k = dec.scores.shape[1]
+        what = "1 object" if n == 1 else f"{n} objects"
+        score = ", ".join(f"{s:.2f}" for s in scores)
+        text = (
+            f"Preview: {what}, mask {self.mask_rank % k + 1}/{k} (score {score}). "
+            f"Press {KEYS['commit'].upper()} or Commit to accept."
+        )
+        self._status(" ".join([*notes, text]), self._level(notes))
+
+    # ----------------------------------------------------------------- embedding
+    def prepare(self) -> None:
+        """Load the model and compute the current plane's embedding now (in the background)."""
+        try:
+            image, plane, key = self._context()
+        except PromptError as exc:
+            self._message(str(exc), "warning")
+            return
+        self._failed.pop(key, None)
+        if key in self.cache and self.engine is not None:
+            self._status("The embedding of this slice is ready.")
+            return
+        self._request_embedding(image, plane, key)
+
+    def _request_embedding(self, image: Any, plane: Plane, key: tuple) -> None:
+        if self.busy:
+            self._pending = True
+            return
+        if key in self._failed:
+            self._status(self._failed[key], "warning")
+            return
+        engine_key = self.engine_key
+        engine = self.engine
+        factory = self.engine_factory
+        data = image_array(image)
+        cl = key[-1]
+        name = self.model_name
+        cached = self.cache.get(key)
+
+        def job():
+            nonlocal engine
+            yield Progress(0, 3, f"Loading {name}…" if engine is None else f"{name} loaded")
+            if engine is None:
+                engine = factory(*engine_key)
+            if cached is not None:
+                yield Progress(1, 3, "Embedding cached")
+                yield Progress(2, 3, "Embedding cached")
+                return engine_key, engine, key, cached
+            yield Progress(1, 3, "Reading the slice…")
+            pixels = read_plane(data, plane)
+            yield Progress(2, 3, f"Computing the {name} image embedding…")
+            return engine_key, engine, key, engine.embed(pixels, cl)
+
+        self.busy = True
+        self._pending = False
+        self.events.busy(value=True)
+        where = "" if plane.ndim == 2 else f" of slice {self._slice_text(plane)}"
+        self._status(f"Computing the image embedding{where} with {name}…")
+        self.runner(
+            job,
+            on_returned=self._on_embedding,
+            on_errored=lambda exc: self._on_embedding_error(key, exc),
+            on_progress=lambda p: self.events.progress(value=p),
+            desc=f"napari-esam: {name} embedding",
+            total=3,
+        )
+
+    def _on_embedding(self, result: tuple) -> None:
+        engine_key, engine, key, embedding = result
+        self.busy = False
+        self.events.progress(value=Progress(3, 3, "Embedding ready"))
+        self.events.busy(value=False)
+        if engine_key == self.engine_key:
+            self._engine, self._engine_key = engine, engine_key
+        self.cache.put(key, embedding)
+        self.update()
+
+    def _on_embedding_error(self, key: tuple, exc: BaseException) -> None:
+        self.busy = False
+        self.events.progress(value=Progress(0, 3, "Failed"))
+        self.events.busy(value=False)
+        text = f"Could not compute the embedding: {exc}"
+        self._failed[key] = text
+        self._message(text, "warning")
+        if self._pending:
+            self.update()
+
+    # -------------------------------------------------------------------- commit
+    def commit(self) -> list[int]:
+        """Write the previewed object(s) into the output labels; returns the new label ids.
+
+        Each object gets the next free id (largest label + 1). Pixels that already carry a
+        label are kept unless ``overwrite`` is set. One commit is one undo step.
+        """
+        dec = self._decoded
+        if self.busy and dec is None:
+            self._message("The embedding is still being computed; commit when the preview shows.")
+            return []
+        if dec is None or self._image is None:
+            self._message("Nothing to commit: add a positive point or a box first.", "warning")
+            return []
+        try:
+            image, plane, _ = self._context()
+        except PromptError as exc:
+            self._message(str(exc), "warning")
+            return []
+        if plane != dec.plane or image.unique_id != dec.layer_id:
+            self._message("The preview belongs to another slice; add prompts here.", "warning")
+            return []
+        labels = self._output_labels(image, plane)
+        if labels is None:
+            return []
+        masks, _ = dec.chosen(self.mask_rank)
+        current = plane.to_plane(np.array(labels.data[plane.labels_slicer()]))
+        next_id = int(np.max(labels.data)) + 1 if np.size(labels.data) else 1
+        top = np.iinfo(labels.data.dtype).max if labels.data.dtype.kind in "iu" else 2**53
+        ids: list[int] = []
+        skipped = 0
+        with labels.block_history():
+            for mask in masks:
+                write = mask if self.overwrite else mask & (current == 0)
+                if not write.any():
+                    skipped += 1
+                    continue
+                if next_id > top:
+                    self._message(
+                        f"Labels layer {labels.name!r} ({labels.data.dtype}) cannot hold label "
+                        f"{next_id}.", "warning",
+                    )
+                    break
+                rows, cols = np.nonzero(write)
+                labels.data_setitem(plane.labels_indices(rows, cols), next_id)
+                current[write] = next_id
+                ids.append(next_id)
+                next_id += 1
+        if not ids:
+            self._message(
+                "Nothing was committed: the object lies on existing labels. Tick 'overwrite' to "
+                "replace them.", "warning",
+            )
+            return []
+        self._last_labels = weakref.ref(labels)
+        self.clear_prompts()
+        self.update()
+        what = f"label {ids[0]}" if len(ids) == 1 else f"labels {ids[0]}–{ids[-1]}"
+        extra = f" ({skipped} object(s) on existing labels skipped)" if skipped else ""
+        self._message(f"Committed {what} to {labels.name!r}{extra}. Next object: click again.")
+        return ids
+
+    def undo(self) -> None:
+        """Undo the last edit of the output labels (like Ctrl+Z on that layer)."""
+        layer = self._last_labels() if self._last_labels is not None else None
+        layer = layer if layer is not None and layer in self.viewer.layers else self._labels
+        if layer is None or not getattr(layer, "_undo_history", None):
+            self._message("Nothing to undo.", "info")
+            return
+        layer.undo()
+        self._message(f"Undid the last edit of {layer.name!r}.")
+
+    def _output_labels(self, image: Any, plane: Plane) -> Any:
+        geo = labels_geometry(image, plane.channel_axis)
+        labels = self._labels
+        if labels is not None and labels not in self.viewer.layers:
+            labels = self._labels = None
+        if labels is None:
+            with self._keep_selection():
+                labels = self.viewer.add_labels(
+                    np.zeros(geo["shape"], dtype=np.uint32), name=LABELS_NAME,
+                    scale=geo["scale"], translate=geo["translate"], rotate=geo["rotate"],
+                    shear=geo["shear"], affine=geo["affine"], opacity=0.6,
+                    metadata={ROLE_KEY: "labels"},
+                )
+                self._move_below_prompts(labels)
+            self._labels = labels
+            self.events.changed()
+        if tuple(labels.data.shape) != tuple(geo["shape"]):
+            self._message(
+                f"Labels layer {labels.name!r} has shape {tuple(labels.data.shape)}, but image "
+                f"{image.name!r} needs {tuple(geo['shape'])}; choose another output or a new one.",
+                "warning",
+            )
+            return None
+        return labels
+
+    # ------------------------------------------------------------------- preview
+    def _set_preview(self, image: Any, plane: Plane, preview: np.ndarray) -> None:
+        geo = preview_geometry(image, plane)
+        data = preview.reshape(geo["shape"]) if plane.row_axis < plane.col_axis else (
+            preview.T.reshape(geo["shape"])
+        )
+        layer = self._preview
+        if layer is None or layer not in self.viewer.layers:
+            from napari.utils.colormaps import DirectLabelColormap
+
+            colors = {None: "transparent", 0: "transparent"}
+            colors.update({i + 1: _PREVIEW_COLORS[i % len(_PREVIEW_COLORS)] for i in range(255)})
+            with self._keep_selection():
+                layer = self.viewer.add_labels(
+                    data, name=PREVIEW_NAME, scale=geo["scale"], translate=geo["translate"],
+                    rotate=geo["rotate"], shear=geo["shear"], affine=geo["affine"],
+                    opacity=0.55, colormap=DirectLabelColormap(color_dict=colors),
+                    metadata={ROLE_KEY: "preview"},
+                )
+                self._move_below_prompts(layer)
+            self._preview = layer
+            return
+        _set_geometry(layer, geo)
+        layer.data = data
+
+    def _clear_preview(self) -> None:
+        layer = self._preview
+        if layer is not None and layer in self.viewer.layers and np.any(layer.data):
+            layer.data = np.zeros_like(layer.data)
+
+    def preview_mask(self) -> np.ndarray | None:
+        """The preview of the current plane as an (H, W) array (0 = background)."""
+        if self._preview is None or self._decoded is None:
+            return None
+        plane = self._decoded.plane
+        return plane.to_plane(np.asarray(self._preview.data).reshape(
+            [s for a, s in enumerate(self._preview.data.shape) if plane.index[a] is None]
+        ))
+
+    # --------------------------------------------------------------------- events
+    def _on_prompts(self, event: Any = None) -> None:
+        action = getattr(event, "action", None)
+        if action is not None and str(action) not in ("added", "removed", "changed"):
+            return
+        if self._batching:
+            return
+        self.mask_rank = 0
+        self.update()
+
+    _batching = False
+
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[None]:
+        """Ignore prompt-layer events inside (one update afterwards, by the caller)."""
+        prev, self._batching = self._batching, True
+        try:
+            yield
+        finally:
+            self._batching = prev
+
+    def _on_view_changed(self, event: Any = None) -> None:
+        if self._image is not None:
+            self.update()
+
+    def _on_image_data(self, event: Any = None) -> None:
+        self._data_version += 1
+        self._decoded = None
+        self.update()
+
+    def _on_contrast(self, event: Any = None) -> None:
+        if self.use_contrast_limits:
+            self.update()
+
+    def _on_layer_removed(self, event: Any) -> None:
+        layer = event.value
+        for name in ("_image", "_points", "_shapes", "_labels", "_preview"):
+            if getattr(self, name) is layer:
+                if name == "_image":
+                    self.image_layer = None
+                else:
+                    setattr(self, name, None)
+        self.events.changed()
+
+    def _bind_keys(self, layer: Any) -> None:
+        actions = {
+            "toggle_polarity": self.toggle_polarity,
+            "next_mask": self.next_mask,
+            "commit": self.commit,
+            "clear": self.clear_object,
+            "undo": self.undo,
+        }
+        for action, key in KEYS.items():
+            layer.bind_key(key, _KeyAction(actions[action]), overwrite=True)
+
+    # ------------------------------------------------------------------- helpers
+    @contextlib.contextmanager
+    def _keep_selection(self) -> Iterator[None]:
+        """Restore the active layer after adding layers (napari activates new layers)."""
+        active = self.viewer.layers.selection.active
+        try:
+            yield
+        finally:
+            if active is not None and active in self.viewer.layers:
+                self.viewer.layers.selection.active = active
+
+    def _move_below_prompts(self, layer: Any) -> None:
+        layers = self.viewer.layers
+        prompt_layers = [lyr for lyr in (self._points, self._shapes) if lyr in layers]
+        if not prompt_layers:
+            return
+        target = min(layers.index(lyr) for lyr in prompt_layers)
+        src = layers.index(layer)
+        if src > target:
+            layers.move(src, target)
+
+    def _status(self, text: str, level: str = "info") -> None:
+        self.status = text
+        self.events.status(text=text, level=level)
+
+    def _message(self, text: str, level: str = "info") -> None:
+        """Status line plus a napari notification (warnings are not repeated)."""
+        self._status(text, level)
+        if not self.notify:
+            return
+        from napari.utils.notifications import show_info, show_warning
+
+        if level == "warning":
+            if text != self._last_warning:
+                self._last_warning = text
+                show_warning(text)
+        else:
+            self._last_warning = ""
+            show_info(text)
+
+    def close(self) -> None:
+        """Disconnect from the viewer and layers."""
+        self.viewer.dims.events.current_step.disconnect(self._on_view_changed)
+        self.viewer.dims.events.order.disconnect(self._on_view_changed)
+        self.viewer.dims.events.ndisplay.disconnect(self._on_view_changed)
+        self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        self.image_layer = None
+        self.points_layer = None
+        self.shapes_layer = None
+
+
+class _KeyAction:
+    """A key binding calling a controller method (napari passes the layer)."""
+
+    def __init__(self, func: Callable[[], Any]) -> None:
+        self._func = weakref.WeakMethod(func)
+        self.__doc__ = func.__doc__
+        self.__name__ = f"napari_esam_{func.__name__}"
+
+    def __call__(self, layer: Any = None) -> None:
+        func = self._func()
+        if func is not None:
+            func()
+
+
+def _unbind_keys(layer: Any) -> None:
+    """Remove this plugin's key bindings from a layer that is no longer a prompt layer."""
+    for key in KEYS.values():
+        with contextlib.suppress(Exception):
+            if isinstance(layer.keymap.get(_coerce_key(key)), _KeyAction):
+                layer.bind_key(key, None)
+
+
+def _coerce_key(key: str) -> Any:
+    from napari.utils.key_bindings import coerce_keybinding
+
+    return coerce_keybinding(key)
+
+
+def _ensure_label_feature(points: Any, polarity: str) -> None:
+    """Give a Points layer the categorical ``label`` feature coloured green/red."""
+    import pandas as pd
+
+    feats = points.features
+    cats = [POSITIVE, NEGATIVE]
+    if "label" in feats and isinstance(feats["label"].dtype, pd.CategoricalDtype) and set(
+        feats["label"].cat.categories
+    ) == set(cats):
+        points.feature_defaults = {"label": polarity}
+        return
+    values = (
+        [POSITIVE if is_positive(v) else NEGATIVE for v in feats["label"]]
+        if "label" in feats
+        else [POSITIVE] * len(points.data)
+    )
+    new = feats.copy()
+    new["label"] = pd.Categorical(values, categories=cats)
+    points.features = new
+    points.feature_defaults = {"label": polarity}
+    points.face_color_cycle = {POSITIVE: "#00ff00", NEGATIVE: "#ff0000"}
+    points.face_color = "label"
+
+
+def _show_current_colour(points: Any, polarity: str) -> None:
+    """Make the layer controls show the colour of the next point.
+
+    napari updates the default feature value (which colours the next point) but not the
+    displayed current colour; setting ``current_face_color`` would recolour selected points,
+    so the colour manager is updated directly (private API: skipped if it changes).
+    """
+    colour = "#00ff00" if polarity == POSITIVE else "#ff0000"
+    try:
+        points._face._update_current_color(colour, update_indices=[])
+    except (AttributeError, TypeError):  # pragma: no cover - napari internals changed
+        return
+    points.events.current_face_color()
