@@ -1,0 +1,444 @@
+"""SAM prompt encoder, two-way transformer and mask decoder (as used by MobileSAM).
+
+Parameter names follow the SAM / MobileSAM checkpoint format (``prompt_encoder.*``,
+``mask_decoder.*``). Behaviour follows ``shared/conformance/README.md``: ReLU MLPs, the first
+transformer layer's self-attention without PE and without residual, token-to-image and
+image-to-token attentions at half width, ConvTranspose upscaling with LayerNorm2d and GELU.
+
+Efficiency (results equal to the straightforward computation up to float rounding):
+
+* Many prompts on one image embedding share the prompt-independent work of the first layer
+  (key/value projections of the image for token-to-image attention, the query projection of
+  image + PE for image-to-token attention); the image is never repeated per prompt there.
+* Once the image tokens depend on the prompt, attention is computed without projecting the
+  4096 image tokens: the few token-side vectors are mapped back through the projection
+  weights instead (``q . (W_k x + b_k) = (W_k^T q) . x + const``; the value and output
+  projections are applied after the weighted sum over image tokens).
+* The two stride-2 transposed convolutions of the upscaling are per-position linear maps
+  evaluated channels-last, followed directly by the hypernetwork product.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .common import Attention, LayerNorm2d, PositionEmbeddingRandom
+
+
+class MLPBlock(nn.Module):
+    """Transformer feed-forward block: Linear, ReLU, Linear."""
+
+    def __init__(self, embedding_dim: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
+        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin2(F.relu(self.lin1(x)))
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (hypernetworks, IoU head)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(
+            nn.Linear(n, k) for n, k in zip(dims, dims[1:] + [output_dim], strict=True)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last:
+                x = F.relu(x)
+        return x
+
+
+class PromptEncoder(nn.Module):
+    """Sparse (points, box corners) and dense (mask / no-mask) prompt embeddings of SAM."""
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        image_embedding_size: tuple[int, int] = (64, 64),
+        input_image_size: tuple[int, int] = (1024, 1024),
+        mask_in_chans: int = 16,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.image_embedding_size = image_embedding_size
+        self.input_image_size = input_image_size
+        self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
+        # 0: background point, 1: foreground point, 2: box top-left, 3: box bottom-right
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
+        self.not_a_point_embed = nn.Embedding(1, embed_dim)
+        self.mask_downscaling = nn.Sequential(
+            nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
+            LayerNorm2d(mask_in_chans // 4),
+            nn.GELU(),
+            nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
+            LayerNorm2d(mask_in_chans),
+            nn.GELU(),
+            nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
+        )
+        self.no_mask_embed = nn.Embedding(1, embed_dim)
+
+    def get_dense_pe(self) -> Tensor:
+        """Positional encoding of the image embedding grid, (1, C, h, w)."""
+        return self.pe_layer.dense(*self.image_embedding_size)[None]
+
+    def embed_points(self, coords: Tensor, labels: Tensor) -> Tensor:
+        """(B, N, 2) pixel (x, y) in the model input frame, (B, N) labels -> (B, N, C).
+
+        Labels: 1 foreground, 0 background, 2/3 box top-left/bottom-right corner,
+        -1 padding (encoding zeroed, ``not_a_point_embed`` added).
+        """
+        pe = self.pe_layer.forward_with_coords(coords + 0.5, self.input_image_size)
+        table = torch.cat(
+            [self.not_a_point_embed.weight] + [e.weight for e in self.point_embeddings]
+        )
+        labels = labels.long()
+        return pe.masked_fill((labels == -1)[..., None], 0.0) + table[labels + 1]
+
+    def embed_masks(self, masks: Tensor) -> Tensor:
+        """(B, 1, 4h, 4w) mask logits -> (B, C, h, w) dense embedding."""
+        return self.mask_downscaling(masks)
+
+    def no_mask_dense(self) -> Tensor:
+        """Dense embedding without a mask prompt, (1, C, 1, 1) (broadcasts over the grid)."""
+        return self.no_mask_embed.weight.reshape(1, -1, 1, 1)
+
+
+def _gelu_(x: Tensor) -> Tensor:
+    """Exact GELU, in place on the temporary ``x`` unless autograd needs its input."""
+    if x.requires_grad:
+        return F.gelu(x)
+    return torch.ops.aten.gelu_(x)
+
+
+class SharedImage(NamedTuple):
+    """Prompt-independent tensors of the first transformer layer for one image embedding."""
+
+    keys: Tensor  # (1, L, C) image tokens (embedding + dense prompt)
+    keys_pe: Tensor  # (1, L, C) image tokens + positional encoding
+    t2i_k: Tensor  # (1, heads, L, d) token-to-image key projection of keys_pe
+    t2i_v: Tensor  # (1, heads, L, d) token-to-image value projection of keys
+    i2t_q: Tensor  # (L, heads * d) image-to-token query projection of keys_pe
+
+
+def token_to_image_shared(attn: Attention, q_in: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``attn(q_in, ., .)`` for B token rows (B, T, C) against one image's projected k, v.
+
+    Attention rows are independent, so every row's queries are stacked into one batch.
+    """
+    b, t, _ = q_in.shape
+    h = attn.num_heads
+    q = attn.q_proj(q_in).unflatten(-1, (h, -1)).permute(2, 0, 1, 3).reshape(1, h, b * t, -1)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return attn.out_proj(out.reshape(h, b, t, -1).permute(1, 2, 0, 3).flatten(2))
+
+
+def token_to_image_rows(attn: Attention, q_in: Tensor, keys: Tensor, keys_pe: Tensor) -> Tensor:
+    """``attn(q=q_in, k=keys_pe, v=keys)``; q_in (B, T, C), keys/keys_pe (B or 1, L, C).
+
+    The L image tokens are never projected: ``q . (W_k x + b_k) = (W_k^T q) . x + const``
+    (the constant drops out of the softmax over x) and the value projection commutes with
+    the attention-weighted sum over x.
+    """
+    b, t, c = q_in.shape
+    h = attn.num_heads
+    q = attn.q_proj(q_in).unflatten(-1, (h, -1))
+    d = q.shape[-1]
+    wk = attn.k_proj.weight.view(h, d, c) * d**-0.5
+    qt = torch.einsum("bthd,hdc->bhtc", q, wk).reshape(b, h * t, c)
+    p = torch.softmax(qt @ keys_pe.transpose(1, 2), dim=-1)  # (B, h*T, L)
+    z = (p @ keys).view(b, h, t, c)
+    wv = attn.v_proj.weight.view(h, d, c)
+    out = torch.einsum("bhtc,hdc->bthd", z, wv) + attn.v_proj.bias.view(h, d)
+    return attn.out_proj(out.flatten(2))
+
+
+def _values_through_output(attn: Attention, v_in: Tensor) -> Tensor:
+    """(B, T, C) -> (B, T*heads, C): ``W_o,h v_th + b_o / heads`` per (token, head).
+
+    Since each head's attention weights sum to one, ``sum_(t,h) p_th u_th`` equals the
+    output projection of the attention output, bias included.
+    """
+    b, t, c = v_in.shape
+    h = attn.num_heads
+    v = attn.v_proj(v_in).unflatten(-1, (h, -1))
+    wo = attn.out_proj.weight.view(c, h, -1)
+    u = torch.einsum("bthd,chd->bthc", v, wo) + attn.out_proj.bias / h
+    return u.reshape(b, t * h, c)
+
+
+def _attend_image_to_token(keys: Tensor, scores: Tensor, u: Tensor, t: int) -> Tensor:
+    """``keys + softmax_t(scores)^T @ u``; scores (B, T*heads, L), u (B, T*heads, C)."""
+    b = scores.shape[0]
+    p = torch.softmax(scores.view(b, t, -1), dim=1).view(scores.shape)
+    return torch.baddbmm(keys, p.transpose(1, 2), u)
+
+
+def image_to_token_shared(
+    attn: Attention, keys: Tensor, q: Tensor, k_in: Tensor, v_in: Tensor
+) -> Tensor:
+    """``keys + attn(q=., k=k_in, v=v_in)`` with one image's query projection q (L, h*d).
+
+    Scores of every row come from one product with a block-diagonal (per head) key matrix.
+    keys (1, L, C); k_in, v_in (B, T, C). Returns (B, L, C).
+    """
+    b, t, _ = k_in.shape
+    h = attn.num_heads
+    k = attn.k_proj(k_in).unflatten(-1, (h, -1))
+    eye = torch.eye(h, device=k.device, dtype=k.dtype)
+    kbd = torch.einsum("bthd,gh->btghd", k * k.shape[-1] ** -0.5, eye)
+    scores = (kbd.reshape(b * t * h, -1) @ q.T).view(b, t * h, -1)
+    return _attend_image_to_token(keys, scores, _values_through_output(attn, v_in), t)
+
+
+def image_to_token_rows(
+    attn: Attention, keys: Tensor, keys_pe: Tensor, k_in: Tensor, v_in: Tensor
+) -> Tensor:
+    """``keys + attn(q=keys_pe, k=k_in, v=v_in)``; keys/keys_pe (B or 1, L, C).
+
+    The image tokens are not projected: ``(W_q x + b_q) . k = x . (W_q^T k) + b_q . k``.
+    Returns (B, L, C).
+    """
+    b, t, c = k_in.shape
+    h = attn.num_heads
+    k = attn.k_proj(k_in).unflatten(-1, (h, -1))
+    d = k.shape[-1]
+    wq = attn.q_proj.weight.view(h, d, c) * d**-0.5
+    kt = torch.einsum("bthd,hdc->bthc", k, wq).reshape(b, t * h, c)
+    kb = torch.einsum("bthd,hd->bth", k, attn.q_proj.bias.view(h, d) * d**-0.5)
+    keys_pe = keys_pe.expand(b, -1, -1).transpose(1, 2)
+    scores = torch.baddbmm(kb.reshape(b, t * h, 1), kt, keys_pe)
+    return _attend_image_to_token(keys, scores, _values_through_output(attn, v_in), t)
+
+
+class TwoWayAttentionBlock(nn.Module):
+    """Self-attention of tokens, token-to-image, MLP, image-to-token (post-norm)."""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        mlp_dim: int = 2048,
+        attention_downsample_rate: int = 2,
+        skip_first_layer_pe: bool = False,
+    ) -> None:
+        super().__init__()
+        self.self_attn = Attention(embedding_dim, num_heads)
+        self.norm1 = nn.LayerNorm(embedding_dim)
+        self.cross_attn_token_to_image = Attention(
+            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
+        )
+        self.norm2 = nn.LayerNorm(embedding_dim)
+        self.mlp = MLPBlock(embedding_dim, mlp_dim)
+        self.norm3 = nn.LayerNorm(embedding_dim)
+        self.norm4 = nn.LayerNorm(embedding_dim)
+        self.cross_attn_image_to_token = Attention(
+            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
+        )
+        self.skip_first_layer_pe = skip_first_layer_pe
+
+    def share(self, keys: Tensor, key_pe: Tensor) -> SharedImage:
+        """Prompt-independent projections of one image's tokens keys (1, L, C)."""
+        h = self.cross_attn_token_to_image.num_heads
+        keys_pe = keys + key_pe
+        t2i = self.cross_attn_token_to_image
+        k = t2i.k_proj(keys_pe).unflatten(-1, (h, -1)).transpose(1, 2)
+        v = t2i.v_proj(keys).unflatten(-1, (h, -1)).transpose(1, 2)
+        q = self.cross_attn_image_to_token.q_proj(keys_pe[0])
+        return SharedImage(keys, keys_pe, k, v, q)
+
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        query_pe: Tensor,
+        key_pe: Tensor,
+        shared: SharedImage | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """queries, query_pe (B, T, C); keys (1 or B, L, C); key_pe (1, L, C).
+
+        With ``shared`` (from :meth:`share`), ``keys`` is ignored and its tensors are used.
+        """
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(queries, queries, queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q, q, queries)
+        queries = self.norm1(queries)
+        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        if shared is not None:
+            attn = token_to_image_shared(t2i, queries + query_pe, shared.t2i_k, shared.t2i_v)
+        else:
+            keys_pe = keys + key_pe
+            attn = token_to_image_rows(t2i, queries + query_pe, keys, keys_pe)
+        queries = self.norm2(queries + attn)
+        queries = self.norm3(queries + self.mlp(queries))
+        if shared is not None:
+            k_in = queries + query_pe
+            keys = image_to_token_shared(i2t, shared.keys, shared.i2t_q, k_in, queries)
+        else:
+            keys = image_to_token_rows(i2t, keys, keys_pe, queries + query_pe, queries)
+        return queries, self.norm4(keys)
+
+
+class TwoWayTransformer(nn.Module):
+    """SAM's two-way transformer: tokens and image tokens attend to each other."""
+
+    def __init__(
+        self,
+        depth: int = 2,
+        embedding_dim: int = 256,
+        num_heads: int = 8,
+        mlp_dim: int = 2048,
+        attention_downsample_rate: int = 2,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TwoWayAttentionBlock(
+                embedding_dim, num_heads, mlp_dim, attention_downsample_rate, i == 0
+            )
+            for i in range(depth)
+        )
+        self.final_attn_token_to_image = Attention(
+            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
+        )
+        self.norm_final_attn = nn.LayerNorm(embedding_dim)
+
+    @staticmethod
+    def _tokens(x: Tensor) -> Tensor:
+        """(B, C, h, w) -> (B, h*w, C)."""
+        return x.flatten(2).transpose(1, 2)
+
+    def share(self, image_embedding: Tensor, image_pe: Tensor) -> SharedImage:
+        """Prompt-independent first-layer tensors for image_embedding (1, C, h, w)."""
+        return self.layers[0].share(self._tokens(image_embedding), self._tokens(image_pe))
+
+    def forward(
+        self,
+        image_embedding: Tensor,
+        image_pe: Tensor,
+        point_embedding: Tensor,
+        shared: SharedImage | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """image_embedding (1 or B, C, h, w), image_pe (1, C, h, w), tokens (B, T, C).
+
+        ``shared`` (from :meth:`share` on the same image) replaces the first layer's
+        prompt-independent work. Returns (tokens (B, T, C), image tokens (B, h*w, C)).
+        """
+        keys = self._tokens(image_embedding)
+        key_pe = self._tokens(image_pe)
+        queries = point_embedding
+        for i, layer in enumerate(self.layers):
+            layer_shared = shared if i == 0 else None
+            queries, keys = layer(queries, keys, point_embedding, key_pe, layer_shared)
+        attn = token_to_image_rows(
+            self.final_attn_token_to_image, queries + point_embedding, keys, keys + key_pe
+        )
+        return self.norm_final_attn(queries + attn), keys
+
+
+class MaskOutput(NamedTuple):
+    masks: Tensor
+    iou_predictions: Tensor
+
+
+class MaskDecoder(nn.Module):
+    """SAM mask decoder: IoU and mask tokens through the transformer, hypernetwork masks."""
+
+    def __init__(
+        self,
+        transformer_dim: int = 256,
+        num_multimask_outputs: int = 3,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.transformer_dim = transformer_dim
+        self.transformer = TwoWayTransformer(embedding_dim=transformer_dim)
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(transformer_dim // 4),
+            nn.GELU(),
+            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
+            for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(
+            transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
+        )
+        #: prompt rows decoded together (peak memory grows with it; speed barely does)
+        self.rows_per_chunk = 4
+
+    def forward(
+        self,
+        image_embeddings: Tensor,
+        image_pe: Tensor,
+        sparse_prompt_embeddings: Tensor,
+        dense_prompt_embeddings: Tensor,
+        multimask_output: bool = True,
+    ) -> MaskOutput:
+        """Masks (B, K, 4h, 4w) and IoU predictions (B, K) for B prompt rows.
+
+        ``image_embeddings`` (1 or B, C, h, w) is shared by all rows when its batch is 1;
+        ``dense_prompt_embeddings`` broadcasts against it. K = 3 (mask tokens 1..3) with
+        ``multimask_output`` else 1 (mask token 0). Rows are decoded in chunks of
+        ``rows_per_chunk`` (bounded memory, cache-friendly).
+        """
+        b = sparse_prompt_embeddings.shape[0]
+        src = image_embeddings + dense_prompt_embeddings
+        h, w = src.shape[-2:]
+        one_image = src.shape[0] == 1
+        shared = self.transformer.share(src, image_pe) if one_image and b > 1 else None
+        selected = range(1, self.num_mask_tokens) if multimask_output else range(1)
+        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])
+        masks = src.new_empty(b, len(selected), 4 * h, 4 * w)
+        ious = []
+        for i in range(0, b, self.rows_per_chunk):
+            sparse = sparse_prompt_embeddings[i : i + self.rows_per_chunk]
+            n = sparse.shape[0]
+            tokens = torch.cat([out_tokens.expand(n, -1, -1), sparse], dim=1)
+            image = src if one_image else src[i : i + n]
+            hs, keys = self.transformer(image, image_pe, tokens, shared)
+            hyper_in = torch.stack(
+                [self.output_hypernetworks_mlps[j](hs[:, 1 + j]) for j in selected], dim=1
+            )
+            self._upscale_and_project(keys, hyper_in, masks[i : i + n])
+            ious.append(self.iou_prediction_head(hs[:, 0])[:, selected.start : selected.stop])
+        iou = torch.cat(ious) if ious else src.new_empty(0, len(selected))
+        return MaskOutput(masks, iou)
+
+    def _upscale_and_project(self, keys: Tensor, hyper_in: Tensor, out: Tensor) -> None:
+        """``out[:] = hyper_in @ output_upscaling(image tokens)``, out (B, K, 4h, 4w).
+
+        A kernel-2 stride-2 ConvTranspose2d writes each input position to its own 2x2 output
+        block, so it is a per-position Linear (channels-last, sub-pixel order (di, dj, c)).
+        """
+        up1, norm, _, up2, _ = self.output_upscaling
+        b, k, _ = hyper_in.shape
+        h, w = out.shape[-2] // 4, out.shape[-1] // 4
+        c1, c2 = up1.out_channels, up2.out_channels
+        w1 = up1.weight.permute(2, 3, 1, 0).reshape(4 * c1, -1)
+        y = F.linear(keys, w1, up1.bias.repeat(4)).view(b, -1, c1)
+        y = _gelu_(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
+        w2 = up2.weight.permute(2, 3, 1, 0).reshape(4 * c2, -1)
+        y = _gelu_(F.linear(y, w2, up2.bias.repeat(4))).view(b, -1, c2)
+        m = hyper_in @ y.transpose(1, 2)  # (B, K, h*w*16) ordered (i, j, di, dj, ei, ej)
+        m = m.view(b, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+        out.view(b, k, h, 2, 2, w, 2, 2).copy_(m)
