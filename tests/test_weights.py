@@ -141,6 +141,17 @@ def test_local_path_and_in_memory_state_dict(tmp_path):
         assert ka == kb and torch.equal(va, vb)
 
 
+def test_in_memory_numpy_state_dict_with_0d_entries():
+    """MobileSAM's num_batches_tracked are 0-d int64: they must stay 0-d."""
+    state = synthetic_state_dict("mobilesam")
+    assert state["image_encoder.patch_embed.seq.0.bn.num_batches_tracked"].shape == ()
+    frozen = {k: v.copy() for k, v in state.items()}
+    for v in frozen.values():
+        v.flags.writeable = False
+    net = build_model("mobilesam", checkpoint=frozen, device="cpu")
+    assert net.state_dict()["image_encoder.patch_embed.seq.0.bn.num_batches_tracked"].shape == ()
+
+
 def test_truncated_local_file(tmp_path):
     path = write_official_format("mobilesam", tmp_path)
     path.write_bytes(path.read_bytes()[:1000])

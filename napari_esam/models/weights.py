@@ -148,7 +148,7 @@ def _torch_load(path: Path) -> Any:
             f"{path} is not a plain weights file: it holds objects other than tensors "
             f"(loading it could run code, so it was refused): {str(exc).splitlines()[0]}"
         ) from exc
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # torch raises many kinds (RuntimeError, EOFError, IndexError...)
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {exc}"
         ) from exc
@@ -214,8 +214,10 @@ def load_state_dict(model: str, checkpoint: Any = None) -> dict[str, Any]:
     state = _unwrap(raw, source)
     out: dict[str, Any] = {}
     for key, value in state.items():
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.ascontiguousarray(value))
+        if isinstance(value, np.ndarray):  # copy only if torch can't share it (keeps 0-d)
+            if not (value.flags.c_contiguous and value.flags.writeable):
+                value = value.copy(order="C")
+            value = torch.from_numpy(value)
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{source}: entry {key!r} is not a tensor")
         out[str(key)] = value
