@@ -3,11 +3,15 @@
 The output is computed slice by slice into a Zarr store, so it can be stopped at any time
 and resumed by running the same command again. ``-o OUT.tif`` computes into the working
 store ``OUT.tif.partial.zarr`` next to it and exports the TIFF when every slice is done.
+``--workers N`` / ``--scheduler ADDRESS`` run the slices on a Dask cluster
+(:mod:`napari_esam.core.cluster`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -79,6 +83,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="drop objects smaller than this (pixels)")
     g.add_argument("--max-size", type=int, default=d.max_size,
                    help="drop objects larger than this (pixels), e.g. a background mask")
+    g = p.add_argument_group(
+        "Dask cluster (optional; needs napari-esam[cluster])",
+        "one task per slice on Dask workers, which read INPUT and write OUTPUT themselves: "
+        "both must be on a filesystem every worker sees at the same path",
+    )
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="run on a local Dask cluster of N worker processes (default: in this "
+                   "process)")
+    x.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run on a running Dask cluster, e.g. tcp://10.0.0.5:8786")
+    g.add_argument("--retries", type=int, default=2,
+                   help="re-runs of a slice task that failed (a worker that dies is handled "
+                   "by Dask: its task runs again elsewhere)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -149,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"the output directory {str(out.parent)!r} does not exist")
     settings = settings_from_args(args)
     settings.validate()
+    executor = make_executor(args)
     source = batch.StackSource.create(
         args.input, axis=args.axis, channel_axis=_channel_axis(args.channel_axis),
         channel=args.channel,
@@ -164,8 +183,13 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.overwrite and tiff and store.exists():
         batch._remove_store(store)
+    # load (and download) the weights before any work to fail early; for a cluster on the
+    # CPU (this machine may have no GPU), the workers load their own copy
+    spec = settings.model
+    if executor is not None:
+        spec = dataclasses.replace(spec, device="cpu")
     try:
-        batch.get_model(settings.model)  # load (and download) before any work: fail early
+        batch.get_model(spec)
     except CheckpointError as exc:
         raise UserError(str(exc)) from exc
 
@@ -177,7 +201,11 @@ def run(args: argparse.Namespace) -> int:
     if done_before:
         print(f"resuming {str(store)!r}: {done_before} of {n} slices already done",
               file=sys.stderr)
-    result = _run_with_bar(source, settings, output, disable=args.no_progress)
+    with executor or contextlib.nullcontext():
+        if executor is not None:
+            print(f"running on a {executor.describe()}", file=sys.stderr)
+        result = _run_with_bar(source, settings, output, disable=args.no_progress,
+                               executor=executor)
     if tiff:
         _export_tiff(output, out, axes=_group_axes(output), disable=args.no_progress)
         batch._remove_store(store)
@@ -185,7 +213,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_with_bar(source: Any, settings: Any, output: Any, *, disable: bool) -> Any:
+def make_executor(args: argparse.Namespace) -> Any:
+    """The :class:`~napari_esam.core.cluster.DaskExecutor` that ``--workers`` /
+    ``--scheduler`` ask for (not started yet), or ``None`` to run in this process."""
+    if args.workers is None and args.scheduler is None:
+        return None
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, not {args.workers}")
+    if args.retries < 0:
+        raise UserError(f"--retries must be at least 0, not {args.retries}")
+    try:
+        from .core.cluster import DaskExecutor
+
+        return DaskExecutor(workers=args.workers, scheduler=args.scheduler,
+                            retries=args.retries)
+    except ImportError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _run_with_bar(source: Any, settings: Any, output: Any, *, disable: bool,
+                  executor: Any = None) -> Any:
     from tqdm import tqdm
 
     from .core.batch import run_batch
@@ -206,7 +253,7 @@ def _run_with_bar(source: Any, settings: Any, output: Any, *, disable: bool) -> 
             bar.set_postfix_str(f"slice {ev.index}: batch {ev.step}/{ev.steps}")
 
     with bar:
-        return run_batch(source, settings, output, progress=progress)
+        return run_batch(source, settings, output, progress=progress, executor=executor)
 
 
 def _group_axes(output: Any) -> str | None:

@@ -1,8 +1,9 @@
 """The "Segment everything" dock widget: a thin Qt view over :mod:`.batch_controller`.
 
-Sections (top to bottom): input, model, parameters (with an "Advanced" fold), output, the
-Run/Cancel buttons with the progress bar, and the per-slice counts of the last run.
-:meth:`EverythingWidget.add_section` appends further sections (e.g. export) below them.
+Sections (top to bottom): input, model, parameters (with an "Advanced" fold), output, where
+to run (this process, a local Dask cluster or a Dask scheduler), the Run/Cancel buttons with
+the progress bar, and the per-slice counts of the last run. :meth:`EverythingWidget.add_section`
+appends further sections below them: the label export (:mod:`.export_section`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from superqt import QCollapsible
 
 from ..core.batch import BatchProgress, BatchResult, EverythingParams
 from ..models.registry import MODEL_NAMES
-from .batch_controller import EverythingController, EverythingForm, counts_rows, progress_text
+from .batch_controller import (
+    EXECUTORS,
+    EverythingController,
+    EverythingForm,
+    counts_rows,
+    progress_text,
+)
+from .export_section import ExportSection
 
 #: progress bar resolution (the bar shows fractions of slices)
 BAR_MAX = 1000
@@ -168,6 +176,26 @@ class EverythingWidget(QWidget):
         form.addRow(self.overwrite)
         layout.addWidget(box)
 
+        # where the slices run
+        box = QGroupBox("Run on")
+        form = QFormLayout(box)
+        self.executor_combo = QComboBox()
+        for value, label in EXECUTORS:
+            self.executor_combo.addItem(label, value)
+        self.executor_combo.setToolTip(
+            "a Dask cluster runs one task per slice in other processes or machines; they read "
+            "the layer's file and write the Zarr output themselves (shared filesystem)"
+        )
+        self.workers_spin = _spin(1, 1024, 2, "worker processes of the local Dask cluster")
+        self.scheduler_edit = QLineEdit()
+        self.scheduler_edit.setPlaceholderText("tcp://host:8786")
+        form.addRow("Executor", self.executor_combo)
+        form.addRow("Workers", self.workers_spin)
+        form.addRow("Scheduler", self.scheduler_edit)
+        self._executor_form = form
+        self.executor_combo.currentIndexChanged.connect(self._refresh_executor)
+        layout.addWidget(box)
+
         # run
         row = QHBoxLayout()
         self.run_button = QPushButton("Run")
@@ -205,6 +233,10 @@ class EverythingWidget(QWidget):
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_layers)
         self._refresh_layers()
+        self._refresh_executor()
+
+        self.export_section = ExportSection(napari_viewer)
+        self.add_section(self.export_section)
 
     # ------------------------------------------------------------------ helpers
     def add_section(self, widget: QWidget) -> None:
@@ -226,6 +258,13 @@ class EverythingWidget(QWidget):
         self.axis_combo.clear()
         for label, value in self.controller.axis_choices(self.layer_combo.currentText()):
             self.axis_combo.addItem(label, value)
+
+    def _refresh_executor(self, *_: Any) -> None:
+        value = self.executor_combo.currentData()
+        for field, shown in ((self.workers_spin, value == "local-cluster"),
+                             (self.scheduler_edit, value == "scheduler")):
+            field.setVisible(shown)  # (QFormLayout.setRowVisible needs Qt >= 6.4)
+            self._executor_form.labelForField(field).setVisible(shown)
 
     def _browse_checkpoint(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Checkpoint", "", "PyTorch (*.pt *.pth *.zip)")
@@ -267,6 +306,9 @@ class EverythingWidget(QWidget):
             to_layer=self.to_layer.isChecked(),
             zarr_path=self.zarr_edit.text(),
             overwrite=self.overwrite.isChecked(),
+            executor=self.executor_combo.currentData(),
+            workers=self.workers_spin.value(),
+            scheduler=self.scheduler_edit.text(),
         )
 
     # ---------------------------------------------------------------------- run
@@ -279,7 +321,8 @@ class EverythingWidget(QWidget):
         self.cancel_button.setEnabled(True)
         self.counts_table.setVisible(False)
         self.progress.setValue(0)
-        self.progress.setFormat("loading the model…")
+        in_process = self.executor_combo.currentData() == "in-process"
+        self.progress.setFormat("loading the model…" if in_process else "starting Dask…")
         self.status.setText("running")
         try:
             return self.controller.start(self.layer_combo.currentText(), self.form(),

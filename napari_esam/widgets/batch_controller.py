@@ -29,6 +29,12 @@ from ..core.batch import (
 
 #: ``stack_axis`` value meaning "every axis but the image plane"
 AUTO_AXIS = None
+#: where the slices run: (value, label) for ``EverythingForm.executor``
+EXECUTORS = (
+    ("in-process", "this process"),
+    ("local-cluster", "local Dask cluster"),
+    ("scheduler", "Dask scheduler"),
+)
 
 
 @dataclass
@@ -46,6 +52,12 @@ class EverythingForm:
     to_layer: bool = True
     zarr_path: str = ""
     overwrite: bool = False
+    #: one of the :data:`EXECUTORS` values; the Dask ones need a file layer and a Zarr path
+    executor: str = "in-process"
+    #: worker processes of a local Dask cluster
+    workers: int = 2
+    #: address of a running Dask scheduler (``tcp://host:8786``)
+    scheduler: str = ""
 
 
 @dataclass
@@ -161,12 +173,45 @@ class EverythingController:
         return settings
 
     def source(self, form: EverythingForm, layer: Any) -> StackSource:
+        """The layer's data cut into slices; for a Dask run, the layer's *file* (the workers
+        read it themselves), which must hold exactly the layer's data."""
         data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
         channel_axis = -1 if layer.rgb else None
         axis = form.stack_axis
         if axis is not None and layer.ndim == 2:
             axis = None
-        return StackSource.create(data, axis=axis, channel_axis=channel_axis)
+        if form.executor == "in-process":
+            return StackSource.create(data, axis=axis, channel_axis=channel_axis)
+        path = getattr(getattr(layer, "source", None), "path", None)
+        if not path:
+            raise ValueError(
+                f"a Dask run reads the image from its file, and layer {layer.name!r} has "
+                "none: open the image from a TIFF or Zarr file, or run in this process"
+            )
+        source = StackSource.create(path, axis=axis, channel_axis=channel_axis)
+        if source.shape != tuple(data.shape):
+            raise ValueError(
+                f"the file of layer {layer.name!r} ({path}) holds an array of shape "
+                f"{source.shape}, not the layer's {tuple(data.shape)}: a Dask run needs the "
+                "whole file as one layer; run in this process"
+            )
+        return source
+
+    def executor(self, form: EverythingForm) -> Any:
+        """The Dask executor the form asks for (not started), or ``None`` (in-process)."""
+        if form.executor == "in-process":
+            return None
+        if form.executor not in {value for value, _ in EXECUTORS}:
+            raise ValueError(f"unknown executor {form.executor!r}")
+        if not form.zarr_path.strip():
+            raise ValueError("a Dask run writes into a Zarr store: choose a Zarr path")
+        from ..core.cluster import DaskExecutor
+
+        if form.executor == "local-cluster":
+            return DaskExecutor(workers=form.workers)
+        if not form.scheduler.strip():
+            raise ValueError("enter the Dask scheduler's address, e.g. tcp://host:8786")
+        return DaskExecutor(scheduler=form.scheduler)
 
     # ----------------------------------------------------------------------- run
     def start(self, layer_name: str, form: EverythingForm, *, start: bool = True) -> Any:
@@ -180,6 +225,7 @@ class EverythingController:
         if not form.to_layer and not form.zarr_path.strip():
             raise ValueError("choose an output: a new Labels layer and/or a Zarr path")
         settings = self.settings(form, layer)
+        executor = self.executor(form)
         source = self.source(form, layer)
         scale = list(layer.scale)[-len(source.out_shape) :]
         translate = list(layer.translate)[-len(source.out_shape) :]
@@ -202,7 +248,7 @@ class EverythingController:
         self.state = state
         self.result = None
         self.last_source = source
-        job = self._job(state, settings)
+        job = self._job(state, settings, executor)
         callbacks = {
             "on_returned": self._finished,
             "on_errored": self._errored,
@@ -220,16 +266,23 @@ class EverythingController:
         return worker
 
     def cancel(self) -> None:
-        """Ask the running job to stop after the current point batch (finished slices stay)."""
+        """Ask the running job to stop after the current point batch (finished slices stay;
+        on a Dask cluster, pending slices are dropped and running ones stop)."""
         if self.state is not None:
             self.state.cancel.set()
 
-    def _job(self, state: RunState, settings: BatchSettings) -> Callable[[], Any]:
+    def _job(
+        self, state: RunState, settings: BatchSettings, executor: Any = None
+    ) -> Callable[[], Any]:
         def job():
-            return (
-                yield from iter_batch(state.source, settings, state.output,
-                                      cancel=state.cancel.is_set)
-            )
+            try:
+                return (
+                    yield from iter_batch(state.source, settings, state.output,
+                                          cancel=state.cancel.is_set, executor=executor)
+                )
+            finally:
+                if executor is not None:
+                    executor.close()  # a local cluster stops; a remote one is left running
 
         return job
 
