@@ -1,0 +1,338 @@
+"""An on-disk store of per-tile image embeddings (Zarr), so a second session opens instantly.
+
+Layout of ``EMBEDDINGS.zarr`` (a Zarr v3 group; ``L`` = the image's stack axes, ``()`` for a
+single 2-D image; ``ny x nx`` = the tile grid of one plane):
+
+* ``embeddings`` (*L, ny, nx, 256, 64, 64) float32, one chunk per tile;
+* ``done`` (*L, ny, nx) uint8: 1 once a tile's embedding is written (written last, so an
+  interrupted run recomputes at most the tile it was writing: the store is resumable);
+* ``input_size`` (*L, ny, nx, 2) int32: the model's ``input_size`` of each tile;
+* ``tile_hash`` (*L, ny, nx, 16) uint8: BLAKE2b-128 of the tile's raw pixels (for
+  ``verify_tiles``);
+* attribute ``napari_esam_embeddings``: the :class:`StoreSignature`.
+
+**Signature** (what must match for a store to be reused; anything else is rejected with a
+:class:`StaleEmbeddingStoreError` naming the differences): the image's shape, dtype and
+RGB-ness, its *content hash* (BLAKE2b of a deterministic strided sample of the whole image,
+:func:`~napari_esam.core.tiling.content_hash`, so no full read is needed to open a store), the
+contrast limits the tiles were scaled with, the model's name and a fingerprint of its weights,
+the tile size and the halo. Edits of pixels outside the sample are not seen by the content
+hash; ``verify_tiles`` compares each tile's full pixel hash before using its embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .tiling import (
+    TileGrid,
+    content_hash,
+    global_contrast_limits,
+    global_sample,
+    is_rgb_shape,
+    leading_shape,
+    plane_shape,
+)
+
+FORMAT_VERSION = 1
+ATTR = "napari_esam_embeddings"
+EMBED_SHAPE = (256, 64, 64)
+
+
+class StaleEmbeddingStoreError(ValueError):
+    """The store on disk was computed for another image, model or grid."""
+
+
+def model_fingerprint(model: Any) -> str:
+    """BLAKE2b-128 of a model's state dict (names, shapes, dtypes and values).
+
+    Cached on the model until a tensor is replaced or modified in place (torch's version
+    counters and storage pointers are the cache key).
+    """
+    state = model.state_dict()
+    stamp = tuple((t.data_ptr(), t._version) for t in state.values())
+    cached = getattr(model, "_napari_esam_fingerprint", None)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in state.items():
+        arr = tensor.detach().cpu().contiguous().numpy()
+        h.update(f"{name}{tuple(arr.shape)}{arr.dtype}".encode())
+        h.update(arr.tobytes())
+    value = h.hexdigest()
+    try:
+        object.__setattr__(model, "_napari_esam_fingerprint", (stamp, value))
+    except Exception:  # noqa: BLE001 - caching is optional
+        pass
+    return value
+
+
+@dataclass(frozen=True)
+class StoreSignature:
+    """What an embedding store was computed from (see the module doc)."""
+
+    image_shape: tuple[int, ...]
+    dtype: str
+    rgb: bool
+    content_hash: str
+    contrast_limits: tuple[float, float] | None
+    model: str
+    model_fingerprint: str
+    tile: int
+    halo: int
+    format: int = FORMAT_VERSION
+
+    @classmethod
+    def for_image(
+        cls,
+        data: Any,
+        model: Any,
+        *,
+        tile: int,
+        halo: int,
+        rgb: bool | None = None,
+        contrast_limits: tuple[float, float] | None = None,
+        sample: np.ndarray | None = None,
+    ) -> StoreSignature:
+        """The signature of ``data`` (lazy: reads only :func:`global_sample`)."""
+        is_rgb = is_rgb_shape(data.shape, rgb)
+        if sample is None:
+            sample = global_sample(data, is_rgb)
+        if contrast_limits is None:
+            contrast_limits = global_contrast_limits(data, is_rgb, sample)
+        return cls(
+            image_shape=tuple(int(s) for s in data.shape),
+            dtype=str(np.dtype(data.dtype)),
+            rgb=is_rgb,
+            content_hash=content_hash(data, is_rgb, sample),
+            contrast_limits=None
+            if contrast_limits is None
+            else (float(contrast_limits[0]), float(contrast_limits[1])),
+            model=str(getattr(model, "name", type(model).__name__)),
+            model_fingerprint=model_fingerprint(model),
+            tile=int(tile),
+            halo=int(halo),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["image_shape"] = list(self.image_shape)
+        d["contrast_limits"] = None if self.contrast_limits is None else list(self.contrast_limits)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StoreSignature:
+        cl = d.get("contrast_limits")
+        return cls(
+            image_shape=tuple(int(s) for s in d["image_shape"]),
+            dtype=str(d["dtype"]),
+            rgb=bool(d["rgb"]),
+            content_hash=str(d["content_hash"]),
+            contrast_limits=None if cl is None else (float(cl[0]), float(cl[1])),
+            model=str(d["model"]),
+            model_fingerprint=str(d["model_fingerprint"]),
+            tile=int(d["tile"]),
+            halo=int(d["halo"]),
+            format=int(d.get("format", 0)),
+        )
+
+    def differences(self, other: StoreSignature) -> list[str]:
+        """Human-readable list of fields where ``other`` (the current input) differs."""
+        names = {
+            "format": "store format",
+            "image_shape": "image shape",
+            "dtype": "image dtype",
+            "rgb": "RGB",
+            "content_hash": "image content (hash of a sample of the pixels)",
+            "contrast_limits": "contrast limits",
+            "model": "model",
+            "model_fingerprint": "model weights",
+            "tile": "tile size",
+            "halo": "halo",
+        }
+        mine, theirs = self.to_json(), other.to_json()
+        out = []
+        for key, label in names.items():
+            if mine[key] != theirs[key]:
+                out.append(f"{label}: store has {mine[key]!r}, this input has {theirs[key]!r}")
+        return out
+
+
+def read_signature(path: str | os.PathLike[str]) -> StoreSignature:
+    """The signature of an existing store (e.g. to reuse its model, tile and halo)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(
+            f"{path} is not a napari-esam embedding store (not a Zarr group: {exc})"
+        ) from exc
+    if ATTR not in group.attrs:
+        raise ValueError(f"{path} is a Zarr group but not a napari-esam embedding store")
+    return StoreSignature.from_json(dict(group.attrs[ATTR]))
+
+
+class EmbeddingStore:
+    """Per-tile embeddings of one image on disk (module doc). Open with :meth:`open`."""
+
+    def __init__(self, path: Path, group: Any, signature: StoreSignature, writable: bool) -> None:
+        self.path = path
+        self.group = group
+        self.signature = signature
+        self.writable = writable
+        shape = signature.image_shape
+        self.lead = leading_shape(shape, signature.rgb)
+        self.grid = TileGrid(plane_shape(shape, signature.rgb), signature.tile, signature.halo)
+        self._emb = group["embeddings"]
+        self._done_arr = group["done"]
+        self._input_size = group["input_size"]
+        self._hash = group["tile_hash"]
+        self._done_cache: dict[tuple[int, ...], np.ndarray] = {}
+        self._meta_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({str(self.path)!r}, {self.n_done}/{self.n_total} tiles)"
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        signature: StoreSignature,
+        mode: str = "a",
+    ) -> EmbeddingStore:
+        """Open (``"r"``: must exist; ``"a"``: create if missing) or recreate (``"w"``).
+
+        An existing store must have the same signature, else :class:`StaleEmbeddingStoreError`.
+        """
+        import zarr
+
+        if mode not in ("r", "a", "w"):
+            raise ValueError(f"mode must be 'r', 'a' or 'w', not {mode!r}")
+        path = Path(path)
+        exists = path.exists()
+        if mode == "r" and not exists:
+            raise FileNotFoundError(f"embedding store {path} does not exist")
+        if exists and mode != "w":
+            stored = read_signature(path)
+            diff = stored.differences(signature)
+            if diff:
+                raise StaleEmbeddingStoreError(
+                    f"the embedding store {path} does not match this image/model/grid: "
+                    + "; ".join(diff)
+                    + ". Use another store path, or delete it to recompute"
+                )
+            group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+            return cls(path, group, stored, writable=mode != "r")
+        if exists:
+            if not path.is_dir() or not (path / "zarr.json").exists():
+                raise OSError(f"refusing to overwrite {path}: it is not a Zarr store")
+            read_signature(path)  # refuse to overwrite a Zarr that is not an embedding store
+        group = zarr.open_group(str(path), mode="w")
+        lead = leading_shape(signature.image_shape, signature.rgb)
+        grid = TileGrid(
+            plane_shape(signature.image_shape, signature.rgb), signature.tile, signature.halo
+        )
+        ones = (1,) * len(lead)
+        tiles = (*lead, grid.n_y, grid.n_x)
+        group.create_array(
+            "embeddings", shape=(*tiles, *EMBED_SHAPE), chunks=(*ones, 1, 1, *EMBED_SHAPE),
+            dtype="float32", fill_value=0.0,
+        )
+        per_plane = (*ones, grid.n_y, grid.n_x)
+        group.create_array("done", shape=tiles, chunks=per_plane, dtype="uint8", fill_value=0)
+        group.create_array(
+            "input_size", shape=(*tiles, 2), chunks=(*per_plane, 2), dtype="int32", fill_value=0
+        )
+        group.create_array(
+            "tile_hash", shape=(*tiles, 16), chunks=(*per_plane, 16), dtype="uint8", fill_value=0
+        )
+        group.attrs[ATTR] = json.loads(json.dumps(signature.to_json()))
+        return cls(path, group, signature, writable=True)
+
+    # ------------------------------------------------------------------ tiles
+    def _plane(self, plane: tuple[int, ...]) -> tuple[int, ...]:
+        plane = tuple(int(i) for i in plane)
+        if len(plane) != len(self.lead) or any(
+            not 0 <= i < n for i, n in zip(plane, self.lead, strict=True)
+        ):
+            raise IndexError(f"plane index {plane} does not fit the stack shape {self.lead}")
+        return plane
+
+    def done_mask(self, plane: tuple[int, ...] = ()) -> np.ndarray:
+        """(ny, nx) bool: which tiles of ``plane`` are stored."""
+        plane = self._plane(plane)
+        if plane not in self._done_cache:
+            self._done_cache[plane] = np.asarray(self._done_arr[plane]).astype(bool)
+        return self._done_cache[plane]
+
+    def has(self, plane: tuple[int, ...], iy: int, ix: int) -> bool:
+        return bool(self.done_mask(plane)[iy, ix])
+
+    def _meta(self, plane: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        if plane not in self._meta_cache:
+            self._meta_cache[plane] = (
+                np.asarray(self._input_size[plane]),
+                np.asarray(self._hash[plane]),
+            )
+        return self._meta_cache[plane]
+
+    def load(
+        self, plane: tuple[int, ...], iy: int, ix: int
+    ) -> tuple[np.ndarray, tuple[int, int]]:
+        """(embedding (256, 64, 64) float32, input_size) of a stored tile."""
+        plane = self._plane(plane)
+        if not self.has(plane, iy, ix):
+            raise KeyError(f"tile ({iy}, {ix}) of plane {plane} is not in the store")
+        sizes, _ = self._meta(plane)
+        features = np.asarray(self._emb[(*plane, iy, ix)], dtype=np.float32)
+        return features, (int(sizes[iy, ix, 0]), int(sizes[iy, ix, 1]))
+
+    def stored_tile_hash(self, plane: tuple[int, ...], iy: int, ix: int) -> str:
+        _, hashes = self._meta(self._plane(plane))
+        return bytes(hashes[iy, ix].astype(np.uint8)).hex()
+
+    def save(
+        self,
+        plane: tuple[int, ...],
+        iy: int,
+        ix: int,
+        features: np.ndarray,
+        input_size: tuple[int, int],
+        pixel_hash: str,
+    ) -> None:
+        """Write one tile (embedding first, then its metadata and ``done`` flag)."""
+        if not self.writable:
+            raise OSError(f"the embedding store {self.path} is open read-only")
+        plane = self._plane(plane)
+        feats = np.asarray(features, dtype=np.float32).reshape(EMBED_SHAPE)
+        self._emb[(*plane, iy, ix)] = feats
+        sizes, hashes = self._meta(plane)
+        sizes = sizes.copy()
+        hashes = hashes.copy()
+        sizes[iy, ix] = input_size
+        hashes[iy, ix] = np.frombuffer(bytes.fromhex(pixel_hash), dtype=np.uint8)
+        self._input_size[plane] = sizes
+        self._hash[plane] = hashes
+        self._meta_cache[plane] = (sizes, hashes)
+        done = self.done_mask(plane).copy()
+        done[iy, ix] = True
+        self._done_arr[plane] = done.astype(np.uint8)
+        self._done_cache[plane] = done
+
+    # ------------------------------------------------------------------ progress
+    @property
+    def n_total(self) -> int:
+        return int(np.prod(self.lead, dtype=np.int64)) * self.grid.n_tiles
+
+    @property
+    def n_done(self) -> int:
+        return int(np.asarray(self._done_arr[...]).astype(bool).sum())

@@ -1,0 +1,297 @@
+"""Tiled segment-everything: the seam rule (one label per object), stores, stacks, real model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from skimage.draw import disk
+from torch import nn
+
+from napari_esam.core.embedding_store import EmbeddingStore, read_signature
+from napari_esam.core.tiled_everything import _PlaneMerger, segment_everything_tiled
+from napari_esam.core.tiled_predictor import TiledPredictor
+from napari_esam.core.tiling import TileGrid
+from napari_esam.models.base import PromptableModel
+
+
+class ObjectsModel(PromptableModel):
+    """A stub whose "object" under a positive point is the bright connected component of the
+    tile, so the expected segmentation is known exactly.
+
+    ``encode`` records the tile (thresholded at 128 after contrast scaling) and returns an
+    embedding filled with the tile's id; ``decode`` puts (tile id, component id) in the
+    low-res logits (predicted IoU 0.95 on an object for the first candidate, else 0.1);
+    ``postprocess_masks`` rebuilds the exact component as +-10 logits at full resolution.
+    """
+
+    name = "objects-stub"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.tiles: dict[int, np.ndarray] = {}
+        self.encode_calls = 0
+        self._pending: np.ndarray | None = None
+
+    def preprocess(self, image):
+        h, w = image.shape[:2]
+        self._pending = ndimage.label(image[..., 0] > 127)[0]
+        s = 1024 / max(h, w)
+        return torch.zeros(1, 3, 8, 8), (int(h * s + 0.5), int(w * s + 0.5))
+
+    def encode(self, x):
+        self.encode_calls += 1
+        k = len(self.tiles) + 1
+        self.tiles[k] = self._pending
+        return torch.full((x.shape[0], 256, 64, 64), float(k))
+
+    def decode(self, embedding, coords, labels, original_size, multimask_output=True):
+        k = int(embedding.reshape(-1)[0].item())
+        comp = self.tiles[k]
+        assert comp.shape == tuple(original_size)
+        n = 3 if multimask_output else 1
+        low = torch.zeros(coords.shape[0], n, 256, 256)
+        iou = torch.full((coords.shape[0], n), 0.1)
+        for i in range(coords.shape[0]):
+            pos = coords[i][labels[i] == 1]
+            if len(pos):
+                x, y = (int(v) for v in pos[0].tolist())
+                c = int(comp[min(y, comp.shape[0] - 1), min(x, comp.shape[1] - 1)])
+                low[i, :, 0, 0], low[i, :, 0, 1] = k, c
+                iou[i, 0] = 0.95 if c else 0.1
+        return low, iou
+
+    def postprocess_masks(self, low_res, input_size, original_size):
+        k = int(low_res.reshape(-1, 256 * 256)[:, 0].max().item())
+        if k == 0:
+            return torch.full((*low_res.shape[:2], *original_size), -10.0)
+        comp = torch.from_numpy(self.tiles[k])
+        ids = low_res[:, :, 0, 1].round().int()
+        same = (comp[None, None] == ids[:, :, None, None]) & (ids[:, :, None, None] > 0)
+        return torch.where(same, 10.0, -10.0)
+
+
+def scene(shape, grid: TileGrid, seed=1, r_small=48, n_random=40):
+    """uint16 image of bright disks placed on core junctions, tile edges and at random,
+    plus two objects larger than the overlap; returns (image, truth labels)."""
+    h, w = shape
+    img = np.full(shape, 1000, np.uint16)
+    truth = np.zeros(shape, np.int32)
+    rng = np.random.default_rng(seed)
+    cy, cx = [int(v) for v in grid.core_ys[1:-1]], [int(v) for v in grid.core_xs[1:-1]]
+    edges_y = sorted({int(v) for v in grid.ys[1:]} | {int(v) + grid.tile_h for v in grid.ys[:-1]})
+    edges_x = sorted({int(v) for v in grid.xs[1:]} | {int(v) + grid.tile_w for v in grid.xs[:-1]})
+    centres = [(cy[len(cy) // 2], cx[len(cx) // 2], 150), (cy[-1] + 40, cx[0] - 30, 130)]
+    centres += [(y, x, r_small) for y in cy for x in cx]
+    centres += [(e, int(rng.integers(60, w - 60)), r_small) for e in edges_y]
+    centres += [(int(rng.integers(60, h - 60)), e, r_small + 2) for e in edges_x]
+    centres += [
+        (int(rng.integers(60, h - 60)), int(rng.integers(60, w - 60)),
+         int(rng.integers(r_small, r_small + 12)))
+        for _ in range(n_random)
+    ]
+    k = 0
+    for y, x, r in centres:
+        if (truth[disk((y, x), r + 3, shape=shape)] > 0).any():
+            continue
+        k += 1
+        rr, cc = disk((y, x), r, shape=shape)
+        truth[rr, cc] = k
+        img[rr, cc] = 30000
+    return img, truth
+
+
+def assert_one_label_per_object(out, truth):
+    n = int(truth.max())
+    fg = out > 0
+    assert not fg[truth == 0].any(), "labels outside the objects"
+    seen = set()
+    for i in range(1, n + 1):
+        ids = np.unique(out[truth == i])
+        assert len(ids) == 1 and ids[0] != 0, f"object {i} has labels {ids}"
+        assert ids[0] not in seen, f"label {ids[0]} covers two objects"
+        seen.add(int(ids[0]))
+    assert sorted(seen) == list(range(1, n + 1))  # consecutive ids, no leftovers
+
+
+# ----------------------------------------------------------------------- merge rule, by hand
+
+
+def plane_merger(shape=(400, 896), tile=512, halo=128):
+    grid = TileGrid(shape, tile, halo)
+    out = np.zeros(shape, np.uint32)
+    return grid, out, _PlaneMerger(out, (), grid, 0.5)
+
+
+def masks_in(tile, *objects):
+    """Per-object masks as seen through ``tile``'s window (the part inside it)."""
+    return [o[tile.window.slices].copy() for o in objects]
+
+
+def disk_mask(shape, y, x, r):
+    m = np.zeros(shape, bool)
+    m[disk((y, x), r, shape=shape)] = True
+    return m
+
+
+def test_merge_rule_cases_by_hand():
+    grid, out, merger = plane_merger()
+    a, b = grid.tile_at(0, 0), grid.tile_at(0, 1)
+    assert (a.window.x1, b.window.x0, a.core.x1) == (512, 384, 448)
+    shape = grid.shape
+    whole_in_both = disk_mask(shape, 30, 460, 15)  # centred in b's core: a drops it
+    cut_by_a = disk_mask(shape, 30, 505, 20)  # a sees it cut, b whole: a drops it
+    big = disk_mask(shape, 200, 450, 120)  # cut in both tiles: two pieces merged
+    left, right = disk_mask(shape, 365, 415, 18), disk_mask(shape, 365, 458, 18)  # neighbours
+    objects = [whole_in_both, cut_by_a, big, left, right]
+    for t in (a, b):
+        merger.add_tile(t, masks_in(t, *objects))
+    assert merger.stats["dropped"] == 4 and merger.stats["merged"] == 1
+    merger.relabel(1)
+    truth = np.zeros(shape, np.int32)
+    for i, o in enumerate(objects, 1):
+        truth[o] = i
+    assert_one_label_per_object(out, truth)
+
+
+def test_pieces_that_disagree_in_the_overlap_stay_apart():
+    grid, out, merger = plane_merger()
+    a, b = grid.tile_at(0, 0), grid.tile_at(0, 1)
+    piece_a = np.zeros(grid.shape, bool)
+    piece_a[100:300, 300:512] = True
+    piece_b = np.zeros(grid.shape, bool)
+    piece_b[100:140, 384:700] = True  # overlaps piece_a in the strip, IoU < 0.5
+    merger.add_tile(a, [piece_a[a.window.slices]])
+    merger.add_tile(b, [piece_b[b.window.slices]])
+    assert merger.relabel(1) == 2 and merger.stats["merged"] == 0
+    assert out[200, 400] == 1 and out[120, 600] == 2
+    assert out[120, 400] == 1  # b does not overwrite a's unrelated object
+
+
+# ----------------------------------------------------------------------- seam test
+
+
+@pytest.fixture(scope="module")
+def seam_scene():
+    grid = TileGrid((3000, 3000), 512, 128)
+    img, truth = scene((3000, 3000), grid)
+    return grid, img, truth
+
+
+def test_seam_objects_get_exactly_one_label_each(seam_scene, tmp_path):
+    grid, img, truth = seam_scene
+    assert truth.max() > 60
+    model = ObjectsModel()
+    details: dict = {}
+    store = tmp_path / "emb.zarr"
+    out = segment_everything_tiled(
+        img, model, tmp_path / "labels.zarr", tile=512, halo=128, points_per_side=8,
+        embedding_store=store, details=details,
+    )
+    labels = np.asarray(out[:])
+    assert labels.dtype == np.uint32 and labels.shape == img.shape
+    assert_one_label_per_object(labels, truth)
+    assert details["encoder_calls"] == grid.n_tiles == model.encode_calls
+    assert details["merged"] > 0 and details["dropped"] > 0  # both rules were exercised
+    assert details["objects"] == truth.max()
+    assert EmbeddingStore.open(store, read_signature(store), mode="r").n_done == grid.n_tiles
+
+
+def test_stack_planes_and_id_scopes():
+    grid = TileGrid((880, 890), 512, 128)
+    p0, t0 = scene((880, 890), grid, seed=2, n_random=4)
+    p1, t1 = scene((880, 890), grid, seed=3, n_random=4)
+    stack = np.stack([p0, p1])
+    model = ObjectsModel()
+    out = segment_everything_tiled(stack, model, tile=512, halo=128, points_per_side=8)
+    assert out.shape == stack.shape
+    assert_one_label_per_object(out[0], t0)
+    shifted = np.where(t1 > 0, t1 + t0.max(), 0)
+    ids1 = np.unique(out[1][t1 > 0])
+    assert ids1.min() == t0.max() + 1 and ids1.max() == shifted.max()  # unique over the stack
+    per_slice = segment_everything_tiled(
+        stack, model, tile=512, halo=128, points_per_side=8, id_scope="slice", planes=[(1,)]
+    )
+    assert not per_slice[0].any()
+    assert_one_label_per_object(per_slice[1], t1)
+
+
+def test_tiled_predictor_and_size_filters_are_accepted(tmp_path):
+    grid = TileGrid((880, 890), 512, 128)
+    img, truth = scene((880, 890), grid, seed=4, n_random=6)
+    tp = TiledPredictor(ObjectsModel(), tile=512, halo=128)
+    areas = np.bincount(truth.ravel())[1:]
+    small = int(np.argmin(areas)) + 1
+    out = segment_everything_tiled(
+        img, tp, points_per_side=8, max_size=int(areas.max()) - 1, min_size=int(areas.min()) + 1
+    )
+    # the largest object (cut in every tile) is judged by its merged area and dropped
+    assert not out[truth == 1].any() and not out[truth == small].any()
+    rest = np.where((truth == 1) | (truth == small), 0, truth)
+    rest = np.unique(rest, return_inverse=True)[1].reshape(truth.shape)
+    assert_one_label_per_object(out, rest)
+    with pytest.raises(ValueError, match="crops"):
+        segment_everything_tiled(img, tp, crop_n_layers=1)
+    (tmp_path / "exists.zarr").mkdir()
+    with pytest.raises(FileExistsError):
+        segment_everything_tiled(img, tp, tmp_path / "exists.zarr")
+
+
+def test_cancel_stops_between_tiles():
+    from napari_esam.core.everything import Cancelled
+
+    img = np.zeros((1100, 1200), np.uint16)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        segment_everything_tiled(img, ObjectsModel(), tile=512, halo=128, points_per_side=2,
+                                 cancel=cancel)
+
+
+# ----------------------------------------------------------------------- real model, once
+
+
+def test_end_to_end_with_mobilesam_synthetic_weights(tmp_path):
+    from napari_esam.models.loading import build_model
+    from napari_esam.models.synthetic import synthetic_state_dict
+
+    # torch tensors: the loader turns 0-d NumPy arrays (BatchNorm counters) into 1-d ones
+    synth = synthetic_state_dict("mobilesam")
+    state = {k: torch.from_numpy(np.asarray(v)) for k, v in synth.items()}
+    model = build_model("mobilesam", checkpoint=state, device="cpu")
+    rng = np.random.default_rng(0)
+    img = ndimage.gaussian_filter(rng.standard_normal((1024, 1400)), 10)
+    img = (1000 + (img - img.min()) / np.ptp(img) * 30000).astype(np.uint16)
+    kw = dict(tile=1024, halo=256, points_per_side=3, pred_iou_thresh=0.0,
+              stability_score_thresh=0.0, embedding_store=tmp_path / "emb.zarr")
+    first: dict = {}
+    out = segment_everything_tiled(img, model, tmp_path / "l.zarr", details=first, **kw)
+    labels = np.asarray(out[:])
+    assert first["tiles"] == 2 and first["encoder_calls"] == 2
+    ids = np.unique(labels[labels > 0])
+    assert ids.size == first["objects"] and (ids == np.arange(1, ids.size + 1)).all()
+    second: dict = {}
+    out2 = segment_everything_tiled(img, model, None, details=second, **kw)
+    assert second["encoder_calls"] == 0 and second["store_hits"] == 2
+    np.testing.assert_array_equal(out2, labels)
+
+
+def test_writing_into_an_existing_array_with_the_batch_id_scheme():
+    grid = TileGrid((880, 890), 512, 128)
+    p0, t0 = scene((880, 890), grid, seed=5, n_random=3)
+    stack = np.stack([p0, p0])
+    out = np.full(stack.shape, 7, np.uint32)  # stale content is cleared plane by plane
+    details: dict = {}
+    segment_everything_tiled(
+        stack, ObjectsModel(), out, tile=512, halo=128, points_per_side=8, planes=[(1,)],
+        id_stride=1000, details=details,
+    )
+    assert (out[0] == 7).all()
+    assert_one_label_per_object(np.where(out[1] > 0, out[1] - 1000, 0), t0)
+    assert details["objects_per_plane"] == {(1,): int(t0.max())}
