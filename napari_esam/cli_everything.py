@@ -5,6 +5,12 @@ and resumed by running the same command again. ``-o OUT.tif`` computes into the 
 store ``OUT.tif.partial.zarr`` next to it and exports the TIFF when every slice is done.
 ``--workers N`` / ``--scheduler ADDRESS`` run the slices on a Dask cluster
 (:mod:`napari_esam.core.cluster`).
+
+``--tile N`` turns on tiled mode for planes larger than the model input
+(:func:`napari_esam.core.tiled_everything.segment_everything_tiled`): every plane is
+segmented tile by tile at full resolution and the objects are merged across the seams;
+``--embeddings`` reuses (and fills) a store of ``napari-esam embed``; with ``--workers`` /
+``--scheduler`` every tile is one Dask task and the client merges.
 """
 
 from __future__ import annotations
@@ -21,13 +27,30 @@ from .cli import UserError
 
 HELP = "segment everything in every 2-D slice of an image or stack (resumable)"
 TIFF_WORK_SUFFIX = ".partial.zarr"
+#: suffix of the scratch group of a distributed tiled run (next to the Zarr output)
+SCRATCH_SUFFIX = ".tiles.zarr"
+#: group attribute of a tiled run's output (its record, objects per plane, completeness)
+TILED_ATTR = "napari-esam-tiled"
+TILED_FORMAT = 1
+#: tiled mode's default merge IoU
+MERGE_IOU = 0.5
 #: at most this many per-slice counts are printed
 MAX_LISTED = 50
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except ``None`` (those options say in words what they default to)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``everything`` subcommand."""
     from .core.batch import EverythingParams
+    from .core.tiling import HALO
     from .models.registry import MODEL_NAMES
 
     d = EverythingParams()
@@ -36,7 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=HELP,
         description=HELP + ". Finished slices are recorded in the Zarr output; running the "
         "same command again resumes (--overwrite starts over).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("input", metavar="INPUT", help="TIFF, Zarr, .npy, PNG or JPEG image/stack")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
@@ -60,7 +83,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="channel to segment (default: RGB, the first three channels)")
     g.add_argument("--contrast-limits", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="intensity range mapped to 0-255 for every slice (default: each "
-                   "slice's 0.5-99.5 percentiles)")
+                   "slice's 0.5-99.5 percentiles; tiled mode: those of a sample of the whole "
+                   "array, for every tile)")
     g.add_argument("--ids", dest="id_scope", choices=("stack", "slice"), default="stack",
                    help="label ids unique across the stack, or 1..n in each slice")
     g = p.add_argument_group("segment everything")
@@ -84,9 +108,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--max-size", type=int, default=d.max_size,
                    help="drop objects larger than this (pixels), e.g. a background mask")
     g = p.add_argument_group(
+        "tiled mode (planes larger than the model input)",
+        "segment every plane tile by tile at full resolution and merge the objects across "
+        "the seams; without --tile a plane is shrunk to the model's 1024 px. Not with "
+        "crops, --axis or --channel",
+    )
+    g.add_argument("--tile", type=int, default=None, metavar="N",
+                   help="tile side in pixels, e.g. 1024 (the model input): turns tiled mode on "
+                   "(default: off)")
+    g.add_argument("--halo", type=int, default=None, metavar="N",
+                   help=f"overlap between neighbouring tiles in pixels (default: {HALO}, at "
+                   "most a quarter of the tile)")
+    g.add_argument("--embeddings", default=None, metavar="PATH.zarr",
+                   help="embedding store written by 'napari-esam embed' for this image, model, "
+                   "--tile and --halo: reused, and filled with the tiles it lacks")
+    g.add_argument("--merge-iou", type=float, default=None, metavar="F",
+                   help=f"IoU inside the tiles' overlap from which two tiles' masks are one "
+                   f"object (default: {MERGE_IOU})")
+    g = p.add_argument_group(
         "Dask cluster (optional; needs napari-esam[cluster])",
-        "one task per slice on Dask workers, which read INPUT and write OUTPUT themselves: "
-        "both must be on a filesystem every worker sees at the same path",
+        "one task per slice (tiled mode: per tile) on Dask workers, which read INPUT and "
+        "write OUTPUT (tiled: a scratch group next to it) themselves: both must be on a "
+        "filesystem every worker sees at the same path",
     )
     x = g.add_mutually_exclusive_group()
     x.add_argument("--workers", type=int, default=None, metavar="N",
@@ -165,15 +208,21 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"OUTPUT must end in .zarr, .tif or .tiff, not {str(out)!r}")
     if not out.parent.is_dir():
         raise UserError(f"the output directory {str(out.parent)!r} does not exist")
+    tiled = check_tiled_options(args)
     settings = settings_from_args(args)
     settings.validate()
     executor = make_executor(args)
-    source = batch.StackSource.create(
-        args.input, axis=args.axis, channel_axis=_channel_axis(args.channel_axis),
-        channel=args.channel,
-    )
+    if tiled:
+        source = _tiled_source(args)
+    else:
+        source = batch.StackSource.create(
+            args.input, axis=args.axis, channel_axis=_channel_axis(args.channel_axis),
+            channel=args.channel,
+        )
     if Path(source.data) == out.resolve():
         raise UserError("OUTPUT must not be the INPUT")
+    if not tiled:
+        _hint_tiling(source.plane_shape)
 
     tiff = suffix in (".tif", ".tiff")
     store = Path(str(out) + TIFF_WORK_SUFFIX) if tiff else out
@@ -189,9 +238,11 @@ def run(args: argparse.Namespace) -> int:
     if executor is not None:
         spec = dataclasses.replace(spec, device="cpu")
     try:
-        batch.get_model(spec)
+        model = batch.get_model(spec)
     except CheckpointError as exc:
         raise UserError(str(exc)) from exc
+    if tiled:
+        return _run_tiled(args, settings, source, model, out, store, executor)
 
     output = batch.ZarrOutput(store)
     axes = batch.input_axes(args.input)
@@ -211,6 +262,274 @@ def run(args: argparse.Namespace) -> int:
         batch._remove_store(store)
     _print_summary(result.counts, n, out)
     return 0
+
+
+# ------------------------------------------------------------------------------ tiled mode
+
+
+def _hint_tiling(plane: tuple[int, int]) -> None:
+    """Suggest tiled mode for planes the model would see shrunk a lot (behaviour unchanged)."""
+    from .core.tiling import TILE, TILING_THRESHOLD
+
+    h, w = plane
+    if max(h, w) > TILING_THRESHOLD:
+        print(
+            f"hint: the image planes are {h}x{w} px; without --tile the model sees them shrunk "
+            f"to {TILE} px on the longest side ({max(h, w) / TILE:.1f}x less resolution). Add "
+            f"--tile {TILE} to segment at full resolution, tile by tile",
+            file=sys.stderr,
+        )
+
+
+def tiled_halo(args: argparse.Namespace) -> int:
+    """``--halo``, or the default: HALO, at most a quarter of the tile."""
+    from .core.tiling import HALO
+
+    return args.halo if args.halo is not None else min(HALO, args.tile // 4)
+
+
+def check_tiled_options(args: argparse.Namespace) -> bool:
+    """Whether tiled mode is on (``--tile``); options it does not take are user errors."""
+    if args.tile is None:
+        for flag, value in (("--halo", args.halo), ("--embeddings", args.embeddings),
+                            ("--merge-iou", args.merge_iou)):
+            if value is not None:
+                raise UserError(f"{flag} needs tiled mode: add --tile N (e.g. --tile 1024)"
+                                + _store_grid_hint(args.embeddings))
+        return False
+    if args.tile < 16:
+        raise UserError(f"--tile must be at least 16 pixels, got {args.tile}")
+    halo = tiled_halo(args)
+    if not 0 <= halo <= args.tile // 2:
+        raise UserError(f"--halo must be between 0 and tile/2 = {args.tile // 2}, got {halo}")
+    if args.merge_iou is not None and not 0.0 < args.merge_iou <= 1.0:
+        raise UserError(f"--merge-iou must be in (0, 1], got {args.merge_iou}")
+    if args.crop_n_layers:
+        raise UserError(
+            "crops (--crop-n-layers) are not supported in tiled mode: every tile is already "
+            "segmented at full resolution (use more --points-per-side for small objects)"
+        )
+    if args.axis is not None:
+        raise UserError("--axis is not supported in tiled mode: it tiles the last two axes "
+                        "(before a colour axis) and treats the others as stack axes")
+    if args.channel is not None:
+        raise UserError("--channel is not supported in tiled mode: it segments gray planes, "
+                        "or RGB(A) with the colour axis last")
+    if args.embeddings is not None and Path(args.embeddings).suffix.lower() != ".zarr":
+        raise UserError(f"--embeddings must be a .zarr store, not {args.embeddings!r}")
+    return True
+
+
+def _store_grid_hint(path: str | None) -> str:
+    if path is None:
+        return ""
+    from .core.embedding_store import read_signature
+
+    try:
+        sig = read_signature(path)
+    except (OSError, ValueError):
+        return ""
+    return f"; the store was made with --tile {sig.tile} --halo {sig.halo}"
+
+
+def _tiled_source(args: argparse.Namespace) -> Any:
+    """The input as tiled mode cuts it: stack axes first, a colour axis (if any) last."""
+    from .core.batch import StackSource
+
+    source = StackSource.create(args.input, axis=None,
+                                channel_axis=_channel_axis(args.channel_axis), channel=None)
+    if source.channel_axis is not None and source.channel_axis != len(source.shape) - 1:
+        raise UserError(
+            f"tiled mode needs the colour axis last; axis {source.channel_axis} of shape "
+            f"{source.shape} is not (use --channel-axis none for a gray stack)"
+        )
+    return source
+
+
+def _open_embeddings(path: str, data: Any, model: Any, tile: int, halo: int, rgb: bool,
+                     limits: Any) -> Any:
+    """Check (or create) the ``--embeddings`` store before any work: a store of another
+    image, model or grid is a user error naming what differs."""
+    from .core.embedding_store import EmbeddingStore, StaleEmbeddingStoreError, StoreSignature
+
+    target = Path(path).expanduser()
+    if not target.parent.is_dir():
+        raise UserError(f"the directory of --embeddings {str(target.parent)!r} does not exist")
+    signature = StoreSignature.for_image(data, model, tile=tile, halo=halo, rgb=rgb,
+                                         contrast_limits=limits)
+    try:
+        return EmbeddingStore.open(target, signature, "a")
+    except StaleEmbeddingStoreError as exc:
+        raise UserError(f"{exc} (make it with napari-esam embed and the same --model, "
+                        "--checkpoint, --tile, --halo and --contrast-limits)") from None
+
+
+def _tiled_record(source: Any, settings: Any, tile: int, halo: int, merge_iou: float) -> dict:
+    rec = settings.record()
+    rec.pop("id_stride", None)
+    rec.update({"tile": tile, "halo": halo, "merge_iou": merge_iou})
+    return {"source": source.describe(), "settings": rec}
+
+
+def _read_tiled_attr(path: Path) -> dict | None:
+    import json
+
+    try:
+        with open(path / "zarr.json", encoding="utf-8") as fh:
+            return json.load(fh).get("attributes", {}).get(TILED_ATTR)
+    except (OSError, ValueError):
+        return None
+
+
+def _prepare_tiled_output(path: Path, source: Any, record: dict, *, overwrite: bool,
+                          axes: str | None, name: str) -> tuple[Any, bool]:
+    """Create the labels group, or reuse the one of the same tiled run; → (output, complete)."""
+    import json
+
+    import numpy as np
+
+    from .core import batch
+
+    if path.exists() or path.is_symlink():
+        old = _read_tiled_attr(path)
+        if old is not None and not overwrite:
+            old = json.loads(json.dumps(old))
+            new = json.loads(json.dumps(record))
+            diffs = batch._diff(old.get("source", {}), new["source"], "input ")
+            diffs += batch._diff(old.get("settings", {}), new["settings"], "")
+            if diffs:
+                raise UserError(
+                    f"{str(path)!r} holds a tiled run with other input or settings ("
+                    + "; ".join(diffs[:4]) + "); use the same ones, or --overwrite"
+                )
+            return batch.ZarrOutput(path), bool(old.get("complete"))
+        if not overwrite:
+            what = ("a napari-esam run without --tile" if batch.ZarrOutput.is_batch_output(path)
+                    else "not a napari-esam tiled output")
+            raise UserError(f"{str(path)!r} exists and is {what}; choose another output or "
+                            "pass --overwrite")
+        batch._remove_store(path)
+    attrs = {TILED_ATTR: {"format": TILED_FORMAT, **record, "slices": {}, "complete": False}}
+    batch.create_label_group(path, source, np.uint32, attrs, axes=axes, name=name)
+    return batch.ZarrOutput(path), False
+
+
+def _run_tiled(args: argparse.Namespace, settings: Any, source: Any, model: Any, out: Path,
+               store: Path, executor: Any) -> int:
+    """Tiled mode: ``segment_everything_tiled`` into the output group (module doc)."""
+    import numpy as np
+
+    from .core import batch
+    from .core.tiled_everything import LocalTileExecutor, segment_everything_tiled
+    from .core.tiling import TileGrid, global_contrast_limits
+
+    tile, halo = args.tile, tiled_halo(args)
+    merge_iou = MERGE_IOU if args.merge_iou is None else args.merge_iou
+    rgb = source.channel_axis is not None
+    data = source.array
+    grid = TileGrid(source.plane_shape, tile, halo)
+    n_planes, n_tiles = source.n_slices, source.n_slices * grid.n_tiles
+    params = settings.params
+    limits = params.contrast_limits
+    if limits is None:  # one rule for every tile: a global sample of the whole array
+        limits = global_contrast_limits(data, rgb)
+    emb = None
+    if args.embeddings is not None:
+        emb = _open_embeddings(args.embeddings, data, model, tile, halo, rgb, limits)
+    record = _tiled_record(source, settings, tile, halo, merge_iou)
+    output, complete = _prepare_tiled_output(
+        store, source, record, overwrite=args.overwrite, axes=batch.input_axes(args.input),
+        name=out.stem,
+    )
+    scratch = Path(str(store) + SCRATCH_SUFFIX)
+    print(f"tiled mode: {grid.n_y}x{grid.n_x} tiles of {tile} px (halo {halo}) per plane, "
+          f"{n_tiles} in all" + (f"; embeddings in {args.embeddings}" if emb else ""),
+          file=sys.stderr)
+    if complete:
+        done = _read_tiled_attr(Path(output.path)) or {}
+        counts = {int(k): int(v) for k, v in done.get("slices", {}).items()}
+        print(f"{str(store)!r} is already complete", file=sys.stderr)
+    else:
+        kwargs = params.everything_kwargs()
+        for name in ("crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio",
+                     "crop_n_points_downscale_factor", "contrast_limits"):
+            kwargs.pop(name)
+        common = dict(contrast_limits=limits, rgb=rgb, merge_iou=merge_iou,
+                      min_size=params.min_size, max_size=params.max_size,
+                      id_scope=settings.id_scope, **kwargs)
+        details: dict = {}
+        with _TileBars(n_tiles, disable=args.no_progress) as bars:
+            # in this process too, tiles go through the scratch group: a stopped run
+            # resumes with the tiles it finished (the model comes from the process cache)
+            runner = LocalTileExecutor() if executor is None else executor
+            with executor or contextlib.nullcontext():
+                if executor is not None:
+                    print(f"running on a {executor.describe()}", file=sys.stderr)
+                segment_everything_tiled(
+                    source.data, settings.model, output.array, tile=tile, halo=halo,
+                    executor=runner, scratch=scratch, overwrite=args.overwrite,
+                    embedding_store=None if emb is None else str(emb.path),
+                    progress=bars.tiles, merge_progress=bars.merge, details=details,
+                    **common,
+                )
+        lead = source.stack_shape
+        counts = {
+            int(np.ravel_multi_index(p, lead)) if lead else 0: int(n)
+            for p, n in details["objects_per_plane"].items()
+        }
+        _finish_tiled(output, counts)
+        _print_tiled_details(details)
+    if store != out:  # -o OUT.tif
+        _export_tiff(output, out, axes=_group_axes(output), disable=args.no_progress)
+        batch._remove_store(store)
+    _print_summary(counts, n_planes, out)
+    return 0
+
+
+def _finish_tiled(output: Any, counts: dict[int, int]) -> None:
+    rec = dict(output.group.attrs.asdict()[TILED_ATTR])
+    rec["slices"] = {str(k): int(v) for k, v in sorted(counts.items())}
+    rec["complete"] = True
+    output.group.attrs.update({TILED_ATTR: rec})
+
+
+def _print_tiled_details(details: dict) -> None:
+    parts = [f"{details['tiles']} tiles merged ({details['merged']} seam merges)",
+             f"encoder runs {details['encoder_calls']}",
+             f"embeddings from the store {details['store_hits']}"]
+    if "tasks" in details:
+        parts.append(f"tile tasks {details['tasks']} (already done: {details['skipped']})")
+    print("; ".join(parts), file=sys.stderr)
+
+
+class _TileBars:
+    """tqdm bars for tiled mode: tiles segmented, then (distributed) tiles merged."""
+
+    def __init__(self, total: int, *, disable: bool) -> None:
+        from tqdm import tqdm
+
+        self._tqdm, self.total, self.disable = tqdm, total, disable
+        self.bar = tqdm(total=total, unit="tile", desc="segment everything (tiled)",
+                        disable=disable, file=sys.stderr, dynamic_ncols=True)
+        self.merge_bar: Any = None
+
+    def tiles(self, done: int, total: int) -> None:
+        self.bar.update(done - self.bar.n)
+
+    def merge(self, done: int, total: int) -> None:
+        if self.merge_bar is None:
+            self.merge_bar = self._tqdm(total=total, unit="tile", desc="merge seams",
+                                        disable=self.disable, file=sys.stderr,
+                                        dynamic_ncols=True)
+        self.merge_bar.update(done - self.merge_bar.n)
+
+    def __enter__(self) -> _TileBars:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+        if self.merge_bar is not None:
+            self.merge_bar.close()
 
 
 def make_executor(args: argparse.Namespace) -> Any:

@@ -317,7 +317,51 @@ def test_user_errors_are_messages(make_napari_viewer, qtbot):
 def test_big_image_note(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     widget, _, _ = open_with_fake(viewer, qtbot, np.zeros((1100, 1300), np.uint16))
-    assert "tiled mode gives full resolution" in widget.note_label.text()
+    assert "Turn tiled mode on for full resolution" in widget.note_label.text()
+
+
+def test_tiled_mode_controls_and_tile_encoding_off_the_gui_thread(make_napari_viewer, qtbot):
+    class SlowFake(FakeModel):
+        def encode(self, x):
+            time.sleep(1.0)
+            return super().encode(x)
+
+    viewer = make_napari_viewer()
+    widget, ctrl, _ = open_with_fake(viewer, qtbot, blobs((2600, 3000)))
+    ctrl.engine_factory = lambda *key: SamEngine(SlowFake().eval())
+    assert widget.tiled_combo.currentData() == "auto"
+    assert widget.note_label.text() == ""  # auto tiles this image: no resize warning
+    widget.halo_spin.setValue(300)
+    widget.halo_spin.editingFinished.emit()  # 2 x 300 > 512 below: refused later
+    assert ctrl.halo == 300
+    widget.tile_spin.setValue(512)
+    widget.tile_spin.editingFinished.emit()
+    assert (ctrl.tile, ctrl.halo) == (1024, 300)
+    assert "more than twice the halo" in widget.status_label.text()
+    assert widget.tile_spin.value() == 1024  # the spin box shows the setting in force
+    widget.halo_spin.setValue(128)
+    widget.halo_spin.editingFinished.emit()
+    widget.tile_spin.setValue(512)
+    widget.tile_spin.editingFinished.emit()
+    assert (ctrl.tile, ctrl.halo) == (512, 128)
+
+    ticks = TickCounter(10)
+    add_point(ctrl, (2300, 2700))
+    assert ctrl.busy
+    wait_ready(qtbot, ctrl, timeout=30_000)
+    assert ticks.stop() >= 30  # the 1 s tile encoding ran in a worker
+    assert ctrl.encoder_calls == 1
+    part, (r0, c0) = ctrl.preview_region()
+    assert part.shape == (512, 512)
+    r, c = centre(ctrl.preview_mask() > 0)
+    assert abs(r - 2300) < 1 and abs(c - 2700) < 1
+    widget.commit_button.click()
+    assert ctrl.labels_layer.data.shape == (2600, 3000)
+    assert ctrl.labels_layer.data[2300, 2700] == 1
+
+    widget.tiled_combo.setCurrentIndex(widget.tiled_combo.findData("off"))
+    assert ctrl.tiled_mode == "off"
+    assert "Turn tiled mode on" in widget.note_label.text()
 
 
 def test_key_bindings_are_on_the_prompt_layers(make_napari_viewer, qtbot):

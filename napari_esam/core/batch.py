@@ -65,6 +65,7 @@ __all__ = [
     "StackSource",
     "ZarrOutput",
     "clear_model_cache",
+    "create_label_group",
     "get_model",
     "input_axes",
     "iter_batch",
@@ -777,43 +778,11 @@ class ZarrOutput:
             )
 
     def _create(self, source, settings, record, axes, scale, translate, name) -> None:
-        import zarr
-        from zarr.codecs import BloscCodec
-
-        from . import labels_io
-
-        shape = source.out_shape
-        ndim = len(shape)
-        chunks = tuple(1 if a in source.out_stack_axes else min(s, PLANE_CHUNK)
-                       for a, s in enumerate(shape))
-        dtype = output_dtype(source, settings)
-        axes = _labels_axes(axes, source)
-        meta = {
-            "name": name or Path(self.path).stem,
-            "axes": axes,
-            "scale": [float(v) for v in scale] if scale is not None else [1.0] * ndim,
-            "translate": [float(v) for v in translate] if translate is not None else [0.0] * ndim,
-            "units": [None] * ndim,
-        }
-        group = zarr.open_group(self.path, mode="w", zarr_format=3)
-        group.create_array(
-            "0",
-            shape=shape,
-            dtype=dtype,
-            chunks=chunks,
-            compressors=(BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),),
-            fill_value=0,
-            dimension_names=list(axes) if axes else None,
-            config={"write_empty_chunks": False},
+        record = {"format": BATCH_FORMAT, **record, "slices": {}, "complete": False}
+        self._group = create_label_group(
+            self.path, source, output_dtype(source, settings), {BATCH_ATTR: record},
+            axes=axes, scale=scale, translate=translate, name=name,
         )
-        attrs = {
-            BATCH_ATTR: {"format": BATCH_FORMAT, **record, "slices": {}, "complete": False},
-            labels_io.MARKER: labels_io._marker(meta, dtype),
-        }
-        if axes:
-            attrs["ome"] = labels_io._ngff_attrs(meta, None)
-        group.attrs.update(attrs)
-        self._group = group
 
     # -- access
     @property
@@ -859,6 +828,55 @@ class ZarrOutput:
         if complete is not None:
             rec["complete"] = complete
         self.group.attrs.update({BATCH_ATTR: rec})
+
+
+def create_label_group(
+    path: str | os.PathLike,
+    source: StackSource,
+    dtype: Any,
+    attrs: Mapping[str, Any],
+    *,
+    axes: str | None = None,
+    scale: Sequence[float] | None = None,
+    translate: Sequence[float] | None = None,
+    name: str | None = None,
+) -> Any:
+    """Create the OME-Zarr label group of ``source``'s labels (array ``"0"``, chunked 1
+    along the stack axes and ``PLANE_CHUNK`` in the plane) with ``attrs`` added."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    from . import labels_io
+
+    shape = source.out_shape
+    ndim = len(shape)
+    chunks = tuple(1 if a in source.out_stack_axes else min(s, PLANE_CHUNK)
+                   for a, s in enumerate(shape))
+    dtype = np.dtype(dtype)
+    axes = _labels_axes(axes, source)
+    meta = {
+        "name": name or Path(path).stem,
+        "axes": axes,
+        "scale": [float(v) for v in scale] if scale is not None else [1.0] * ndim,
+        "translate": [float(v) for v in translate] if translate is not None else [0.0] * ndim,
+        "units": [None] * ndim,
+    }
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.create_array(
+        "0",
+        shape=shape,
+        dtype=dtype,
+        chunks=chunks,
+        compressors=(BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),),
+        fill_value=0,
+        dimension_names=list(axes) if axes else None,
+        config={"write_empty_chunks": False},
+    )
+    new_attrs = {**attrs, labels_io.MARKER: labels_io._marker(meta, dtype)}
+    if axes:
+        new_attrs["ome"] = labels_io._ngff_attrs(meta, None)
+    group.attrs.update(new_attrs)
+    return group
 
 
 def _labels_axes(axes: str | None, source: StackSource) -> str | None:

@@ -27,6 +27,13 @@ How the work is split (see :mod:`napari_esam.core.batch` for the pieces):
 * **Cancel** (``cancel()`` polled between results, or the generator closed): pending tasks
   are cancelled and a cluster-wide :class:`distributed.Event` tells running tasks to stop at
   their next point batch without writing; finished slices stay recorded.
+
+Tiled images (:func:`~napari_esam.core.tiled_everything.segment_everything_tiled` with
+``executor=DaskExecutor(...)``) run **one task per tile** the same way (:meth:`DaskExecutor.
+map_tiles`, :func:`run_tile`): a task opens the input from its path, builds the model once
+per worker, segments its tile and writes the kept masks into its own group of a scratch Zarr
+group, returning only counts; the client records finished tiles and then merges the seams
+sequentially, reading the scratch group.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .batch import SliceResult, SliceTask, ZarrOutput
+from .batch import ModelSpec, SliceResult, SliceTask, ZarrOutput
 
 try:  # optional: the plain module imports without distributed
     from distributed import WorkerPlugin as _WorkerPluginBase
@@ -57,6 +64,7 @@ __all__ = [
     "check_task",
     "missing_distributed_message",
     "run_slice",
+    "run_tile",
     "worker_gpu",
 ]
 
@@ -130,22 +138,28 @@ class _CancelEvent:
         return self.state
 
 
-def _pinned(task: SliceTask, options: WorkerOptions) -> SliceTask:
-    """``task`` with its model on this worker's GPU (and the thread's CUDA device set)."""
-    spec = task.settings.model
+def _pinned_spec(spec: ModelSpec, options: WorkerOptions) -> ModelSpec:
+    """``spec`` on this worker's GPU (and the thread's CUDA device set), else unchanged."""
     if not options.pin_gpus or spec.device not in ("auto", "cuda"):
-        return task
+        return spec
     import torch
 
     if not torch.cuda.is_available():
-        return task
+        return spec
     try:
         name = _distributed().get_worker().name
     except (ImportError, ValueError):  # not on a worker
         name = 0
     index = worker_gpu(name, torch.cuda.device_count())
     torch.cuda.set_device(index)  # per thread: for code that says just "cuda"
-    spec = dataclasses.replace(spec, device=f"cuda:{index}")
+    return dataclasses.replace(spec, device=f"cuda:{index}")
+
+
+def _pinned(task: SliceTask, options: WorkerOptions) -> SliceTask:
+    """``task`` with its model on this worker's GPU (and the thread's CUDA device set)."""
+    spec = _pinned_spec(task.settings.model, options)
+    if spec is task.settings.model:
+        return task
     settings = dataclasses.replace(task.settings, model=spec)
     return dataclasses.replace(task, settings=settings)
 
@@ -172,6 +186,36 @@ def run_slice(
         return None
     try:
         return _pinned(slice_task, options)(index, cancel=cancel)
+    except Cancelled:
+        return None
+
+
+def run_tile(
+    index: int,
+    tile_task: Any,
+    options: WorkerOptions = WorkerOptions(),  # noqa: B008 - frozen, shared default is fine
+    cancel_event: str | None = None,
+) -> Any:
+    """The Dask task of a tiled run: the map step on flat tile ``index``
+    (:class:`~napari_esam.core.tiled_everything.TileTask`), written into the scratch group.
+
+    Returns the :class:`~napari_esam.core.tiled_everything.TileDone` (counts only), or
+    ``None`` when the run was cancelled before the tile was done (nothing recorded).
+    """
+    from .everything import Cancelled
+
+    if options.torch_threads:
+        import torch
+
+        torch.set_num_threads(options.torch_threads)
+    cancel = _CancelEvent(cancel_event)
+    if cancel():
+        return None
+    spec = _pinned_spec(tile_task.model, options)
+    if spec is not tile_task.model:
+        tile_task = dataclasses.replace(tile_task, model=spec)
+    try:
+        return tile_task(index, cancel=cancel)
     except Cancelled:
         return None
 
@@ -326,19 +370,45 @@ class DaskExecutor:
         ``step`` (progress inside a slice) is not reported from workers.
         """
         check_task(task)
-        indices = list(indices)
+        paths = [str(task.source.data), str(task.output.path)]
+        yield from self._run(run_slice, "slice", list(indices), {"slice_task": task}, paths,
+                             cancel)
+
+    def map_tiles(
+        self, task: Any, indices: Sequence[int], *, cancel: Callable[[], bool]
+    ) -> Iterator[Any]:
+        """Run a tiled run's map step, one Dask task per tile
+        (:class:`~napari_esam.core.tiled_everything.TileTask`); yield the
+        :class:`~napari_esam.core.tiled_everything.TileDone` s as they finish."""
+        paths = [task.source, task.scratch] + ([task.store] if task.store else [])
+        yield from self._run(run_tile, "tile", list(indices), {"tile_task": task}, paths,
+                             cancel)
+
+    def _run(
+        self,
+        func: Callable[..., Any],
+        kind: str,
+        indices: list[int],
+        task_kwargs: dict[str, Any],
+        paths: Sequence[str],
+        cancel: Callable[[], bool],
+    ) -> Iterator[Any]:
+        """``func(i, **task_kwargs, options=..., cancel_event=...)`` for every index as
+        Dask tasks (keys ``napari-esam-KIND-TOKEN-i``); results (not ``None``) as they
+        finish. Pending tasks are cancelled, and running ones told to stop, when this ends
+        early."""
         if not indices:
             return
         dist = _distributed()
         client = self.start()
-        self._check_paths(client, task)
+        self._check_paths(client, paths)
         token = uuid.uuid4().hex[:8]
-        prefix = f"napari-esam-slice-{token}-"
+        prefix = f"napari-esam-{kind}-{token}-"
         event = dist.Event(f"napari-esam-cancel-{token}", client=client)
         pending: dict[str, Any] = {}
         try:
             futures = client.map(
-                run_slice, indices, slice_task=task, options=self.options,
+                func, indices, **task_kwargs, options=self.options,
                 cancel_event=event.name, key=[f"{prefix}{i}" for i in indices],
                 pure=False, retries=self.retries,
             )
@@ -376,10 +446,9 @@ class DaskExecutor:
                 return
             time.sleep(self.poll)
 
-    def _check_paths(self, client: Any, task: SliceTask) -> None:
+    def _check_paths(self, client: Any, paths: Sequence[str]) -> None:
         """Every connected worker must see the input and the output (a shared filesystem)."""
-        paths = [str(task.source.data), str(task.output.path)]
-        missing = client.run(_missing_paths, paths)
+        missing = client.run(_missing_paths, [str(p) for p in paths])
         for worker, lost in sorted(missing.items()):
             if lost:
                 raise FileNotFoundError(

@@ -197,6 +197,9 @@ class EmbeddingStore:
         self._hash = group["tile_hash"]
         self._done_cache: dict[tuple[int, ...], np.ndarray] = {}
         self._meta_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+        #: write only embeddings in :meth:`save`; their records wait in ``deferred``
+        self.defer_records = False
+        self.deferred: dict[tuple, tuple[tuple[int, int], str]] = {}
 
     def __repr__(self) -> str:
         return f"EmbeddingStore({str(self.path)!r}, {self.n_done}/{self.n_total} tiles)"
@@ -309,12 +312,36 @@ class EmbeddingStore:
         input_size: tuple[int, int],
         pixel_hash: str,
     ) -> None:
-        """Write one tile (embedding first, then its metadata and ``done`` flag)."""
+        """Write one tile (embedding first, then its metadata and ``done`` flag).
+
+        With ``defer_records`` (a Dask worker: several processes must not rewrite the
+        per-plane metadata chunks), only the embedding is written; its (input_size, hash)
+        wait in ``deferred`` for the one process that calls :meth:`record`.
+        """
         if not self.writable:
             raise OSError(f"the embedding store {self.path} is open read-only")
         plane = self._plane(plane)
         feats = np.asarray(features, dtype=np.float32).reshape(EMBED_SHAPE)
-        self._emb[(*plane, iy, ix)] = feats
+        self._emb[(*plane, iy, ix)] = feats  # one chunk per tile: safe from any process
+        if self.defer_records:
+            self.deferred[(plane, int(iy), int(ix))] = (
+                (int(input_size[0]), int(input_size[1])), str(pixel_hash)
+            )
+        else:
+            self.record(plane, iy, ix, input_size, pixel_hash)
+
+    def record(
+        self,
+        plane: tuple[int, ...],
+        iy: int,
+        ix: int,
+        input_size: tuple[int, int],
+        pixel_hash: str,
+    ) -> None:
+        """Mark a tile whose embedding is written as done (its metadata, then ``done``)."""
+        if not self.writable:
+            raise OSError(f"the embedding store {self.path} is open read-only")
+        plane = self._plane(plane)
         sizes, hashes = self._meta(plane)
         sizes = sizes.copy()
         hashes = hashes.copy()

@@ -173,19 +173,27 @@ def _candidates(
 
 
 def _merge(pts: np.ndarray, rad: np.ndarray, resp: np.ndarray) -> np.ndarray:
-    """Indices kept by greedy suppression: strongest first, each removes those within its
-    blob radius (ties: the larger blob first)."""
+    """Indices kept by greedy suppression, strongest first (ties: the larger blob first).
+
+    Two blobs are the same object when either one's centre lies inside the other's radius
+    (distance < the larger radius), so a strong small-scale peak inside a large nucleus also
+    suppresses the large-scale blob of that nucleus and vice versa.
+    """
     from scipy.spatial import cKDTree
 
     order = np.lexsort((-rad, -resp))
     tree = cKDTree(pts)
+    rmax = float(rad.max())
     removed = np.zeros(len(pts), bool)
     keep = []
     for i in order:
         if removed[i]:
             continue
         keep.append(i)
-        removed[tree.query_ball_point(pts[i], rad[i])] = True
+        near = np.asarray(tree.query_ball_point(pts[i], max(rad[i], rmax)), dtype=np.int64)
+        if len(near):
+            d = np.hypot(*(pts[near] - pts[i]).T)
+            removed[near[d < np.maximum(rad[near], rad[i])]] = True
     return np.asarray(keep, dtype=np.int64)
 
 

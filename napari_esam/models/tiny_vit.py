@@ -200,6 +200,20 @@ class Mlp(nn.Module):
         return self.fc2(_gelu_(self.fc1(self.norm(x))))
 
 
+def _dense_channels_last(x: Tensor) -> Tensor:
+    """``x`` (B, C, H, W) with the dense NHWC strides oneDNN expects.
+
+    A permuted HWC image (e.g. ``preprocess`` output) counts as channels-last for PyTorch
+    even when its batch stride is not dense, and then makes every convolution of the
+    encoder take a slower path (about 20 % on 2 CPU cores); one copy avoids it.
+    """
+    b, c, h, w = x.shape
+    if x.stride() == (c * h * w, 1, w * c, c):
+        return x
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return out.copy_(x)
+
+
 class TinyViTBlock(nn.Module):
     """Window attention (zero-padded, unmasked windows), depthwise local conv, MLP."""
 
@@ -325,7 +339,7 @@ class TinyViT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # channels-last throughout: faster convolutions, and (B, C, H, W) <-> (B, H*W, C)
         # token layouts become views
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+        x = self.patch_embed(_dense_channels_last(x))
         for layer in self.layers:
             x = layer(x)
         b, _, c = x.shape

@@ -35,6 +35,7 @@ from .prompt_controller import (
     NEGATIVE,
     POSITIVE,
     ROLE_KEY,
+    TILED_MODES,
     EngineFactory,
     PromptController,
     default_engine_factory,
@@ -108,6 +109,14 @@ class _LayerCombo(QComboBox):
         return self._layers[i] if 0 <= i < len(self._layers) else None
 
 
+def _row(*widgets: QWidget) -> QHBoxLayout:
+    row = QHBoxLayout()
+    row.setContentsMargins(0, 0, 0, 0)
+    for w in widgets:
+        row.addWidget(w)
+    return row
+
+
 class PromptWidget(QWidget):
     """Dock widget: choose image, model and output; click, preview, commit, undo."""
 
@@ -177,6 +186,47 @@ class PromptWidget(QWidget):
         form.addRow(self.prepare_button)
         form.addRow(self.note_label)
 
+        # -- large images (tiled mode)
+        self.tiled_combo = QComboBox()
+        for mode, text in zip(
+            TILED_MODES,
+            (f"auto (planes over {ctrl.tiled_threshold} px)", "on", "off (resize to 1024 px)"),
+            strict=True,
+        ):
+            self.tiled_combo.addItem(text, mode)
+        self.tiled_combo.setToolTip(
+            "Tiled mode answers each prompt from the 1024-px tile under it, at full "
+            "resolution; tiles are embedded when first needed."
+        )
+        self.tile_spin = QSpinBox()
+        self.tile_spin.setRange(64, 8192)
+        self.tile_spin.setSingleStep(256)
+        self.tile_spin.setValue(ctrl.tile)
+        self.tile_spin.setSuffix(" px")
+        self.halo_spin = QSpinBox()
+        self.halo_spin.setRange(0, 4096)
+        self.halo_spin.setSingleStep(64)
+        self.halo_spin.setValue(ctrl.halo)
+        self.halo_spin.setSuffix(" px")
+        self.halo_spin.setToolTip("Overlap of neighbouring tiles (context around each tile core)")
+        self.store_edit = QLineEdit()
+        self.store_edit.setPlaceholderText("none (embed tiles on demand)")
+        self.store_edit.setToolTip(
+            "An embedding store written by `napari-esam embed` (reused and filled)"
+        )
+        self.store_button = QToolButton()
+        self.store_button.setText("…")
+        self.store_button.setToolTip("Choose an embedding store (.zarr folder)")
+        store_row = QHBoxLayout()
+        store_row.setContentsMargins(0, 0, 0, 0)
+        store_row.addWidget(self.store_edit)
+        store_row.addWidget(self.store_button)
+        tiled_box = QGroupBox("Large images")
+        form = QFormLayout(tiled_box)
+        form.addRow("tiled mode", self.tiled_combo)
+        form.addRow("tile / halo", _row(self.tile_spin, self.halo_spin))
+        form.addRow("embeddings", store_row)
+
         # -- prompts
         self.points_combo = _LayerCombo(Points, _NONE)
         self.shapes_combo = _LayerCombo(Shapes, _NONE)
@@ -243,7 +293,7 @@ class PromptWidget(QWidget):
 
         layout = QVBoxLayout(self)
         layout.addWidget(help_label)
-        for box in (image_box, model_box, prompts_box, output_box):
+        for box in (image_box, model_box, tiled_box, prompts_box, output_box):
             layout.addWidget(box)
         layout.addLayout(actions)
         layout.addWidget(self.progress)
@@ -261,6 +311,11 @@ class PromptWidget(QWidget):
         self.checkpoint_button.clicked.connect(self._browse_checkpoint)
         self.cache_spin.valueChanged.connect(ctrl.set_cache_size)
         self.prepare_button.clicked.connect(ctrl.prepare)
+        self.tiled_combo.currentIndexChanged.connect(self._on_tiling)
+        self.tile_spin.editingFinished.connect(self._on_tiling)
+        self.halo_spin.editingFinished.connect(self._on_tiling)
+        self.store_edit.editingFinished.connect(self._on_tiling)
+        self.store_button.clicked.connect(self._browse_store)
         self.points_combo.currentIndexChanged.connect(self._on_prompt_layers_chosen)
         self.shapes_combo.currentIndexChanged.connect(self._on_prompt_layers_chosen)
         self.new_prompts_button.clicked.connect(self._new_prompt_layers)
@@ -386,6 +441,28 @@ class PromptWidget(QWidget):
         if (text or None) != self.controller.checkpoint:
             self.controller.set_model(checkpoint=text or None)
 
+    def _on_tiling(self, *args: Any) -> None:
+        """Send the tiled-mode settings to the controller (invalid tile/halo: a message)."""
+        ctrl = self.controller
+        store = self.store_edit.text().strip() or None
+        settings = (self.tiled_combo.currentData(), self.tile_spin.value(),
+                    self.halo_spin.value(), store)
+        if settings == (ctrl.tiled_mode, ctrl.tile, ctrl.halo, ctrl.embedding_store):
+            return
+        try:
+            ctrl.set_tiling(settings[0], tile=settings[1], halo=settings[2], store=store)
+        except ValueError as exc:
+            ctrl._message(str(exc), "warning")
+            self.tile_spin.setValue(ctrl.tile)
+            self.halo_spin.setValue(ctrl.halo)
+        self._update_notes()
+
+    def _browse_store(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Choose an embedding store (.zarr)")
+        if path:
+            self.store_edit.setText(path)
+            self._on_tiling()
+
     def _browse_checkpoint(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
             self, "Choose a checkpoint", "", "PyTorch checkpoints (*.pt *.pth *.zip);;All (*)"
@@ -403,11 +480,16 @@ class PromptWidget(QWidget):
                 "and has no learned embedding for negative points: use MobileSAM for "
                 "negative clicks."
             )
-        layer = self.controller.image_layer
-        if layer is not None and max(spatial_shape(layer)[-2:]) > 1024:
+        ctrl = self.controller
+        layer = ctrl.image_layer
+        side = max(spatial_shape(layer)[-2:]) if layer is not None else 0
+        tiled = ctrl.tiled_mode == "on" or (
+            ctrl.tiled_mode == "auto" and side > ctrl.tiled_threshold
+        )
+        if side > 1024 and not tiled:
             notes.append(
                 "This image is larger than 1024 px: each slice is resized to 1024 px for the "
-                "model. The tiled mode gives full resolution."
+                "model. Turn tiled mode on for full resolution."
             )
         text = "\n".join(notes)
         if text != self.note_label.text():

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..core.tiling import HALO, TILE, TILING_THRESHOLD, needs_tiling
 from .workers import Progress, Runner, run_sync
 
 POSITIVE = "positive"
@@ -44,6 +45,9 @@ LABELS_NAME = "ESAM labels"
 POINTS_NAME = "ESAM points"
 BOXES_NAME = "ESAM boxes"
 DEVICES = ("auto", "cuda", "cpu")
+#: tiled mode: "auto" tiles planes whose longer side exceeds ``TILED_THRESHOLD`` pixels
+TILED_MODES = ("auto", "on", "off")
+TILED_THRESHOLD = TILING_THRESHOLD
 #: keys bound on the prompt layers (documented in docs/prompt_widget.md)
 KEYS = {
     "toggle_polarity": "n",
@@ -163,6 +167,18 @@ def default_engine_factory(model_name: str, checkpoint: Any, device: str) -> Eng
     from ..models.loading import build_model
 
     return SamEngine(build_model(model_name, checkpoint, device))
+
+
+def make_tiled_engine(engine: Any, tiling: tuple) -> Engine:
+    """A :class:`~napari_esam.core.tiled_predictor.TiledEngine` over ``engine``'s model for
+    ``tiling`` = ``("tiled", tile, halo, store path or None)``."""
+    from ..core.tiled_predictor import TiledEngine
+
+    model = getattr(engine, "model", None)
+    if model is None:
+        raise PromptError(f"The engine {engine.name!r} cannot run in tiled mode.")
+    _, tile, halo, store = tiling
+    return TiledEngine(model, tile=tile, halo=halo, store=store)
 
 
 class EmbeddingCache:
@@ -475,8 +491,11 @@ def labels_geometry(image: Any, channel_axis: int | None = None) -> dict[str, An
     }
 
 
-def preview_geometry(image: Any, plane: Plane) -> dict[str, Any]:
-    """Shape and transform of a preview layer covering only ``plane``."""
+def preview_geometry(
+    image: Any, plane: Plane, region: tuple[int, int, int, int] | None = None
+) -> dict[str, Any]:
+    """Shape and transform of a preview layer covering only ``plane`` (or only its
+    ``region`` = (row0, col0, rows, cols) in plane pixels)."""
     from napari.utils.transforms import Affine
 
     geo = labels_geometry(image, plane.channel_axis)
@@ -488,6 +507,10 @@ def preview_geometry(image: Any, plane: Plane) -> dict[str, Any]:
         shape[a] = 1
         if a != plane.channel_axis:
             offset[a] = i
+    if region is not None:
+        r0, c0, h, w = region
+        shape[plane.row_axis], shape[plane.col_axis] = h, w
+        offset[plane.row_axis], offset[plane.col_axis] = r0, c0
     linear = Affine(scale=image.scale, rotate=image.rotate, shear=image.shear).linear_matrix
     geo["shape"] = tuple(shape)
     geo["translate"] = tuple(np.asarray(geo["translate"]) + linear @ offset)
@@ -507,20 +530,61 @@ def _set_geometry(layer: Any, geo: dict[str, Any]) -> None:
 
 @dataclass
 class _Decoded:
-    """The last decoder output, for the preview, mask cycling and commit."""
+    """The last decoder output, for the preview, mask cycling and commit.
+
+    Per object ``b``: ``masks[b]`` (K, h, w) covers the plane region starting at
+    ``offsets[b]`` (row, col): the whole plane for the whole-plane engine, the answering tile
+    window in tiled mode. ``signature`` identifies the prompts and embedding (tiled mode).
+    """
 
     plane: Plane
     layer_id: Hashable
-    masks: np.ndarray  # (B, K, H, W)
+    masks: list[np.ndarray]
     scores: np.ndarray  # (B, K)
+    offsets: list[tuple[int, int]] = field(default_factory=list)
+    signature: Hashable = None
 
-    def chosen(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    def __post_init__(self) -> None:
+        if not self.offsets:
+            self.offsets = [(0, 0)] * len(self.masks)
+
+    def chosen(self, rank: int) -> tuple[list[np.ndarray], np.ndarray]:
         """Per object, the mask ranked ``rank`` by score (0 = best) and its score."""
         order = np.argsort(-self.scores, axis=1, kind="stable")
         k = rank % self.scores.shape[1]
         pick = order[:, k]
-        b = np.arange(len(pick))
-        return self.masks[b, pick], self.scores[b, pick]
+        return [m[p] for m, p in zip(self.masks, pick, strict=True)], self.scores[
+            np.arange(len(pick)), pick
+        ]
+
+    def frame(self) -> tuple[int, int, int, int]:
+        """(row0, col0, rows, cols): the plane region covering every object's masks."""
+        r0 = min(o[0] for o in self.offsets)
+        c0 = min(o[1] for o in self.offsets)
+        r1 = max(o[0] + m.shape[-2] for o, m in zip(self.offsets, self.masks, strict=True))
+        c1 = max(o[1] + m.shape[-1] for o, m in zip(self.offsets, self.masks, strict=True))
+        return r0, c0, r1 - r0, c1 - c0
+
+
+def tiled_source(data: Any, plane: Plane) -> tuple[Any, tuple[int, ...]]:
+    """(array, leading index) giving ``plane`` to a tiled engine without reading it.
+
+    When the plane's rows and columns are the array's last two spatial axes (in order), the
+    whole (lazy) array is used with the plane's index, so tiles stay cached across slices.
+    Otherwise a lazy view of the plane: a NumPy view, a Dask slice, or a Dask array over other
+    array types (Zarr, ...), transposed to (rows, cols[, C]).
+    """
+    ndim = plane.ndim
+    if (plane.row_axis, plane.col_axis) == (ndim - 2, ndim - 1):
+        return data, tuple(int(i) for i in plane.index[:-2])
+    if not isinstance(data, np.ndarray) and not hasattr(data, "dask"):
+        import dask.array as da
+
+        data = da.from_array(data, chunks=getattr(data, "chunks", "auto"))
+    view = data[plane.data_slicer()]
+    if plane.row_axis > plane.col_axis:
+        view = view.swapaxes(0, 1)
+    return view, ()
 
 
 class PromptController:
@@ -551,6 +615,13 @@ class PromptController:
         self.device = "auto"
         self.use_contrast_limits = False
         self.overwrite = False
+        self.tiled_mode = "auto"
+        self.tiled_threshold = TILED_THRESHOLD
+        self.tile = TILE
+        self.halo = HALO
+        self.embedding_store: str | None = None
+        self._tiled_engines: dict[tuple, Engine] = {}
+        self._decode_failed: tuple[Hashable, str] | None = None
         self.channel_axis: int | None = None
         self.channel: int | None = None
         self.polarity = POSITIVE
@@ -562,6 +633,7 @@ class PromptController:
         self._shapes: Any = None
         self._labels: Any = None
         self._preview: Any = None
+        self._preview_region: tuple[Plane, tuple[int, int, int, int]] | None = None
         self._engine: Engine | None = None
         self._engine_key: tuple | None = None
         self._failed: dict[Hashable, str] = {}
@@ -591,7 +663,62 @@ class PromptController:
 
     @property
     def encoder_calls(self) -> int:
-        return 0 if self._engine is None else int(self._engine.encoder_calls)
+        """Image-encoder runs so far (whole planes, tiles and tile windows)."""
+        base = 0 if self._engine is None else int(self._engine.encoder_calls)
+        return base + sum(int(e.encoder_calls) for e in self._tiled_engines.values())
+
+    def is_tiled(self, plane: Plane) -> bool:
+        """Whether ``plane`` is segmented in tiled mode (full resolution, tile by tile)."""
+        if self.tiled_mode == "auto":
+            return needs_tiling(plane.shape, self.tiled_threshold)
+        return self.tiled_mode == "on"
+
+    def tiling_key(self, plane: Plane) -> tuple | None:
+        """The tiling settings used for ``plane`` (``None``: the whole-plane engine)."""
+        if not self.is_tiled(plane):
+            return None
+        store = None if self.embedding_store is None else str(self.embedding_store)
+        return ("tiled", self.tile, self.halo, store)
+
+    def set_tiling(
+        self,
+        mode: str | None = None,
+        *,
+        tile: int | None = None,
+        halo: int | None = None,
+        store: Any = ...,
+        threshold: int | None = None,
+    ) -> None:
+        """Tiled-mode settings: ``mode`` ``"auto"`` (planes whose longer side exceeds
+        ``threshold`` px), ``"on"`` or ``"off"``; ``tile``/``halo`` in pixels; ``store`` an
+        embedding store path (as written by ``napari-esam embed``; ``None``: none)."""
+        if mode is not None:
+            if mode not in TILED_MODES:
+                raise ValueError(f"tiled mode must be one of {TILED_MODES}, not {mode!r}")
+            self.tiled_mode = mode
+        tile = self.tile if tile is None else int(tile)
+        halo = self.halo if halo is None else int(halo)
+        if tile < 64 or halo < 0 or 2 * halo >= tile:
+            raise ValueError(
+                f"tile {tile} / halo {halo}: the tile must be at least 64 px and more than "
+                "twice the halo"
+            )
+        self.tile, self.halo = tile, halo
+        if store is not ...:
+            self.embedding_store = str(store) if store else None
+        if threshold is not None:
+            self.tiled_threshold = int(threshold)
+        self._decoded = None
+        self._decode_failed = None
+        self.events.changed()
+        self.update()
+
+    def _plane_engine(self, tiling: tuple | None) -> Engine | None:
+        """The engine answering prompts under ``tiling`` (``None`` until it is built)."""
+        engine = self.engine
+        if engine is None or tiling is None:
+            return engine
+        return self._tiled_engines.get((self.engine_key, tiling))
 
     def set_model(
         self, name: str | None = None, checkpoint: Any = ..., device: str | None = None
@@ -606,6 +733,7 @@ class PromptController:
         if self._engine_key != self.engine_key:
             self._engine = None
             self._engine_key = None
+            self._tiled_engines.clear()
             self._failed.clear()
         self._decoded = None
         self.events.changed()
@@ -772,7 +900,10 @@ class PromptController:
             raise PromptError("Add or choose an image layer to segment.")
         plane = plane_of(self.viewer, image, self.channel_axis, self.channel)
         cl = tuple(float(c) for c in image.contrast_limits) if self.use_contrast_limits else None
-        key = (image.unique_id, self._data_version, plane.key, self.engine_key, cl)
+        key = (
+            image.unique_id, self._data_version, plane.key, self.engine_key, cl,
+            self.tiling_key(plane),
+        )
         return image, plane, key
 
     def update(self) -> None:
@@ -800,7 +931,8 @@ class PromptController:
         prompts = collect_prompts(self.viewer, image, plane, self._points, self._shapes)
         notes = self._prompt_notes(prompts)
         embedding = self.cache.get(key)
-        if embedding is None or self.engine is None:
+        engine = self._plane_engine(key[5])
+        if embedding is None or engine is None:
             if self._decoded is not None and self._decoded.plane != plane:
                 self._decoded = None
                 self._clear_preview()
@@ -814,11 +946,18 @@ class PromptController:
             self._clear_preview()
             self._status(" ".join([*notes, self._hint(plane)]), self._level(notes))
             return
-        self._decode(image, plane, prompts, embedding, notes)
+        if getattr(engine, "tiled", False):
+            self._decode_tiled(engine, image, plane, key, prompts, embedding, notes)
+        else:
+            self._decode(image, plane, prompts, embedding, notes)
 
     def _hint(self, plane: Plane) -> str:
         where = "" if plane.ndim == 2 else f" on slice {self._slice_text(plane)}"
-        return f"Click a positive point or draw a box{where}."
+        tiled = (
+            f" Tiled mode ({self.tile} px tiles, full resolution)." if self.is_tiled(plane)
+            else ""
+        )
+        return f"Click a positive point or draw a box{where}.{tiled}"
 
     @staticmethod
     def _slice_text(plane: Plane) -> str:
@@ -873,29 +1012,121 @@ class PromptController:
             self._message(f"Decoding the prompts failed: {type(exc).__name__}: {exc}", "warning")
             return
         previous = self._decoded
-        self._decoded = _Decoded(plane, image.unique_id, masks, scores)
-        if previous is None or previous.masks.shape[0] != masks.shape[0]:
+        self._decoded = _Decoded(plane, image.unique_id, list(masks), scores)
+        if previous is None or len(previous.masks) != len(masks):
             self.mask_rank = 0
-        if (
-            labels is not None
-            and not engine.has_negative_point_embedding
-            and not labels.all()
-        ):
-            notes.append(
-                f"{engine.name} has no learned embedding for negative points; they may not "
-                "remove area (MobileSAM supports them)."
-            )
-        self._show_decoded(notes)
+        self._show_decoded([*notes, *self._negative_note(engine, labels)])
+
+    @staticmethod
+    def _negative_note(engine: Engine, labels: np.ndarray | None) -> list[str]:
+        if labels is None or engine.has_negative_point_embedding or labels.all():
+            return []
+        return [
+            f"{engine.name} has no learned embedding for negative points; they may not "
+            "remove area (MobileSAM supports them)."
+        ]
+
+    # ------------------------------------------------------------------- tiled mode
+    @staticmethod
+    def _signature(key: tuple, objects: tuple) -> tuple:
+        coords, labels, boxes = objects
+        parts = [None if a is None else (a.shape, a.tobytes()) for a in (coords, labels, boxes)]
+        return (key, *parts)
+
+    def _current_signature(self, image: Any, plane: Plane, key: tuple) -> tuple | None:
+        prompts = collect_prompts(self.viewer, image, plane, self._points, self._shapes)
+        try:
+            return self._signature(key, self._objects(prompts))
+        except PromptError:
+            return None
+
+    def _decode_tiled(
+        self, engine: Any, image: Any, plane: Plane, key: tuple, prompts: PlanePrompts,
+        embedding: Any, notes: list[str],
+    ) -> None:
+        """Tiled mode: encode the tiles under the prompts and decode, in the worker."""
+        try:
+            objects = self._objects(prompts)
+        except PromptError as exc:
+            self._decoded = None
+            self._clear_preview()
+            self._message(" ".join([*notes, str(exc)]), "warning")
+            return
+        sig = self._signature(key, objects)
+        notes = [*notes, *self._negative_note(engine, objects[1])]
+        if self._decoded is not None and self._decoded.signature == sig:
+            self._show_decoded(notes)
+            return
+        if self._decode_failed is not None and self._decode_failed[0] == sig:
+            self._status(self._decode_failed[1], "warning")
+            return
+        if self.busy:
+            self._pending = True
+            return
+        layer_id = image.unique_id
+        coords, labels, boxes = objects
+
+        def job():
+            yield Progress(0, 2, "Computing the embedding of the tile(s) under the prompts…")
+            engine.prefetch(embedding, coords, labels, boxes)
+            yield Progress(1, 2, "Decoding the prompts…")
+            objs = engine.predict_windowed(embedding, coords, labels, boxes)
+            return sig, plane, layer_id, objs
+
+        self.busy = True
+        self._pending = False
+        self.events.busy(value=True)
+        self._status("Tiled mode: computing the tile embedding(s) under the prompts…")
+        self.runner(
+            job,
+            on_returned=self._on_tiled_decoded,
+            on_errored=lambda exc: self._on_tiled_error(sig, exc),
+            on_progress=lambda p: self.events.progress(value=p),
+            desc="napari-esam: tiled prompts",
+            total=2,
+        )
+
+    def _on_tiled_decoded(self, result: tuple) -> None:
+        sig, plane, layer_id, objs = result
+        self.busy = False
+        self.events.progress(value=Progress(2, 2, "Done"))
+        self.events.busy(value=False)
+        previous = self._decoded
+        self._decoded = _Decoded(
+            plane, layer_id, [np.asarray(o.masks, dtype=bool) for o in objs],
+            np.stack([np.asarray(o.scores) for o in objs]),
+            [(int(o.window.y0), int(o.window.x0)) for o in objs], sig,
+        )
+        if previous is None or len(previous.masks) != len(objs):
+            self.mask_rank = 0
+        self.update()
+
+    def _on_tiled_error(self, sig: tuple, exc: BaseException) -> None:
+        self.busy = False
+        self.events.progress(value=Progress(0, 2, "Failed"))
+        self.events.busy(value=False)
+        if isinstance(exc, ValueError):
+            text = str(exc)
+        else:
+            text = f"Decoding the prompts failed: {type(exc).__name__}: {exc}"
+        self._decode_failed = (sig, text)
+        self._decoded = None
+        self._clear_preview()
+        self._message(text, "warning")
+        if self._pending:
+            self.update()
 
     def _show_decoded(self, notes: Sequence[str] = ()) -> None:
         dec = self._decoded
         if dec is None or self._image is None:
             return
         masks, scores = dec.chosen(self.mask_rank)
-        preview = np.zeros(dec.plane.shape, dtype=np.uint8)
-        for b, m in enumerate(masks):
-            preview[m] = b % 255 + 1
-        self._set_preview(self._image, dec.plane, preview)
+        r0, c0, h, w = region = dec.frame()
+        preview = np.zeros((h, w), dtype=np.uint8)
+        for b, (m, (mr, mc)) in enumerate(zip(masks, dec.offsets, strict=True)):
+            view = preview[mr - r0 : mr - r0 + m.shape[0], mc - c0 : mc - c0 + m.shape[1]]
+            view[m] = b % 255 + 1
+        self._set_preview(self._image, dec.plane, preview, region)
         n = len(masks)
         k = dec.scores.shape[1]
         what = "1 object" if n == 1 else f"{n} objects"
@@ -931,23 +1162,34 @@ class PromptController:
         engine = self.engine
         factory = self.engine_factory
         data = image_array(image)
-        cl = key[-1]
+        cl, tiling = key[4], key[5]
+        tiled = self._tiled_engines.get((engine_key, tiling)) if tiling else None
         name = self.model_name
         cached = self.cache.get(key)
 
         def job():
-            nonlocal engine
+            nonlocal engine, tiled
             yield Progress(0, 3, f"Loading {name}…" if engine is None else f"{name} loaded")
             if engine is None:
                 engine = factory(*engine_key)
+            if tiling is not None and tiled is None:
+                tiled = make_tiled_engine(engine, tiling)
             if cached is not None:
                 yield Progress(1, 3, "Embedding cached")
                 yield Progress(2, 3, "Embedding cached")
-                return engine_key, engine, key, cached
+                return engine_key, engine, key, cached, tiled
+            if tiled is not None:
+                # tiled: nothing is read but a contrast sample; tiles are encoded on demand
+                yield Progress(1, 3, "Opening the image for tiled mode…")
+                source, index = tiled_source(data, plane)
+                yield Progress(2, 3, "Reading a contrast sample of the image…")
+                return engine_key, engine, key, tiled.embed(
+                    source, cl, index=index, rgb=plane.rgb
+                ), tiled
             yield Progress(1, 3, "Reading the slice…")
             pixels = read_plane(data, plane)
             yield Progress(2, 3, f"Computing the {name} image embedding…")
-            return engine_key, engine, key, engine.embed(pixels, cl)
+            return engine_key, engine, key, engine.embed(pixels, cl), None
 
         self.busy = True
         self._pending = False
@@ -964,12 +1206,14 @@ class PromptController:
         )
 
     def _on_embedding(self, result: tuple) -> None:
-        engine_key, engine, key, embedding = result
+        engine_key, engine, key, embedding, tiled = result
         self.busy = False
         self.events.progress(value=Progress(3, 3, "Embedding ready"))
         self.events.busy(value=False)
         if engine_key == self.engine_key:
             self._engine, self._engine_key = engine, engine_key
+            if tiled is not None:
+                self._tiled_engines[(engine_key, key[5])] = tiled
         self.cache.put(key, embedding)
         self.update()
 
@@ -998,24 +1242,35 @@ class PromptController:
             self._message("Nothing to commit: add a positive point or a box first.", "warning")
             return []
         try:
-            image, plane, _ = self._context()
+            image, plane, key = self._context()
         except PromptError as exc:
             self._message(str(exc), "warning")
             return []
         if plane != dec.plane or image.unique_id != dec.layer_id:
             self._message("The preview belongs to another slice; add prompts here.", "warning")
             return []
+        if dec.signature is not None and dec.signature != self._current_signature(
+            image, plane, key
+        ):
+            self._message(
+                "The preview is still being updated for the latest prompts; commit when it "
+                "shows.", "warning",
+            )
+            return []
         labels = self._output_labels(image, plane)
         if labels is None:
             return []
         masks, _ = dec.chosen(self.mask_rank)
-        current = plane.to_plane(np.array(labels.data[plane.labels_slicer()]))
         next_id = int(np.max(labels.data)) + 1 if np.size(labels.data) else 1
         top = np.iinfo(labels.data.dtype).max if labels.data.dtype.kind in "iu" else 2**53
         ids: list[int] = []
         skipped = 0
         with labels.block_history():
-            for mask in masks:
+            for mask, (r0, c0) in zip(masks, dec.offsets, strict=True):
+                where = list(plane.labels_slicer())
+                where[plane.row_axis] = slice(r0, r0 + mask.shape[0])
+                where[plane.col_axis] = slice(c0, c0 + mask.shape[1])
+                current = plane.to_plane(np.array(labels.data[tuple(where)]))
                 write = mask if self.overwrite else mask & (current == 0)
                 if not write.any():
                     skipped += 1
@@ -1027,8 +1282,7 @@ class PromptController:
                     )
                     break
                 rows, cols = np.nonzero(write)
-                labels.data_setitem(plane.labels_indices(rows, cols), next_id)
-                current[write] = next_id
+                labels.data_setitem(plane.labels_indices(rows + r0, cols + c0), next_id)
                 ids.append(next_id)
                 next_id += 1
         if not ids:
@@ -1081,11 +1335,17 @@ class PromptController:
         return labels
 
     # ------------------------------------------------------------------- preview
-    def _set_preview(self, image: Any, plane: Plane, preview: np.ndarray) -> None:
-        geo = preview_geometry(image, plane)
+    def _set_preview(
+        self, image: Any, plane: Plane, preview: np.ndarray,
+        region: tuple[int, int, int, int] | None = None,
+    ) -> None:
+        """Show ``preview`` ((rows, cols) of ``region``, default the whole plane)."""
+        region = region or (0, 0, *plane.shape)
+        geo = preview_geometry(image, plane, region)
         data = preview.reshape(geo["shape"]) if plane.row_axis < plane.col_axis else (
             preview.T.reshape(geo["shape"])
         )
+        self._preview_region = (plane, region)
         layer = self._preview
         if layer is None or layer not in self.viewer.layers:
             from napari.utils.colormaps import DirectLabelColormap
@@ -1110,14 +1370,27 @@ class PromptController:
         if layer is not None and layer in self.viewer.layers and np.any(layer.data):
             layer.data = np.zeros_like(layer.data)
 
+    def preview_region(self) -> tuple[np.ndarray, tuple[int, int]] | None:
+        """The preview as ((rows, cols) array, (row0, col0) of it in the plane), or ``None``."""
+        if self._preview is None or self._decoded is None or self._preview_region is None:
+            return None
+        plane, (r0, c0, h, w) = self._preview_region
+        data = np.asarray(self._preview.data)
+        flat = data.reshape(
+            [s for a, s in enumerate(data.shape) if plane.index[a] is None]
+        )
+        return plane.to_plane(flat), (r0, c0)
+
     def preview_mask(self) -> np.ndarray | None:
         """The preview of the current plane as an (H, W) array (0 = background)."""
-        if self._preview is None or self._decoded is None:
+        got = self.preview_region()
+        if got is None:
             return None
-        plane = self._decoded.plane
-        return plane.to_plane(np.asarray(self._preview.data).reshape(
-            [s for a, s in enumerate(self._preview.data.shape) if plane.index[a] is None]
-        ))
+        part, (r0, c0) = got
+        plane = self._preview_region[0]
+        out = np.zeros(plane.shape, dtype=part.dtype)
+        out[r0 : r0 + part.shape[0], c0 : c0 + part.shape[1]] = part
+        return out
 
     # --------------------------------------------------------------------- events
     def _on_prompts(self, event: Any = None) -> None:
