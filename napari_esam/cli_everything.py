@@ -10,7 +10,9 @@ store ``OUT.tif.partial.zarr`` next to it and exports the TIFF when every slice 
 (:func:`napari_esam.core.tiled_everything.segment_everything_tiled`): every plane is
 segmented tile by tile at full resolution and the objects are merged across the seams;
 ``--embeddings`` reuses (and fills) a store of ``napari-esam embed``; with ``--workers`` /
-``--scheduler`` every tile is one Dask task and the client merges.
+``--scheduler`` every tile is one Dask task and the client merges. The run itself is
+:func:`napari_esam.core.tiled_batch.run_tiled_batch` (also behind the widget's tiled mode);
+this module adds the options, messages and progress bars.
 """
 
 from __future__ import annotations
@@ -27,13 +29,6 @@ from .cli import UserError
 
 HELP = "segment everything in every 2-D slice of an image or stack (resumable)"
 TIFF_WORK_SUFFIX = ".partial.zarr"
-#: suffix of the scratch group of a distributed tiled run (next to the Zarr output)
-SCRATCH_SUFFIX = ".tiles.zarr"
-#: group attribute of a tiled run's output (its record, objects per plane, completeness)
-TILED_ATTR = "napari-esam-tiled"
-TILED_FORMAT = 1
-#: tiled mode's default merge IoU
-MERGE_IOU = 0.5
 #: at most this many per-slice counts are printed
 MAX_LISTED = 50
 
@@ -50,6 +45,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``everything`` subcommand."""
     from .core.batch import EverythingParams
+    from .core.tiled_batch import MERGE_IOU
     from .core.tiling import HALO
     from .models.registry import MODEL_NAMES
 
@@ -283,9 +279,9 @@ def _hint_tiling(plane: tuple[int, int]) -> None:
 
 def tiled_halo(args: argparse.Namespace) -> int:
     """``--halo``, or the default: HALO, at most a quarter of the tile."""
-    from .core.tiling import HALO
+    from .core.tiled_batch import default_halo
 
-    return args.halo if args.halo is not None else min(HALO, args.tile // 4)
+    return args.halo if args.halo is not None else default_halo(args.tile)
 
 
 def check_tiled_options(args: argparse.Namespace) -> bool:
@@ -346,151 +342,65 @@ def _tiled_source(args: argparse.Namespace) -> Any:
     return source
 
 
-def _open_embeddings(path: str, data: Any, model: Any, tile: int, halo: int, rgb: bool,
-                     limits: Any) -> Any:
-    """Check (or create) the ``--embeddings`` store before any work: a store of another
-    image, model or grid is a user error naming what differs."""
-    from .core.embedding_store import EmbeddingStore, StaleEmbeddingStoreError, StoreSignature
-
-    target = Path(path).expanduser()
-    if not target.parent.is_dir():
-        raise UserError(f"the directory of --embeddings {str(target.parent)!r} does not exist")
-    signature = StoreSignature.for_image(data, model, tile=tile, halo=halo, rgb=rgb,
-                                         contrast_limits=limits)
-    try:
-        return EmbeddingStore.open(target, signature, "a")
-    except StaleEmbeddingStoreError as exc:
-        raise UserError(f"{exc} (make it with napari-esam embed and the same --model, "
-                        "--checkpoint, --tile, --halo and --contrast-limits)") from None
-
-
-def _tiled_record(source: Any, settings: Any, tile: int, halo: int, merge_iou: float) -> dict:
-    rec = settings.record()
-    rec.pop("id_stride", None)
-    rec.update({"tile": tile, "halo": halo, "merge_iou": merge_iou})
-    return {"source": source.describe(), "settings": rec}
-
-
-def _read_tiled_attr(path: Path) -> dict | None:
-    import json
-
-    try:
-        with open(path / "zarr.json", encoding="utf-8") as fh:
-            return json.load(fh).get("attributes", {}).get(TILED_ATTR)
-    except (OSError, ValueError):
-        return None
-
-
-def _prepare_tiled_output(path: Path, source: Any, record: dict, *, overwrite: bool,
-                          axes: str | None, name: str) -> tuple[Any, bool]:
-    """Create the labels group, or reuse the one of the same tiled run; → (output, complete)."""
-    import json
-
-    import numpy as np
-
-    from .core import batch
-
-    if path.exists() or path.is_symlink():
-        old = _read_tiled_attr(path)
-        if old is not None and not overwrite:
-            old = json.loads(json.dumps(old))
-            new = json.loads(json.dumps(record))
-            diffs = batch._diff(old.get("source", {}), new["source"], "input ")
-            diffs += batch._diff(old.get("settings", {}), new["settings"], "")
-            if diffs:
-                raise UserError(
-                    f"{str(path)!r} holds a tiled run with other input or settings ("
-                    + "; ".join(diffs[:4]) + "); use the same ones, or --overwrite"
-                )
-            return batch.ZarrOutput(path), bool(old.get("complete"))
-        if not overwrite:
-            what = ("a napari-esam run without --tile" if batch.ZarrOutput.is_batch_output(path)
-                    else "not a napari-esam tiled output")
-            raise UserError(f"{str(path)!r} exists and is {what}; choose another output or "
-                            "pass --overwrite")
-        batch._remove_store(path)
-    attrs = {TILED_ATTR: {"format": TILED_FORMAT, **record, "slices": {}, "complete": False}}
-    batch.create_label_group(path, source, np.uint32, attrs, axes=axes, name=name)
-    return batch.ZarrOutput(path), False
+def _tiled_output_message(exc: Any) -> str:
+    """The CLI's words for a :class:`~napari_esam.core.tiled_batch.TiledOutputError`."""
+    if exc.reason == "mismatch":
+        return (f"{exc.path!r} holds a tiled run with other input or settings ("
+                + "; ".join(exc.diffs[:4]) + "); use the same ones, or --overwrite")
+    what = ("a napari-esam run without --tile" if exc.reason == "batch"
+            else "not a napari-esam tiled output")
+    return f"{exc.path!r} exists and is {what}; choose another output or pass --overwrite"
 
 
 def _run_tiled(args: argparse.Namespace, settings: Any, source: Any, model: Any, out: Path,
                store: Path, executor: Any) -> int:
-    """Tiled mode: ``segment_everything_tiled`` into the output group (module doc)."""
-    import numpy as np
-
+    """Tiled mode: :func:`~napari_esam.core.tiled_batch.prepare_tiled_batch` and its
+    ``run`` into the output group (module doc), with messages and progress bars."""
     from .core import batch
-    from .core.tiled_everything import LocalTileExecutor, segment_everything_tiled
-    from .core.tiling import TileGrid, global_contrast_limits
+    from .core.embedding_store import StaleEmbeddingStoreError
+    from .core.tiled_batch import MERGE_IOU, TiledOutputError, prepare_tiled_batch
 
     tile, halo = args.tile, tiled_halo(args)
     merge_iou = MERGE_IOU if args.merge_iou is None else args.merge_iou
-    rgb = source.channel_axis is not None
-    data = source.array
-    grid = TileGrid(source.plane_shape, tile, halo)
-    n_planes, n_tiles = source.n_slices, source.n_slices * grid.n_tiles
-    params = settings.params
-    limits = params.contrast_limits
-    if limits is None:  # one rule for every tile: a global sample of the whole array
-        limits = global_contrast_limits(data, rgb)
-    emb = None
     if args.embeddings is not None:
-        emb = _open_embeddings(args.embeddings, data, model, tile, halo, rgb, limits)
-    record = _tiled_record(source, settings, tile, halo, merge_iou)
-    output, complete = _prepare_tiled_output(
-        store, source, record, overwrite=args.overwrite, axes=batch.input_axes(args.input),
-        name=out.stem,
-    )
-    scratch = Path(str(store) + SCRATCH_SUFFIX)
+        target = Path(args.embeddings).expanduser()
+        if not target.parent.is_dir():
+            raise UserError(
+                f"the directory of --embeddings {str(target.parent)!r} does not exist"
+            )
+    try:
+        job = prepare_tiled_batch(
+            source, settings, store, tile=tile, halo=halo, merge_iou=merge_iou,
+            embeddings=args.embeddings, overwrite=args.overwrite,
+            axes=batch.input_axes(args.input), name=out.stem, model=model,
+        )
+    except StaleEmbeddingStoreError as exc:
+        raise UserError(f"{exc} (make it with napari-esam embed and the same --model, "
+                        "--checkpoint, --tile, --halo and --contrast-limits)") from None
+    except TiledOutputError as exc:
+        raise UserError(_tiled_output_message(exc)) from None
+    grid = job.grid
     print(f"tiled mode: {grid.n_y}x{grid.n_x} tiles of {tile} px (halo {halo}) per plane, "
-          f"{n_tiles} in all" + (f"; embeddings in {args.embeddings}" if emb else ""),
+          f"{job.n_tiles} in all" + (f"; embeddings in {args.embeddings}" if job.embeddings
+                                     else ""),
           file=sys.stderr)
-    if complete:
-        done = _read_tiled_attr(Path(output.path)) or {}
-        counts = {int(k): int(v) for k, v in done.get("slices", {}).items()}
+    if job.complete:
+        result = job.run()
         print(f"{str(store)!r} is already complete", file=sys.stderr)
     else:
-        kwargs = params.everything_kwargs()
-        for name in ("crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio",
-                     "crop_n_points_downscale_factor", "contrast_limits"):
-            kwargs.pop(name)
-        common = dict(contrast_limits=limits, rgb=rgb, merge_iou=merge_iou,
-                      min_size=params.min_size, max_size=params.max_size,
-                      id_scope=settings.id_scope, **kwargs)
-        details: dict = {}
-        with _TileBars(n_tiles, disable=args.no_progress) as bars:
+        with _TileBars(job.n_tiles, disable=args.no_progress) as bars:
             # in this process too, tiles go through the scratch group: a stopped run
             # resumes with the tiles it finished (the model comes from the process cache)
-            runner = LocalTileExecutor() if executor is None else executor
             with executor or contextlib.nullcontext():
                 if executor is not None:
                     print(f"running on a {executor.describe()}", file=sys.stderr)
-                segment_everything_tiled(
-                    source.data, settings.model, output.array, tile=tile, halo=halo,
-                    executor=runner, scratch=scratch, overwrite=args.overwrite,
-                    embedding_store=None if emb is None else str(emb.path),
-                    progress=bars.tiles, merge_progress=bars.merge, details=details,
-                    **common,
-                )
-        lead = source.stack_shape
-        counts = {
-            int(np.ravel_multi_index(p, lead)) if lead else 0: int(n)
-            for p, n in details["objects_per_plane"].items()
-        }
-        _finish_tiled(output, counts)
-        _print_tiled_details(details)
+                result = job.run(executor=executor, progress=bars)
+        _print_tiled_details(result.details)
     if store != out:  # -o OUT.tif
-        _export_tiff(output, out, axes=_group_axes(output), disable=args.no_progress)
+        _export_tiff(job.output, out, axes=_group_axes(job.output), disable=args.no_progress)
         batch._remove_store(store)
-    _print_summary(counts, n_planes, out)
+    _print_summary(result.counts, job.n_planes, out)
     return 0
-
-
-def _finish_tiled(output: Any, counts: dict[int, int]) -> None:
-    rec = dict(output.group.attrs.asdict()[TILED_ATTR])
-    rec["slices"] = {str(k): int(v) for k, v in sorted(counts.items())}
-    rec["complete"] = True
-    output.group.attrs.update({TILED_ATTR: rec})
 
 
 def _print_tiled_details(details: dict) -> None:
@@ -512,6 +422,13 @@ class _TileBars:
         self.bar = tqdm(total=total, unit="tile", desc="segment everything (tiled)",
                         disable=disable, file=sys.stderr, dynamic_ncols=True)
         self.merge_bar: Any = None
+
+    def __call__(self, ev: Any) -> None:
+        """Show a :class:`~napari_esam.core.tiled_batch.TiledProgress` report."""
+        if ev.kind == "merge":
+            self.merge(ev.done, ev.total)
+        else:
+            self.tiles(ev.done, ev.total)
 
     def tiles(self, done: int, total: int) -> None:
         self.bar.update(done - self.bar.n)

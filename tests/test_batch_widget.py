@@ -7,6 +7,9 @@ import pytest
 import zarr
 
 from napari_esam.core.batch import BATCH_ATTR, ZarrOutput
+from napari_esam.core.embedding_store import EmbeddingStore, read_signature
+from napari_esam.core.tiled_everything import segment_everything_tiled
+from napari_esam.core.tiling import TileGrid
 from napari_esam.widgets.batch import EverythingWidget
 from napari_esam.widgets.batch_controller import (
     EverythingController,
@@ -16,6 +19,7 @@ from napari_esam.widgets.batch_controller import (
 )
 from napari_esam.widgets.workers import run_sync
 from tests.batch_fakes import FAST, BlobModel, blob_stack
+from tests.tiled_fakes import FAST_TILED, HALO, TILE, blob_image
 
 
 def make_widget(viewer) -> EverythingWidget:
@@ -142,6 +146,51 @@ def test_controller_without_qt_threads_handles_rgb_and_2d(make_napari_viewer):
     assert ctl.axis_choices("plane") == [("none (2-D image)", None)]
     with pytest.raises(ValueError, match="choose an image layer"):
         ctl.start("", form)
+
+
+def test_widget_tiled_mode_controls_reach_the_controller_and_a_run_completes(
+    make_napari_viewer, qtbot, tmp_path
+):
+    viewer = make_napari_viewer()
+    image = blob_image((300, 400), seed=3)
+    viewer.add_image(image, name="slide")
+    widget = make_widget(viewer)
+    # defaults: auto (this 300 x 400 layer is not tiled), tile 1024, halo 256
+    assert widget.tiled_combo.currentData() == "auto"
+    assert (widget.tile_spin.value(), widget.halo_spin.value()) == (1024, 256)
+    assert widget.form().tiled == "auto"
+    assert widget.tiled_note.text().startswith("this layer: whole planes")
+    widget.tiled_combo.setCurrentIndex(widget.tiled_combo.findData("on"))
+    assert widget.tiled_note.text() == "this layer: tiled, full resolution"
+    widget.tile_spin.setValue(TILE)
+    widget.halo_spin.setValue(HALO)
+    widget.layer_contrast.setChecked(False)  # the global contrast rule, as the reference
+    store = tmp_path / "slide.emb.zarr"
+    widget.embeddings_edit.setText(str(store))
+    out = tmp_path / "slide_labels.zarr"
+    widget.zarr_edit.setText(str(out))
+    form = widget.form()
+    assert (form.tiled, form.tile, form.halo, form.embeddings) == ("on", TILE, HALO, str(store))
+    progress: list = []
+    widget.controller.on_progress = lambda ev: (progress.append(ev), widget._on_progress(ev))
+
+    run_and_wait(qtbot, widget)
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=10_000)
+
+    ref = segment_everything_tiled(image, BlobModel().eval(), tile=TILE, halo=HALO,
+                                   **FAST_TILED)
+    n = int(ref.max())
+    assert n > 5
+    layer = viewer.layers["slide everything"]
+    np.testing.assert_array_equal(np.asarray(layer.data), ref)
+    np.testing.assert_array_equal(zarr.open_array(out / "0", mode="r")[:], ref)
+    assert layer.metadata["napari-esam"]["tiled"]["tile"] == TILE
+    n_tiles = TileGrid(image.shape, TILE, HALO).n_tiles
+    assert EmbeddingStore.open(store, read_signature(store), mode="r").n_done == n_tiles
+    assert [e.done for e in progress if e.kind == "tile"][-1] == n_tiles
+    assert widget.status.text().startswith(f"Done: 1 / 1 slices, {n} objects")
+    assert widget.progress.format() == "1 / 1 slices"
+    assert [int(widget.counts_table.item(0, 1).text())] == [n]
 
 
 def test_progress_text_and_time_format():

@@ -69,6 +69,7 @@ __all__ = [
     "get_model",
     "input_axes",
     "iter_batch",
+    "iter_progress",
     "max_objects_per_slice",
     "open_input",
     "run_batch",
@@ -1083,6 +1084,18 @@ def iter_batch(
     """
     if "progress" in kwargs:
         raise TypeError("iter_batch yields the progress; do not pass progress=")
+    return (yield from iter_progress(run_batch, *args, cancel=cancel, **kwargs))
+
+
+def iter_progress(
+    func: Callable[..., Any], *args: Any, cancel: Callable[[], bool] | None = None,
+    **kwargs: Any,
+) -> Generator[Any, None, Any]:
+    """``func(*args, progress=..., cancel=..., **kwargs)`` as a generator that yields what
+    ``func`` reports to ``progress`` and returns its result (see :func:`iter_batch`; also
+    used for :meth:`napari_esam.core.tiled_batch.TiledBatch.run`)."""
+    if "progress" in kwargs:
+        raise TypeError("iter_progress yields the progress; do not pass progress=")
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
 
@@ -1091,8 +1104,8 @@ def iter_batch(
 
     def target() -> None:
         try:
-            res = run_batch(*args, cancel=cancelled, progress=lambda ev: events.put(("ev", ev)),
-                            **kwargs)
+            res = func(*args, cancel=cancelled, progress=lambda ev: events.put(("ev", ev)),
+                       **kwargs)
             events.put(("result", res))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             events.put(("error", exc))

@@ -520,7 +520,8 @@ def segment_everything_tiled(
     Distributed map step: with ``executor`` (an object with ``map_tiles(task, indices, *,
     cancel)``: :class:`LocalTileExecutor`, or a
     :class:`~napari_esam.core.cluster.DaskExecutor` for one Dask task per tile), ``source``
-    must be a file path and the tiles' kept masks go through the scratch Zarr group
+    must be a file path (an array too for an executor with ``in_process = True``, such as
+    :class:`LocalTileExecutor`) and the tiles' kept masks go through the scratch Zarr group
     ``scratch`` (default: ``OUTPUT.tiles.zarr`` next to a path output; required for other
     outputs). Tiles recorded there are not recomputed by a rerun (a path output that exists
     is then reused); ``overwrite=True`` starts over. After the map step the client merges
@@ -666,14 +667,22 @@ def _segment_with_executor(
             "with executor=, give the model as a ModelSpec (each worker builds its own), not "
             f"a {type(spec).__name__}"
         )
-    if not isinstance(source, (str, os.PathLike)) or not Path(source).expanduser().exists():
+    if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().exists():
+        path: str | None = str(Path(source).expanduser().resolve())
+        data = full_resolution(open_input(path))
+        task_source: Any = path
+    elif getattr(executor, "in_process", False) and not isinstance(source, (str, os.PathLike)):
+        # an executor running the tasks in this process (LocalTileExecutor) can take the
+        # array itself: the tasks are not pickled
+        path = None
+        data = full_resolution(open_input(source))
+        task_source = data
+    else:
         raise ValueError(
             "a distributed tiled run reads the input from a file every worker can open (TIFF, "
             "Zarr, .npy, PNG/JPEG), not an in-memory array: save the image to a file, or run "
             "in-process"
         )
-    path = str(Path(source).expanduser().resolve())
-    data = full_resolution(open_input(path))
     shape = tuple(int(s) for s in data.shape)
     is_rgb = is_rgb_shape(shape, rgb)
     grid = TileGrid(plane_shape(shape, is_rgb), tile, halo)
@@ -732,8 +741,8 @@ def _segment_with_executor(
     finished = sc.done()
     todo = [i for i in wanted if i not in finished]
     total, done = len(wanted), len(wanted) - len(todo)
-    task = TileTask(path, spec, grid.tile, grid.halo, contrast_limits, is_rgb, scratch_path,
-                    dict(everything_kwargs), store_path, token=uuid.uuid4().hex)
+    task = TileTask(task_source, spec, grid.tile, grid.halo, contrast_limits, is_rgb,
+                    scratch_path, dict(everything_kwargs), store_path, token=uuid.uuid4().hex)
     run = {"tasks": 0, "encoder_calls": 0, "store_hits": 0, "skipped": done}
     cancel_fn = cancel or (lambda: False)
     if progress is not None and done:
@@ -763,6 +772,7 @@ def _segment_with_executor(
         if close is not None:
             close()
         sc.record(pending)
+        _forget_predictors(task.token)  # this process's (in-process tasks): free the image
     if done < total:
         raise Cancelled(
             f"tiled segment everything was stopped after {done} of {total} tiles; the "
@@ -819,20 +829,28 @@ _PREDICTORS_LOCK = threading.Lock()
 _PREDICTORS_MAX = 2
 
 
+def _forget_predictors(token: str) -> None:
+    """Drop this process's cached :class:`TiledPredictor` s of the run ``token``."""
+    with _PREDICTORS_LOCK:
+        for key in [k for k in _PREDICTORS if k[0] == token]:
+            del _PREDICTORS[key]
+
+
 @dataclass(frozen=True, eq=False)
 class TileTask:
     """``task(index)`` → :class:`TileDone`: the map step on flat tile ``index`` (plane in C
     order, then the tile in raster order), written into the scratch group.
 
     Picklable (paths and small values only), so a Dask worker can run it: the worker opens
-    the input lazily from ``source``, builds the model once (the per-process cache of
+    the input lazily from ``source`` (for an in-process executor only, ``source`` may be
+    the array itself), builds the model once (the per-process cache of
     :func:`napari_esam.core.batch.get_model`) and keeps one :class:`TiledPredictor` per run
     (``token``). With ``store``, embeddings are read from the store or written into their own
     chunk of it (their ``done`` flags are recorded by the client). Running a tile twice is
     harmless (its scratch group is rewritten whole).
     """
 
-    source: str
+    source: Any  # a path (str); the array itself for in-process executors
     model: Any  # batch.ModelSpec
     tile: int
     halo: int
@@ -847,7 +865,9 @@ class TileTask:
         """This process's :class:`TiledPredictor` for the run (built on first use)."""
         from .batch import _opened, get_model
 
-        key = (self.token, self.source, self.model.key(), self.store)
+        by_path = isinstance(self.source, str)
+        key = (self.token, self.source if by_path else id(self.source), self.model.key(),
+               self.store)
         with _PREDICTORS_LOCK:
             tp = _PREDICTORS.get(key)
             if tp is not None:
@@ -855,7 +875,8 @@ class TileTask:
                 return tp
         tp = TiledPredictor(get_model(self.model), tile=self.tile, halo=self.halo,
                             cache_size=1, store=self.store, store_mode="a")
-        tp.set_image(full_resolution(_opened(self.source)), self.contrast_limits, rgb=self.rgb)
+        data = _opened(self.source) if by_path else self.source
+        tp.set_image(full_resolution(data), self.contrast_limits, rgb=self.rgb)
         if tp.store is not None:
             tp.store.defer_records = True
         with _PREDICTORS_LOCK:
@@ -887,7 +908,11 @@ class TileTask:
 
 class LocalTileExecutor:
     """Runs :class:`TileTask` s in this process, in order (the scratch-group path without a
-    cluster: resumable, and the reference for the Dask executor)."""
+    cluster: resumable, and the reference for the Dask executor). Being in-process, it also
+    takes an in-memory source (the tasks are never pickled)."""
+
+    #: the tasks run in this process (``segment_everything_tiled`` may give them an array)
+    in_process = True
 
     def map_tiles(
         self, task: TileTask, indices: Sequence[int], *, cancel: Callable[[], bool]

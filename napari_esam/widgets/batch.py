@@ -1,8 +1,9 @@
 """The "Segment everything" dock widget: a thin Qt view over :mod:`.batch_controller`.
 
-Sections (top to bottom): input, model, parameters (with an "Advanced" fold), output, where
-to run (this process, a local Dask cluster or a Dask scheduler), the Run/Cancel buttons with
-the progress bar, and the per-slice counts of the last run. :meth:`EverythingWidget.add_section`
+Sections (top to bottom): input, model, parameters (with an "Advanced" fold), large images
+(tiled mode, tile, halo, embedding store), output, where to run (this process, a local Dask
+cluster or a Dask scheduler), the Run/Cancel buttons with the progress bar, and the per-slice
+counts of the last run. :meth:`EverythingWidget.add_section`
 appends further sections below them: the label export (:mod:`.export_section`).
 """
 
@@ -33,9 +34,12 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from ..core.batch import BatchProgress, BatchResult, EverythingParams
+from ..core.tiled_batch import TiledBatchResult, TiledProgress
+from ..core.tiling import HALO, TILE, TILING_THRESHOLD
 from ..models.registry import MODEL_NAMES
 from .batch_controller import (
     EXECUTORS,
+    TILED_MODES,
     EverythingController,
     EverythingForm,
     counts_rows,
@@ -157,6 +161,51 @@ class EverythingWidget(QWidget):
         form.addRow(adv)
         layout.addWidget(box)
 
+        # large images: tiled mode
+        box = QGroupBox("Large images")
+        form = QFormLayout(box)
+        self.tiled_combo = QComboBox()
+        for mode, text in zip(
+            TILED_MODES,
+            (f"auto (planes over {TILING_THRESHOLD} px)", "on", "off (shrink to 1024 px)"),
+            strict=True,
+        ):
+            self.tiled_combo.addItem(text, mode)
+        self.tiled_combo.setToolTip(
+            "Tiled mode segments every plane tile by tile at full resolution and merges the "
+            "objects across the seams; off: a plane is shrunk to the model's 1024 px"
+        )
+        self.tile_spin = _spin(16, 16384, TILE, "tile side in pixels (the model input: 1024)")
+        self.tile_spin.setSingleStep(256)
+        self.tile_spin.setSuffix(" px")
+        self.halo_spin = _spin(0, 8192, HALO, "overlap of neighbouring tiles, at most tile/2")
+        self.halo_spin.setSingleStep(64)
+        self.halo_spin.setSuffix(" px")
+        self.embeddings_edit = QLineEdit()
+        self.embeddings_edit.setPlaceholderText("optional: embeddings.zarr (napari-esam embed)")
+        self.embeddings_edit.setToolTip(
+            "an embedding store of napari-esam embed for this image, model, tile and halo: "
+            "reused, and filled with the tiles it lacks (created when missing)"
+        )
+        emb_btn = QPushButton("…")
+        emb_btn.setMaximumWidth(30)
+        emb_btn.clicked.connect(self._browse_embeddings)
+        row = QHBoxLayout()
+        row.addWidget(self.embeddings_edit)
+        row.addWidget(emb_btn)
+        self.tiled_note = QLabel("")
+        self.tiled_note.setWordWrap(True)
+        tile_row = QHBoxLayout()
+        tile_row.addWidget(self.tile_spin)
+        tile_row.addWidget(QLabel("halo"))
+        tile_row.addWidget(self.halo_spin)
+        form.addRow("Tiled mode", self.tiled_combo)
+        form.addRow("Tile", tile_row)
+        form.addRow("Embeddings", row)
+        form.addRow(self.tiled_note)
+        self.tiled_combo.currentIndexChanged.connect(self._refresh_tiled)
+        layout.addWidget(box)
+
         # output
         box = QGroupBox("Output")
         form = QFormLayout(box)
@@ -258,6 +307,20 @@ class EverythingWidget(QWidget):
         self.axis_combo.clear()
         for label, value in self.controller.axis_choices(self.layer_combo.currentText()):
             self.axis_combo.addItem(label, value)
+        self._refresh_tiled()
+
+    def _refresh_tiled(self, *_: Any) -> None:
+        """Say whether the chosen layer will be tiled."""
+        name = self.layer_combo.currentText()
+        mode = self.tiled_combo.currentData()
+        if not name or name not in self.viewer.layers:
+            self.tiled_note.setText("")
+            return
+        tiled = self.controller.is_tiled(name, mode)
+        self.tiled_note.setText(
+            "this layer: tiled, full resolution" if tiled
+            else "this layer: whole planes (shrunk to 1024 px when larger)"
+        )
 
     def _refresh_executor(self, *_: Any) -> None:
         value = self.executor_combo.currentData()
@@ -270,6 +333,11 @@ class EverythingWidget(QWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Checkpoint", "", "PyTorch (*.pt *.pth *.zip)")
         if path:
             self.checkpoint_edit.setText(path)
+
+    def _browse_embeddings(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Embedding store (.zarr)")
+        if path:
+            self.embeddings_edit.setText(path)
 
     def _browse_zarr(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Labels Zarr", "labels.zarr", "Zarr (*.zarr)")
@@ -309,6 +377,10 @@ class EverythingWidget(QWidget):
             executor=self.executor_combo.currentData(),
             workers=self.workers_spin.value(),
             scheduler=self.scheduler_edit.text(),
+            tiled=self.tiled_combo.currentData(),
+            tile=self.tile_spin.value(),
+            halo=self.halo_spin.value(),
+            embeddings=self.embeddings_edit.text(),
         )
 
     # ---------------------------------------------------------------------- run
@@ -332,23 +404,29 @@ class EverythingWidget(QWidget):
             return None
 
     def cancel(self) -> None:
-        """Stop after the current point batch; finished slices are kept."""
+        """Stop after the current point batch; finished slices (tiled: tiles) are kept."""
         self.controller.cancel()
         self.cancel_button.setEnabled(False)
         self.status.setText("cancelling…")
 
-    def _on_progress(self, ev: BatchProgress) -> None:
+    def _on_progress(self, ev: BatchProgress | TiledProgress) -> None:
         self.progress.setValue(int(round(ev.fraction * BAR_MAX)))
         self.progress.setFormat(progress_text(ev))
-        if ev.kind == "slice":
+        if isinstance(ev, TiledProgress):
+            self.status.setText("merging the tiles" if ev.kind == "merge"
+                                else "segmenting tiles (tiled mode)")
+        elif ev.kind == "slice":
             self.status.setText(f"slice {ev.index}: {ev.n_objects} objects")
 
     def _on_finished(self, result: BatchResult) -> None:
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        done = len(result.counts)
-        self.progress.setValue(int(round(BAR_MAX * done / result.total)) if result.total else 0)
-        self.progress.setFormat(f"{done} / {result.total} slices")
+        if isinstance(result, TiledBatchResult) and result.cancelled:
+            done, total, unit = result.tiles_done, result.tiles_total, "tiles"
+        else:
+            done, total, unit = len(result.counts), result.total, "slices"
+        self.progress.setValue(int(round(BAR_MAX * done / total)) if total else 0)
+        self.progress.setFormat(f"{done} / {total} {unit}")
         self.status.setText(self.controller.summary(result))
         source = self.controller.last_source
         rows = counts_rows(result, source) if source is not None else []

@@ -3,11 +3,25 @@
 The view (:mod:`napari_esam.widgets.batch`) fills an :class:`EverythingForm`, calls
 :meth:`EverythingController.start` and :meth:`~EverythingController.cancel`, and shows what
 the controller reports through ``on_progress`` / ``on_finished`` / ``on_error``.
+
+Tiled mode (``form.tiled``: ``"auto"`` for planes with a side over 2048 px, ``"on"``,
+``"off"``; :func:`use_tiling`) runs :class:`~napari_esam.core.tiled_batch.TiledBatch` instead
+of the per-slice batch: every plane at full resolution, tile by tile, into a resumable Zarr
+labels group (the Zarr path, or a working store in a temporary folder when the output is
+only a Labels layer), which the Labels layer shows lazily. Progress counts tiles.
 """
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
+import hashlib
+import json
 import math
+import os
+import re
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +37,21 @@ from ..core.batch import (
     ModelSpec,
     StackSource,
     ZarrOutput,
+    get_model,
     iter_batch,
+    iter_progress,
     output_dtype,
 )
+from ..core.tiled_batch import (
+    MERGE_IOU,
+    TiledBatchResult,
+    TiledProgress,
+    check_tiled_settings,
+    check_tiled_source,
+    prepare_tiled_batch,
+    tiled_record,
+)
+from ..core.tiling import HALO, TILE, TILING_THRESHOLD, needs_tiling
 
 #: ``stack_axis`` value meaning "every axis but the image plane"
 AUTO_AXIS = None
@@ -35,6 +61,20 @@ EXECUTORS = (
     ("local-cluster", "local Dask cluster"),
     ("scheduler", "Dask scheduler"),
 )
+#: tiled mode: "auto" tiles planes with a side longer than ``TILING_THRESHOLD`` pixels
+TILED_MODES = ("auto", "on", "off")
+
+
+def use_tiling(mode: str, shape: Any, rgb: bool | None = None,
+               threshold: int = TILING_THRESHOLD) -> bool:
+    """Whether tiled mode ``mode`` tiles an image of ``shape`` (``rgb``: the last axis is
+    colour): ``"on"`` always, ``"off"`` never, ``"auto"`` when a plane has a side longer
+    than ``threshold`` px (:func:`~napari_esam.core.tiling.needs_tiling`)."""
+    if mode not in TILED_MODES:
+        raise ValueError(f"tiled mode must be one of {TILED_MODES}, not {mode!r}")
+    if mode == "auto":
+        return needs_tiling(tuple(shape), threshold, rgb)
+    return mode == "on"
 
 
 @dataclass
@@ -58,6 +98,15 @@ class EverythingForm:
     workers: int = 2
     #: address of a running Dask scheduler (``tcp://host:8786``)
     scheduler: str = ""
+    #: tiled mode: one of :data:`TILED_MODES` (see :func:`use_tiling`)
+    tiled: str = "auto"
+    #: tile side and overlap in pixels (tiled mode)
+    tile: int = TILE
+    halo: int = HALO
+    #: IoU inside the tiles' overlap from which two tiles' masks are one object
+    merge_iou: float = MERGE_IOU
+    #: embedding store of ``napari-esam embed`` (tiled mode; reused and filled; "" = none)
+    embeddings: str = ""
 
 
 @dataclass
@@ -66,11 +115,16 @@ class RunState:
 
     layer_name: str
     source: StackSource
-    output: ZarrOutput | MemoryOutput
+    #: ``None`` until a tiled run has prepared its output (in the worker)
+    output: ZarrOutput | MemoryOutput | None
     labels_layer: Any = None
     worker: Any = None
     cancel: threading.Event = field(default_factory=threading.Event)
-    last: BatchProgress | None = None
+    last: BatchProgress | TiledProgress | None = None
+    #: tiled mode: the prepared run (set by the worker before its first report)
+    tiled: Any = None
+    #: tiled mode: ``viewer.add_labels`` keywords for the layer made at the first report
+    layer_kwargs: dict[str, Any] | None = None
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -83,8 +137,16 @@ def format_seconds(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
-def progress_text(ev: BatchProgress) -> str:
-    """``"2 / 5 slices · 0:42 left"`` (the progress bar's text)."""
+def progress_text(ev: BatchProgress | TiledProgress) -> str:
+    """``"2 / 5 slices · 0:42 left"`` (the progress bar's text); tiled mode counts tiles:
+    ``"7 / 12 tiles · 0:10 left"``, then ``"merging seams · 3 / 12 tiles"``."""
+    if isinstance(ev, TiledProgress):
+        text = f"{ev.done} / {ev.total} tiles"
+        if ev.kind == "merge":
+            return f"merging seams · {text}"
+        if ev.kind == "start":
+            return text + " · starting"
+        return f"{text} · {format_seconds(ev.eta)} left"
     text = f"{ev.done} / {ev.total} slices"
     if ev.kind == "start":
         return text + " · starting"
@@ -106,7 +168,8 @@ class EverythingController:
 
     ``runner`` is :func:`napari_esam.widgets.workers.start_worker` (default) or
     :func:`~napari_esam.widgets.workers.run_sync`; ``model_factory`` (tests, custom models)
-    replaces loading ``form.model``.
+    replaces loading ``form.model``. ``workdir``: where tiled runs without a Zarr path keep
+    their working stores (default: a temporary folder, deleted when Python exits).
     """
 
     def __init__(
@@ -115,10 +178,12 @@ class EverythingController:
         *,
         runner: Callable[..., Any] | None = None,
         model_factory: Callable[[], Any] | str | None = None,
+        workdir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.viewer = viewer
         self.runner = runner
         self.model_factory = model_factory
+        self._workdir = None if workdir is None else Path(workdir)
         self.state: RunState | None = None
         self.result: BatchResult | None = None
         #: the source of the last run started (for labelling its counts)
@@ -153,6 +218,24 @@ class EverythingController:
     def running(self) -> bool:
         return self.state is not None and self.state.worker is not None
 
+    def is_tiled(self, layer_name: str | None, mode: str) -> bool:
+        """Whether tiled mode ``mode`` tiles layer ``layer_name`` (level 0 of a multiscale
+        layer; ``False`` without a layer). See :func:`use_tiling`."""
+        if not layer_name or layer_name not in self.viewer.layers:
+            return False
+        layer = self.viewer.layers[layer_name]
+        return use_tiling(mode, _layer_data(layer).shape, rgb=bool(layer.rgb))
+
+    @property
+    def workdir(self) -> Path:
+        """The folder of the working stores of tiled runs without a Zarr path."""
+        if self._workdir is None:
+            path = tempfile.mkdtemp(prefix="napari-esam-tiled-")
+            atexit.register(shutil.rmtree, path, ignore_errors=True)
+            self._workdir = Path(path)
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        return self._workdir
+
     # --------------------------------------------------------------------- build
     def settings(self, form: EverythingForm, layer: Any) -> BatchSettings:
         params = form.params
@@ -175,7 +258,7 @@ class EverythingController:
     def source(self, form: EverythingForm, layer: Any) -> StackSource:
         """The layer's data cut into slices; for a Dask run, the layer's *file* (the workers
         read it themselves), which must hold exactly the layer's data."""
-        data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+        data = _layer_data(layer)
         channel_axis = -1 if layer.rgb else None
         axis = form.stack_axis
         if axis is not None and layer.ndim == 2:
@@ -229,6 +312,9 @@ class EverythingController:
         source = self.source(form, layer)
         scale = list(layer.scale)[-len(source.out_shape) :]
         translate = list(layer.translate)[-len(source.out_shape) :]
+        if use_tiling(form.tiled, source.plane_shape):
+            return self._start_tiled(layer, form, settings, source, executor, scale,
+                                     translate, start=start)
         if form.zarr_path.strip():
             path = Path(form.zarr_path.strip()).expanduser()
             if path.suffix.lower() != ".zarr":
@@ -249,6 +335,9 @@ class EverythingController:
         self.result = None
         self.last_source = source
         job = self._job(state, settings, executor)
+        return self._launch(state, job, start)
+
+    def _launch(self, state: RunState, job: Callable[[], Any], start: bool) -> Any:
         callbacks = {
             "on_returned": self._finished,
             "on_errored": self._errored,
@@ -265,9 +354,85 @@ class EverythingController:
             state.worker = worker
         return worker
 
+    def _start_tiled(self, layer: Any, form: EverythingForm, settings: BatchSettings,
+                     source: StackSource, executor: Any, scale: list, translate: list, *,
+                     start: bool) -> Any:
+        """Tiled mode: check here, then prepare (contrast sample, embedding store, output
+        group) and run :class:`~napari_esam.core.tiled_batch.TiledBatch` in the worker."""
+        check_tiled_settings(int(form.tile), int(form.halo), form.merge_iou, settings.params)
+        try:
+            check_tiled_source(source)
+        except ValueError as exc:
+            raise ValueError(f"{exc}: choose the stack axis 'auto' (or the first axis)") from None
+        embeddings = form.embeddings.strip() or None
+        if embeddings is not None:
+            store = Path(embeddings).expanduser()
+            if store.suffix.lower() != ".zarr":
+                raise ValueError(f"the embedding store must be a .zarr folder, not {str(store)!r}")
+            if not store.parent.is_dir():
+                raise ValueError(f"the folder of the embedding store {str(store.parent)!r} does "
+                                 "not exist")
+            embeddings = str(store)
+        path: Path | None = None
+        if form.zarr_path.strip():
+            path = Path(form.zarr_path.strip()).expanduser()
+            if path.suffix.lower() != ".zarr":
+                raise ValueError(f"the output path must end in .zarr, not {str(path)!r}")
+            if not path.parent.is_dir():
+                raise ValueError(f"directory {str(path.parent)!r} does not exist")
+        name = f"{layer.name} everything"
+        state = RunState(layer.name, source, None)
+        if form.to_layer:
+            state.layer_kwargs = {
+                "name": name, "scale": scale, "translate": translate,
+                "metadata": {"napari-esam": {"source": layer.name}},
+            }
+        self.state = state
+        self.result = None
+        self.last_source = source
+
+        def job():
+            try:
+                out = path if path is not None else self.working_store(layer.name, source,
+                                                                       settings, form)
+                model = None
+                if embeddings is not None and executor is not None:
+                    # only for the store's signature: on this machine (maybe without a GPU)
+                    # the CPU copy; the workers load their own
+                    model = get_model(dataclasses.replace(settings.model, device="cpu"))
+                state.tiled = prepare_tiled_batch(
+                    source, settings, out, tile=int(form.tile), halo=int(form.halo),
+                    merge_iou=form.merge_iou, embeddings=embeddings, overwrite=form.overwrite,
+                    scale=scale, translate=translate, name=name, model=model,
+                )
+                state.output = state.tiled.output
+                return (yield from iter_progress(state.tiled.run, cancel=state.cancel.is_set,
+                                                 executor=executor))
+            finally:
+                if executor is not None:
+                    executor.close()
+
+        return self._launch(state, job, start)
+
+    def working_store(self, layer_name: str, source: StackSource, settings: BatchSettings,
+                      form: EverythingForm) -> Path:
+        """The working store of a tiled run without a Zarr path, in :attr:`workdir`: one per
+        layer name, run settings and image content, so a rerun of a stopped run resumes it
+        and a finished one is reused (as with a Zarr path)."""
+        from ..core.tiling import content_hash
+
+        record = tiled_record(source, settings, int(form.tile), int(form.halo), form.merge_iou)
+        key = json.dumps({"record": record, "embeddings": form.embeddings.strip(),
+                          "content": content_hash(source.array, source.channel_axis is not None)},
+                         sort_keys=True, default=str)
+        digest = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", layer_name).strip("._")[:40] or "image"
+        return self.workdir / f"{slug}-{digest}.zarr"
+
     def cancel(self) -> None:
         """Ask the running job to stop after the current point batch (finished slices stay;
-        on a Dask cluster, pending slices are dropped and running ones stop)."""
+        on a Dask cluster, pending slices are dropped and running ones stop). A tiled run
+        keeps its finished tiles: running it again computes only the others."""
         if self.state is not None:
             self.state.cancel.set()
 
@@ -287,11 +452,16 @@ class EverythingController:
         return job
 
     # ------------------------------------------------------------------ callbacks
-    def _progress(self, ev: BatchProgress) -> None:
+    def _progress(self, ev: BatchProgress | TiledProgress) -> None:
         state = self.state
         if state is None:
             return
         state.last = ev
+        if (isinstance(ev, TiledProgress) and ev.kind == "start"
+                and state.labels_layer is None and state.layer_kwargs is not None
+                and state.tiled is not None):
+            state.labels_layer = self.viewer.add_labels(state.tiled.output.read_only(),
+                                                        **state.layer_kwargs)
         if ev.kind == "slice" and state.labels_layer is not None:
             state.labels_layer.refresh()
         if self.on_progress is not None:
@@ -302,14 +472,15 @@ class EverythingController:
         self.result = result
         if state is not None and state.labels_layer is not None:
             layer = state.labels_layer
-            layer.metadata = {
-                **layer.metadata,
-                "napari-esam": {
-                    "source": state.layer_name,
-                    "counts": {int(k): int(v) for k, v in result.counts.items()},
-                    "complete": result.complete,
-                },
+            meta = {
+                "source": state.layer_name,
+                "counts": {int(k): int(v) for k, v in result.counts.items()},
+                "complete": result.complete,
             }
+            if state.tiled is not None:
+                meta["tiled"] = {"tile": state.tiled.tile, "halo": state.tiled.halo,
+                                 "store": state.tiled.output.path}
+            layer.metadata = {**layer.metadata, "napari-esam": meta}
             layer.refresh()
         if self.on_finished is not None:
             self.on_finished(result)
@@ -322,6 +493,9 @@ class EverythingController:
             raise exc
 
     def summary(self, result: BatchResult) -> str:
+        if isinstance(result, TiledBatchResult) and result.cancelled:
+            return (f"Cancelled: {result.tiles_done} / {result.tiles_total} tiles done, kept "
+                    f"for the next run ({format_seconds(result.elapsed)})")
         n = sum(result.counts.values())
         done = len(result.counts)
         head = "Cancelled" if result.cancelled else "Done"
@@ -332,9 +506,12 @@ class EverythingController:
 
 
 def _replace(params: EverythingParams, **changes: Any) -> EverythingParams:
-    import dataclasses
-
     return dataclasses.replace(params, **changes)
+
+
+def _layer_data(layer: Any) -> Any:
+    """A layer's full-resolution data (level 0 of a multiscale layer)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
 def _is_name(label: str) -> bool:
