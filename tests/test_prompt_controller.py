@@ -641,3 +641,21 @@ def test_replaced_prompt_layer_loses_the_key_bindings():
     ctrl.points_layer = viewer.add_points(np.empty((0, 2)))
     assert not any(str(k) == "C" for k in old.keymap)
     assert any(str(k) == "C" for k in ctrl.points_layer.keymap)
+
+
+def test_a_state_dict_checkpoint_reaches_the_engine_factory_itself():
+    viewer = ViewerModel()
+    got = []
+
+    def factory(name, checkpoint, device):
+        got.append(checkpoint)
+        return SamEngine(FakeModel().eval())
+
+    ctrl = PromptController(viewer, engine_factory=factory, notify=False)
+    ctrl.image_layer = viewer.add_image(blobs())
+    ctrl.ensure_prompt_layers()
+    state = {"weights": np.zeros(1)}
+    ctrl.set_model(checkpoint=state)
+    add_point(ctrl, (50, 50))
+    assert len(got) == 1 and got[0] is state  # not the cache key ("state_dict", id)
+    assert ctrl.preview_mask() is not None

@@ -1159,6 +1159,8 @@ class PromptController:
             self._status(self._failed[key], "warning")
             return
         engine_key = self.engine_key
+        # the factory gets the settings themselves (a state-dict checkpoint is keyed by id)
+        model_args = (self.model_name, self.checkpoint, self.device)
         engine = self.engine
         factory = self.engine_factory
         data = image_array(image)
@@ -1171,7 +1173,7 @@ class PromptController:
             nonlocal engine, tiled
             yield Progress(0, 3, f"Loading {name}…" if engine is None else f"{name} loaded")
             if engine is None:
-                engine = factory(*engine_key)
+                engine = factory(*model_args)
             if tiling is not None and tiled is None:
                 tiled = make_tiled_engine(engine, tiling)
             if cached is not None:
