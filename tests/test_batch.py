@@ -479,3 +479,45 @@ def test_blob_model_is_cached_per_spec():
     spec = ModelSpec("blob", device="cpu", factory=BlobModel)
     assert B.get_model(spec) is B.get_model(spec)
     assert B.get_model(spec) is not B.get_model(ModelSpec("blob2", device="cpu", factory=BlobModel))
+
+
+def test_the_next_slice_is_read_while_the_current_one_is_segmented(stack, reference,
+                                                                   monkeypatch):
+    """Read-ahead: slice i + 1 is read in a background thread during slice i's model work
+    (checked by events, not timing); labels are unchanged."""
+    import threading
+
+    from napari_esam.core import batch as B
+
+    source = StackSource.create(stack[0])
+    read_done = {i: threading.Event() for i in range(5)}
+    readers: dict[int, str] = {}
+    seen_during: dict[int, bool] = {}
+    original_read = StackSource.read_slice
+    original_segment = B.segment_slice
+
+    def read_slice(self, index):
+        readers[index] = threading.current_thread().name
+        out = original_read(self, index)
+        read_done[index].set()
+        return out
+
+    def segment_slice(src, index, settings, **kwargs):
+        if index + 1 < 5:  # wait (bounded) for the next slice to be read meanwhile
+            seen_during[index] = read_done[index + 1].wait(timeout=20)
+        return original_segment(src, index, settings, **kwargs)
+
+    monkeypatch.setattr(StackSource, "read_slice", read_slice)
+    monkeypatch.setattr(B, "segment_slice", segment_slice)
+    result = run_batch(source, blob_settings())
+    np.testing.assert_array_equal(result.labels, reference.labels)
+    assert seen_during == {0: True, 1: True, 2: True, 3: True}
+    assert all(name.startswith("napari-esam-read") for name in readers.values())
+    assert sorted(readers) == [0, 1, 2, 3, 4]  # each slice read once
+
+    # without read-ahead every slice is read by the running thread, inline
+    readers.clear()
+    monkeypatch.setattr(B, "segment_slice", original_segment)
+    out = run_batch(source, blob_settings(), executor=B.LocalExecutor(read_ahead=False))
+    np.testing.assert_array_equal(out.labels, reference.labels)
+    assert set(readers.values()) == {threading.current_thread().name}

@@ -42,6 +42,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -576,17 +577,20 @@ def segment_slice(
     *,
     cancel: Callable[[], bool] | None = None,
     progress: Callable[[int, int], Any] | None = None,
+    image: np.ndarray | None = None,
 ) -> np.ndarray:
     """Labels of slice ``index`` (H, W), ids already in the slice's range (module doc).
 
     Pure: the result depends only on the arguments (and the model's weights), so it can run
     in any process and in any order. Raises ``everything.Cancelled`` when ``cancel()`` does.
+    ``image``: the slice's pixels when already read (``source.read_slice(index)``).
     """
     from ..core.predictor import Predictor
     from .everything import segment_everything
     from .labels import masks_to_labels
 
-    image = source.read_slice(index)
+    if image is None:
+        image = source.read_slice(index)
     predictor = Predictor(get_model(settings.model))  # a predictor per call: thread-safe
     p = settings.params
     records = segment_everything(
@@ -631,10 +635,11 @@ class SliceTask:
         index: int,
         cancel: Callable[[], bool] | None = None,
         progress: Callable[[int, int], Any] | None = None,
+        image: np.ndarray | None = None,
     ) -> SliceResult:
         t0 = time.perf_counter()
         labels = segment_slice(self.source, index, self.settings, cancel=cancel,
-                               progress=progress)
+                               progress=progress, image=image)
         n = _count(labels)
         if self.output is not None:
             self.output.write(self.source.out_region(index), labels)
@@ -672,7 +677,16 @@ class SliceExecutor(Protocol):
 
 
 class LocalExecutor:
-    """In-process, one slice at a time, in index order; cancellable within a slice."""
+    """In-process, one slice at a time, in index order; cancellable within a slice.
+
+    With ``read_ahead`` (default) the next slice is read (and decompressed) in a background
+    thread while the model works on the current one, so disk I/O overlaps model work.
+    """
+
+    read_ahead: bool = True
+
+    def __init__(self, read_ahead: bool = True) -> None:
+        self.read_ahead = read_ahead
 
     def map(
         self,
@@ -682,11 +696,26 @@ class LocalExecutor:
         cancel: Callable[[], bool],
         step: Callable[[int, int, int], None] | None = None,
     ) -> Iterator[SliceResult]:
-        for i in indices:
-            if cancel():
-                return
-            prog = None if step is None else (lambda d, t, i=i: step(i, d, t))
-            yield task(i, cancel=cancel, progress=prog)
+        indices = list(indices)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="napari-esam-read") if (
+            self.read_ahead and len(indices) > 1
+        ) else None
+        read = task.source.read_slice
+        try:
+            ahead = pool.submit(read, indices[0]) if pool is not None else None
+            for n, i in enumerate(indices):
+                if cancel():
+                    return
+                image = ahead.result() if ahead is not None else None
+                ahead = (
+                    pool.submit(read, indices[n + 1])
+                    if pool is not None and n + 1 < len(indices) else None
+                )
+                prog = None if step is None else (lambda d, t, i=i: step(i, d, t))
+                yield task(i, cancel=cancel, progress=prog, image=image)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------ outputs

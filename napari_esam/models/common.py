@@ -13,6 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def host_to_device(x: Tensor, device: torch.device) -> Tensor:
+    """Move a CPU tensor to ``device``; to CUDA through pinned memory, asynchronously (the
+    copy overlaps host work until the next synchronising use). CPU: returned as is."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of an NCHW tensor."""
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import PromptableModel
+from .common import host_to_device
 from .efficientsam_decoder import MaskDecoder, PromptEncoder
 from .vit import ImageEncoderViT
 
@@ -61,7 +62,7 @@ class EfficientSAM(PromptableModel):
             raise ValueError(
                 f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}"
             )
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+        x = host_to_device(torch.from_numpy(np.ascontiguousarray(image)), self.device)
         x = x.permute(2, 0, 1)[None].to(torch.float32).div(255)
         size = (self.img_size, self.img_size)
         if tuple(x.shape[-2:]) != size:

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from .base import PromptableModel
+from .common import host_to_device
 from .sam_decoder import MaskDecoder, PromptEncoder
 from .tiny_vit import TinyViT
 
@@ -82,7 +83,7 @@ class MobileSAM(PromptableModel):
         newh, neww = resized.shape[:2]
         if not (resized.flags.writeable and resized.flags.c_contiguous):
             resized = np.array(resized)
-        x = torch.from_numpy(resized).to(self.device)
+        x = host_to_device(torch.from_numpy(resized), self.device)
         x = x.permute(2, 0, 1).float()
         x = (x - self.pixel_mean.float()) / self.pixel_std.float()
         x = F.pad(x, (0, self.img_size - neww, 0, self.img_size - newh))
