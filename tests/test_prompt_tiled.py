@@ -219,3 +219,31 @@ def test_tiled_source_keeps_stacks_lazy_and_transposes_other_orders():
     assert index == () and src.shape == (40, 30)
     assert np.array_equal(np.asarray(src), stack[0].T)
     assert np.shares_memory(src, stack)  # a view, not a copy
+
+
+def test_rgb_and_transposed_views_are_tiled_at_the_right_place():
+    rgb = np.repeat(blobs((2200, 2500), dtype=np.uint8)[..., None], 3, axis=2)
+    viewer = ViewerModel()
+    ctrl = PromptController(viewer, engine_factory=Factory(), notify=False)
+    ctrl.image_layer = viewer.add_image(rgb, rgb=True)
+    ctrl.ensure_prompt_layers()
+    add_point(ctrl, (2100, 300))
+    assert ctrl.encoder_calls == 1 and ctrl.commit() == [1]
+    r, c = centre(ctrl.labels_layer.data == 1)
+    assert ctrl.labels_layer.data.shape == (2200, 2500)
+    assert abs(r - 2100) < 1 and abs(c - 300) < 1
+
+    # a stack shown with rows along axis 2 and columns along axis 1
+    stack = np.stack([blobs((2100, 2300), seed=s) for s in range(2)])
+    viewer = ViewerModel()
+    ctrl = PromptController(viewer, engine_factory=Factory(), notify=False)
+    ctrl.image_layer = viewer.add_image(stack)
+    ctrl.ensure_prompt_layers()
+    viewer.dims.order = (0, 2, 1)
+    viewer.dims.set_current_step(0, 1)
+    add_point(ctrl, (1, 2000, 150))  # world (slice, axis-1, axis-2)
+    assert ctrl.encoder_calls == 1 and ctrl.commit() == [1]
+    data = ctrl.labels_layer.data
+    assert not data[0].any()
+    r, c = centre(data[1] == 1)  # data axes: (axis 1, axis 2)
+    assert abs(r - 2000) < 1 and abs(c - 150) < 1
