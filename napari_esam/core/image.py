@@ -16,6 +16,7 @@ Rule (documented in the README):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,11 +59,9 @@ def contrast_limits_of(image: np.ndarray, percentiles: tuple[float, float] = PER
     return float(lo), float(hi)
 
 
-def to_model_rgb(
-    image: np.ndarray,
-    contrast_limits: tuple[float, float] | None = None,
-) -> np.ndarray:
-    """(H, W) or (H, W, 1|3) image of any numeric dtype → (H, W, 3) uint8 RGB (module doc)."""
+def as_checked_image(image: Any) -> np.ndarray:
+    """The image as a NumPy array (dask computed); ``ValueError`` unless its shape is
+    supported, its dtype numeric and its values finite."""
     if hasattr(image, "compute") and not isinstance(image, np.ndarray):  # dask
         image = image.compute()
     image = np.asarray(image)
@@ -73,6 +72,15 @@ def to_model_rgb(
         raise ValueError(
             "the image contains NaN or infinite values; replace them (e.g. np.nan_to_num) first"
         )
+    return image
+
+
+def to_model_rgb(
+    image: np.ndarray,
+    contrast_limits: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """(H, W) or (H, W, 1|3) image of any numeric dtype → (H, W, 3) uint8 RGB (module doc)."""
+    image = as_checked_image(image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
     if image.dtype == np.uint8 and contrast_limits is None:

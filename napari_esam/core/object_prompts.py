@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .image import check_image_shape, contrast_limits_of
+from .image import as_checked_image, contrast_limits_of
 
 __all__ = [
     "detect_object_prompts",
@@ -99,16 +99,7 @@ def normalised_grey(
     """(H, W) float32 in [0, 1]: grey, contrast-normalised, objects bright (module doc, 1)."""
     if polarity not in _POLARITIES:
         raise ValueError(f"polarity must be 'bright' or 'dark', not {polarity!r}")
-    if hasattr(image, "compute") and not isinstance(image, np.ndarray):  # dask
-        image = image.compute()
-    image = np.asarray(image)
-    check_image_shape(image.shape)
-    if image.dtype.kind not in "biuf":
-        raise ValueError(f"unsupported image dtype {image.dtype}; use an integer or float image")
-    if image.dtype.kind == "f" and not np.isfinite(image).all():
-        raise ValueError(
-            "the image contains NaN or infinite values; replace them (e.g. np.nan_to_num) first"
-        )
+    image = as_checked_image(image)
     grey = image.astype(np.float32)
     if grey.ndim == 3:
         grey = grey.mean(axis=2, dtype=np.float32) if grey.shape[2] == 3 else grey[..., 0]

@@ -37,6 +37,7 @@ import torch
 
 from ..models.base import PromptableModel
 from .embedding_store import EmbeddingStore, StaleEmbeddingStoreError, StoreSignature
+from .engine import ModelInfoMixin
 from .predictor import Predictor
 from .tiling import (
     HALO,
@@ -107,6 +108,16 @@ def paste_mask(
         paint = paint & (region == 0)
     region[paint] = value
     target[key] = region
+
+
+def _one_object_prompts(
+    point_coords: Any, point_labels: Any, box: Any
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """One object's points (N, 2), labels (N,) and box (4,) as a batch of one (None stays)."""
+    pts = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)[None]
+    lbl = None if point_labels is None else np.asarray(point_labels)[None]
+    bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, -1)
+    return pts, lbl, bx
 
 
 class TiledPredictor:
@@ -518,9 +529,7 @@ class TiledPredictor:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`Predictor.predict` in full-image (x, y): masks (K, h, w) of
         ``last_window`` (``full_size=True``: (K, H, W)), scores (K,), low-res (K, 256, 256)."""
-        pts = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)[None]
-        lbl = None if point_labels is None else np.asarray(point_labels)[None]
-        bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, -1)
+        pts, lbl, bx = _one_object_prompts(point_coords, point_labels, box)
         if pts is not None and (pts.ndim != 3 or pts.shape[-1] != 2):
             raise ValueError(f"point_coords must be (N, 2), got {pts.shape[1:]}")
         masks, scores, low = self.predict_batch(
@@ -536,9 +545,7 @@ class TiledPredictor:
         multimask_output: bool = True,
     ) -> TiledMask:
         """One object → :class:`TiledMask` (masks, scores, low-res, window): the widget API."""
-        pts = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)[None]
-        lbl = None if point_labels is None else np.asarray(point_labels)[None]
-        bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, -1)
+        pts, lbl, bx = _one_object_prompts(point_coords, point_labels, box)
         obj = self.predict_objects(pts, lbl, bx, multimask_output)[0]
         self.last_window = obj.window
         return obj
@@ -588,7 +595,7 @@ class TiledEmbedding:
     shape: tuple[int, int]
 
 
-class TiledEngine:
+class TiledEngine(ModelInfoMixin):
     """The prompt widget's ``Engine`` (see ``widgets/prompt_controller.py``) for large images.
 
     Same protocol as ``SamEngine``: ``embed(image, contrast_limits)`` in a worker thread (here
@@ -618,18 +625,6 @@ class TiledEngine:
             model, tile=tile, halo=halo, cache_size=cache_size, store=store,
             store_mode=store_mode, refine=refine,
         )
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def max_points(self) -> int | None:
-        return self.model.max_points
-
-    @property
-    def has_negative_point_embedding(self) -> bool:
-        return bool(self.model.has_negative_point_embedding)
 
     @property
     def encoder_calls(self) -> int:

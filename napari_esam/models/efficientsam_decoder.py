@@ -36,10 +36,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import Attention, PositionEmbeddingRandom
+from .common import Attention
+from .decoder_ops import (
+    PromptEncoderBase,
+    TwoWayAttentionBlockBase,
+    TwoWayTransformerBase,
+    conv_transpose_2x2_linear,
+    image_to_token_factors,
+    split_heads,
+    subpixel_to_image,
+    token_to_image_shared,
+)
 
 
-class PromptEncoder(nn.Module):
+class PromptEncoder(PromptEncoderBase):
     """Sparse (point / box-corner) prompt encoder of EfficientSAM.
 
     Labels: 1 foreground, 0 background (positional encoding only), 2 / 3 box top-left /
@@ -52,19 +62,11 @@ class PromptEncoder(nn.Module):
         image_embedding_size: tuple[int, int] = (64, 64),
         input_image_size: tuple[int, int] = (1024, 1024),
     ) -> None:
-        super().__init__()
-        self.embed_dim = embed_dim
-        self.image_embedding_size = image_embedding_size
-        self.input_image_size = input_image_size
-        self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
+        super().__init__(embed_dim, image_embedding_size, input_image_size)
         self.invalid_points = nn.Embedding(1, embed_dim)
         self.point_embeddings = nn.Embedding(1, embed_dim)
         self.bbox_top_left_embeddings = nn.Embedding(1, embed_dim)
         self.bbox_bottom_right_embeddings = nn.Embedding(1, embed_dim)
-
-    def get_dense_pe(self) -> Tensor:
-        """Positional encoding of the image embedding grid, shape (1, C, h, w)."""
-        return self.pe_layer.dense(*self.image_embedding_size)[None]
 
     def forward(self, coords: Tensor, labels: Tensor) -> Tensor:
         """(B, N, 2) (x, y) in the model input frame and (B, N) labels -> (B, N, C)."""
@@ -152,23 +154,6 @@ def _softmax(x: Tensor, dim: int, out: Tensor | None) -> Tensor:
     return torch.ops.aten._softmax.out(x, dim, False, out=out)
 
 
-def _split_heads(x: Tensor, num_heads: int) -> Tensor:
-    """(B, N, H*d) -> (B, H, N, d) view."""
-    b, n, c = x.shape
-    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)
-
-
-def token_to_image_shared(attn: Attention, queries: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Token-to-image attention of (B, T, C) query inputs on projected keys/values (1, S, D).
-
-    The B prompts share the image, so they are folded into one query sequence (attention
-    rows are independent): no per-prompt copy of the image keys/values.
-    """
-    b, t, _ = queries.shape
-    q = attn.q_proj(queries).reshape(1, b * t, -1)
-    return attn.attend(q, k, v).view(b, t, -1)
-
-
 def token_to_image_reassociated(
     attn: Attention, queries: Tensor, keys_pe: Tensor, keys: Tensor
 ) -> Tensor:
@@ -183,7 +168,7 @@ def token_to_image_reassociated(
     b, t, c = queries.shape
     h = attn.num_heads
     d = attn.internal_dim // h
-    q = _split_heads(attn.q_proj(queries), h)  # (B, H, T, d)
+    q = split_heads(attn.q_proj(queries), h)  # (B, H, T, d)
     q = torch.matmul(q, attn.k_proj.weight.view(h, d, c))  # (B, H, T, C)
     out = F.scaled_dot_product_attention(
         q.reshape(b, 1, h * t, c), keys_pe[:, None], keys[:, None], scale=d**-0.5
@@ -191,33 +176,6 @@ def token_to_image_reassociated(
     out = torch.matmul(out, attn.v_proj.weight.view(h, d, c).transpose(1, 2))  # (B, H, T, d)
     out = out + attn.v_proj.bias.view(h, 1, d)
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, h * d))
-
-
-def _image_to_token_factors(
-    attn: Attention, tokens_pe: Tensor, tokens: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Fold an image-to-token attention's projections into the (B, T, C) prompt tokens.
-
-    For image token x, head h and token t the score is
-    ``(Wq_h x + bq_h) . k_ht * s = x . (s Wq_h^T k_ht) + s bq_h . k_ht`` and the output
-    ``sum_ht p_ht Wo_h v_ht + bo = sum_ht p_ht (Wo_h v_ht + bo / H)`` (each head's weights sum
-    to 1). Returns key matrix (B, C, T*H), score bias (B, 1, T*H) and value matrix
-    (B, T*H, C) with the (t, h) pairs in token-major order.
-    """
-    b, t, c = tokens.shape
-    h = attn.num_heads
-    d = attn.internal_dim // h
-    scale = d**-0.5
-    k = _split_heads(attn.k_proj(tokens_pe), h)  # (B, H, T, d)
-    v = _split_heads(attn.v_proj(tokens), h)
-    keys = torch.matmul(k, attn.q_proj.weight.view(h, d, c)) * scale  # (B, H, T, C)
-    bias = (k * attn.q_proj.bias.view(h, 1, d)).sum(-1) * scale  # (B, H, T)
-    w_out = attn.out_proj.weight.view(c, h, d).permute(1, 2, 0)  # (H, d, C)
-    values = torch.matmul(v, w_out) + attn.out_proj.bias / h  # (B, H, T, C)
-    keys = keys.transpose(1, 2).reshape(b, t * h, c).transpose(1, 2)
-    bias = bias.transpose(1, 2).reshape(b, 1, t * h)
-    values = values.transpose(1, 2).reshape(b, t * h, c)
-    return keys, bias, values
 
 
 def image_to_token_residual(
@@ -232,7 +190,7 @@ def image_to_token_residual(
     """``keys + attn(keys_pe, tokens_pe, tokens)``: image tokens (1 or B, S, C) attend to the
     (B, T, C) prompt tokens; returns (B, S, C).
 
-    With the projections folded into the tokens (:func:`_image_to_token_factors`) this is a
+    With the projections folded into the tokens (:func:`image_to_token_factors`) this is a
     score product, a softmax over the T tokens per head and a value product that also adds
     the residual (into ``keys`` itself when ``inplace``). A shared image (batch 1) is scored
     against all prompts in one product.
@@ -240,7 +198,7 @@ def image_to_token_residual(
     b, t, c = tokens.shape
     h = attn.num_heads
     n = t * h
-    k, bias, v = _image_to_token_factors(attn, tokens_pe, tokens)
+    k, bias, v = image_to_token_factors(attn, tokens_pe, tokens)
     s = keys.shape[1]
     scores = _buffer(scratch, "scores", (s, b * n), keys)
     probs = _buffer(scratch, "probs", (s, b, t, h), keys)
@@ -260,38 +218,12 @@ def image_to_token_residual(
     return torch.baddbmm(keys, probs, v, out=_buffer(scratch, "residual", (b, s, c), keys))
 
 
-class TwoWayAttentionBlock(nn.Module):
+class TwoWayAttentionBlock(TwoWayAttentionBlockBase):
     """Self-attention of tokens, token-to-image and image-to-token cross attention, MLP."""
 
-    def __init__(
-        self,
-        embedding_dim: int,
-        num_heads: int,
-        mlp_dim: int = 2048,
-        attention_downsample_rate: int = 2,
-        skip_first_layer_pe: bool = False,
-    ) -> None:
-        super().__init__()
-        self.self_attn = Attention(embedding_dim, num_heads)
-        self.norm1 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_token_to_image = Attention(
-            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
-        )
-        self.norm2 = nn.LayerNorm(embedding_dim)
-        self.mlp = MLPBlock(embedding_dim, mlp_dim, embedding_dim, 1)
-        self.norm3 = nn.LayerNorm(embedding_dim)
-        self.norm4 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_image_to_token = Attention(
-            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
-        )
-        self.skip_first_layer_pe = skip_first_layer_pe
-
-    def shared_image_projections(self, keys: Tensor, key_pe: Tensor) -> tuple[Tensor, ...]:
-        """Prompt-independent work on image tokens (1, S, C) shared by many prompts:
-        (keys + key_pe, token-to-image keys, token-to-image values)."""
-        keys_pe = keys + key_pe
-        t2i = self.cross_attn_token_to_image
-        return keys_pe, t2i.k_proj(keys_pe), t2i.v_proj(keys)
+    @staticmethod
+    def make_mlp(embedding_dim: int, mlp_dim: int) -> nn.Module:
+        return MLPBlock(embedding_dim, mlp_dim, embedding_dim, 1)
 
     def forward(
         self,
@@ -346,32 +278,10 @@ class TwoWayAttentionBlock(nn.Module):
         )
 
 
-class TwoWayTransformer(nn.Module):
+class TwoWayTransformer(TwoWayTransformerBase):
     """Stack of two-way attention blocks and a final token-to-image attention."""
 
-    def __init__(
-        self,
-        depth: int = 2,
-        embedding_dim: int = 256,
-        num_heads: int = 8,
-        mlp_dim: int = 2048,
-        attention_downsample_rate: int = 2,
-    ) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(
-                embedding_dim,
-                num_heads,
-                mlp_dim,
-                attention_downsample_rate,
-                skip_first_layer_pe=(i == 0),
-            )
-            for i in range(depth)
-        )
-        self.final_attn_token_to_image = Attention(
-            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
-        )
-        self.norm_final_attn = nn.LayerNorm(embedding_dim)
+    block = TwoWayAttentionBlock
 
     def prepare(self, image_embedding: Tensor, image_pe: Tensor, num_prompts: int) -> dict:
         """Prompt-independent context for :meth:`forward_prepared`.
@@ -577,19 +487,10 @@ class MaskDecoder(nn.Module):
                         else mod(x)
                     )
         k = hyper_in.shape[1]
-        n_up = len(layers)
         masks = torch.matmul(
             hyper_in, x.transpose(1, 2), out=_buffer(scratch, "masks", (b, k, x.shape[1]), x)
         )  # (B, K, pixels)
-        # token index (i, j, a1, b1, a2, b2, ...) -> row (i, a1, a2, ...), column (j, b1, b2, ...)
-        sub = [2, 2] * n_up
-        masks = masks.view(b, k, h, w, *sub)
-        masks = masks.permute(0, 1, 2, *range(4, 4 + 2 * n_up, 2), 3, *range(5, 5 + 2 * n_up, 2))
-        size = (b, k, h * 2**n_up, w * 2**n_up)
-        if out is None:
-            return masks.reshape(size)
-        out.view(b, k, h, *sub[:n_up], w, *sub[:n_up]).copy_(masks)
-        return out
+        return subpixel_to_image(masks, h, w, len(layers), out)
 
 
 def _conv_transpose_2x2(
@@ -600,12 +501,9 @@ def _conv_transpose_2x2(
     Output token 4p + 2a + b is the sub-pixel (a, b) of input pixel p. An input with one extra
     channel holds ones (see :func:`_norm_act_fast`): the bias is then part of the product.
     """
-    c_in, c_out, kh, kw = conv.weight.shape
-    if (kh, kw) != (2, 2) or conv.stride != (2, 2) or conv.padding != (0, 0):
-        raise ValueError("only kernel 2, stride 2, no padding transposed convolutions")
+    weight, bias = conv_transpose_2x2_linear(conv)
+    c_out, c_in = weight.shape[0] // 4, weight.shape[1]
     b, p, c = x.shape
-    weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in)
-    bias = conv.bias.repeat(4) if conv.bias is not None else None
     out = _buffer(scratch, name, (b * p, 4 * c_out), x)
     if c == c_in + 1:
         if bias is None:

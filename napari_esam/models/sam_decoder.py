@@ -26,7 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import Attention, LayerNorm2d, PositionEmbeddingRandom
+from .common import Attention, LayerNorm2d
+from .decoder_ops import (
+    PromptEncoderBase,
+    TwoWayAttentionBlockBase,
+    TwoWayTransformerBase,
+    conv_transpose_2x2_linear,
+    image_to_token_factors,
+    subpixel_to_image,
+    token_to_image_shared,
+    values_through_output,
+)
 
 
 class MLPBlock(nn.Module):
@@ -60,7 +70,7 @@ class MLP(nn.Module):
         return x
 
 
-class PromptEncoder(nn.Module):
+class PromptEncoder(PromptEncoderBase):
     """Sparse (points, box corners) and dense (mask / no-mask) prompt embeddings of SAM."""
 
     def __init__(
@@ -70,11 +80,7 @@ class PromptEncoder(nn.Module):
         input_image_size: tuple[int, int] = (1024, 1024),
         mask_in_chans: int = 16,
     ) -> None:
-        super().__init__()
-        self.embed_dim = embed_dim
-        self.image_embedding_size = image_embedding_size
-        self.input_image_size = input_image_size
-        self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
+        super().__init__(embed_dim, image_embedding_size, input_image_size)
         # 0: background point, 1: foreground point, 2: box top-left, 3: box bottom-right
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
@@ -88,10 +94,6 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
-
-    def get_dense_pe(self) -> Tensor:
-        """Positional encoding of the image embedding grid, (1, C, h, w)."""
-        return self.pe_layer.dense(*self.image_embedding_size)[None]
 
     def embed_points(self, coords: Tensor, labels: Tensor) -> Tensor:
         """(B, N, 2) pixel (x, y) in the model input frame, (B, N) labels -> (B, N, C).
@@ -127,21 +129,9 @@ class SharedImage(NamedTuple):
 
     keys: Tensor  # (1, L, C) image tokens (embedding + dense prompt)
     keys_pe: Tensor  # (1, L, C) image tokens + positional encoding
-    t2i_k: Tensor  # (1, heads, L, d) token-to-image key projection of keys_pe
-    t2i_v: Tensor  # (1, heads, L, d) token-to-image value projection of keys
+    t2i_k: Tensor  # (1, L, heads * d) token-to-image key projection of keys_pe
+    t2i_v: Tensor  # (1, L, heads * d) token-to-image value projection of keys
     i2t_q: Tensor  # (L, heads * d) image-to-token query projection of keys_pe
-
-
-def token_to_image_shared(attn: Attention, q_in: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """``attn(q_in, ., .)`` for B token rows (B, T, C) against one image's projected k, v.
-
-    Attention rows are independent, so every row's queries are stacked into one batch.
-    """
-    b, t, _ = q_in.shape
-    h = attn.num_heads
-    q = attn.q_proj(q_in).unflatten(-1, (h, -1)).permute(2, 0, 1, 3).reshape(1, h, b * t, -1)
-    out = F.scaled_dot_product_attention(q, k, v)
-    return attn.out_proj(out.reshape(h, b, t, -1).permute(1, 2, 0, 3).flatten(2))
 
 
 def token_to_image_rows(attn: Attention, q_in: Tensor, keys: Tensor, keys_pe: Tensor) -> Tensor:
@@ -162,20 +152,6 @@ def token_to_image_rows(attn: Attention, q_in: Tensor, keys: Tensor, keys_pe: Te
     wv = attn.v_proj.weight.view(h, d, c)
     out = torch.einsum("bhtc,hdc->bthd", z, wv) + attn.v_proj.bias.view(h, d)
     return attn.out_proj(out.flatten(2))
-
-
-def _values_through_output(attn: Attention, v_in: Tensor) -> Tensor:
-    """(B, T, C) -> (B, T*heads, C): ``W_o,h v_th + b_o / heads`` per (token, head).
-
-    Since each head's attention weights sum to one, ``sum_(t,h) p_th u_th`` equals the
-    output projection of the attention output, bias included.
-    """
-    b, t, c = v_in.shape
-    h = attn.num_heads
-    v = attn.v_proj(v_in).unflatten(-1, (h, -1))
-    wo = attn.out_proj.weight.view(c, h, -1)
-    u = torch.einsum("bthd,chd->bthc", v, wo) + attn.out_proj.bias / h
-    return u.reshape(b, t * h, c)
 
 
 def _attend_image_to_token(keys: Tensor, scores: Tensor, u: Tensor, t: int) -> Tensor:
@@ -199,7 +175,7 @@ def image_to_token_shared(
     eye = torch.eye(h, device=k.device, dtype=k.dtype)
     kbd = torch.einsum("bthd,gh->btghd", k * k.shape[-1] ** -0.5, eye)
     scores = (kbd.reshape(b * t * h, -1) @ q.T).view(b, t * h, -1)
-    return _attend_image_to_token(keys, scores, _values_through_output(attn, v_in), t)
+    return _attend_image_to_token(keys, scores, values_through_output(attn, v_in), t)
 
 
 def image_to_token_rows(
@@ -207,54 +183,25 @@ def image_to_token_rows(
 ) -> Tensor:
     """``keys + attn(q=keys_pe, k=k_in, v=v_in)``; keys/keys_pe (B or 1, L, C).
 
-    The image tokens are not projected: ``(W_q x + b_q) . k = x . (W_q^T k) + b_q . k``.
-    Returns (B, L, C).
+    The image tokens are not projected (:func:`image_to_token_factors`). Returns (B, L, C).
     """
-    b, t, c = k_in.shape
-    h = attn.num_heads
-    k = attn.k_proj(k_in).unflatten(-1, (h, -1))
-    d = k.shape[-1]
-    wq = attn.q_proj.weight.view(h, d, c) * d**-0.5
-    kt = torch.einsum("bthd,hdc->bthc", k, wq).reshape(b, t * h, c)
-    kb = torch.einsum("bthd,hd->bth", k, attn.q_proj.bias.view(h, d) * d**-0.5)
+    b, t, _ = k_in.shape
+    kt, kb, u = image_to_token_factors(attn, k_in, v_in)
     keys_pe = keys_pe.expand(b, -1, -1).transpose(1, 2)
-    scores = torch.baddbmm(kb.reshape(b, t * h, 1), kt, keys_pe)
-    return _attend_image_to_token(keys, scores, _values_through_output(attn, v_in), t)
+    scores = torch.baddbmm(kb.transpose(1, 2), kt.transpose(1, 2), keys_pe)
+    return _attend_image_to_token(keys, scores, u, t)
 
 
-class TwoWayAttentionBlock(nn.Module):
+class TwoWayAttentionBlock(TwoWayAttentionBlockBase):
     """Self-attention of tokens, token-to-image, MLP, image-to-token (post-norm)."""
 
-    def __init__(
-        self,
-        embedding_dim: int,
-        num_heads: int,
-        mlp_dim: int = 2048,
-        attention_downsample_rate: int = 2,
-        skip_first_layer_pe: bool = False,
-    ) -> None:
-        super().__init__()
-        self.self_attn = Attention(embedding_dim, num_heads)
-        self.norm1 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_token_to_image = Attention(
-            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
-        )
-        self.norm2 = nn.LayerNorm(embedding_dim)
-        self.mlp = MLPBlock(embedding_dim, mlp_dim)
-        self.norm3 = nn.LayerNorm(embedding_dim)
-        self.norm4 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_image_to_token = Attention(
-            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
-        )
-        self.skip_first_layer_pe = skip_first_layer_pe
+    @staticmethod
+    def make_mlp(embedding_dim: int, mlp_dim: int) -> nn.Module:
+        return MLPBlock(embedding_dim, mlp_dim)
 
     def share(self, keys: Tensor, key_pe: Tensor) -> SharedImage:
         """Prompt-independent projections of one image's tokens keys (1, L, C)."""
-        h = self.cross_attn_token_to_image.num_heads
-        keys_pe = keys + key_pe
-        t2i = self.cross_attn_token_to_image
-        k = t2i.k_proj(keys_pe).unflatten(-1, (h, -1)).transpose(1, 2)
-        v = t2i.v_proj(keys).unflatten(-1, (h, -1)).transpose(1, 2)
+        keys_pe, k, v = self.shared_image_projections(keys, key_pe)
         q = self.cross_attn_image_to_token.q_proj(keys_pe[0])
         return SharedImage(keys, keys_pe, k, v, q)
 
@@ -292,28 +239,10 @@ class TwoWayAttentionBlock(nn.Module):
         return queries, self.norm4(keys)
 
 
-class TwoWayTransformer(nn.Module):
+class TwoWayTransformer(TwoWayTransformerBase):
     """SAM's two-way transformer: tokens and image tokens attend to each other."""
 
-    def __init__(
-        self,
-        depth: int = 2,
-        embedding_dim: int = 256,
-        num_heads: int = 8,
-        mlp_dim: int = 2048,
-        attention_downsample_rate: int = 2,
-    ) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(
-                embedding_dim, num_heads, mlp_dim, attention_downsample_rate, i == 0
-            )
-            for i in range(depth)
-        )
-        self.final_attn_token_to_image = Attention(
-            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
-        )
-        self.norm_final_attn = nn.LayerNorm(embedding_dim)
+    block = TwoWayAttentionBlock
 
     @staticmethod
     def _tokens(x: Tensor) -> Tensor:
@@ -431,14 +360,11 @@ class MaskDecoder(nn.Module):
         block, so it is a per-position Linear (channels-last, sub-pixel order (di, dj, c)).
         """
         up1, norm, _, up2, _ = self.output_upscaling
-        b, k, _ = hyper_in.shape
+        b = hyper_in.shape[0]
         h, w = out.shape[-2] // 4, out.shape[-1] // 4
         c1, c2 = up1.out_channels, up2.out_channels
-        w1 = up1.weight.permute(2, 3, 1, 0).reshape(4 * c1, -1)
-        y = F.linear(keys, w1, up1.bias.repeat(4)).view(b, -1, c1)
+        y = F.linear(keys, *conv_transpose_2x2_linear(up1)).view(b, -1, c1)
         y = _gelu_(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
-        w2 = up2.weight.permute(2, 3, 1, 0).reshape(4 * c2, -1)
-        y = _gelu_(F.linear(y, w2, up2.bias.repeat(4))).view(b, -1, c2)
+        y = _gelu_(F.linear(y, *conv_transpose_2x2_linear(up2))).view(b, -1, c2)
         m = hyper_in @ y.transpose(1, 2)  # (B, K, h*w*16) ordered (i, j, di, dj, ei, ej)
-        m = m.view(b, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
-        out.view(b, k, h, 2, 2, w, 2, 2).copy_(m)
+        subpixel_to_image(m, h, w, 2, out)

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..core.engine import ModelInfoMixin
 from ..core.tiling import HALO, TILE, TILING_THRESHOLD, needs_tiling
 from .workers import Progress, Runner, run_sync
 
@@ -103,7 +104,7 @@ class Engine(Protocol):
         """
 
 
-class SamEngine:
+class SamEngine(ModelInfoMixin):
     """Whole-plane engine over :class:`~napari_esam.core.predictor.Predictor`.
 
     The plane is resized to the model's 1024-pixel input (longest side), so planes larger
@@ -119,18 +120,6 @@ class SamEngine:
         self._encoder = Predictor(model)  # used by one worker at a time
         self._decoder = Predictor(model)  # used on the GUI thread
         self._current: Embedding | None = None
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def max_points(self) -> int | None:
-        return self.model.max_points
-
-    @property
-    def has_negative_point_embedding(self) -> bool:
-        return bool(self.model.has_negative_point_embedding)
 
     @property
     def encoder_calls(self) -> int:
