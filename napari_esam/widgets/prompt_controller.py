@@ -7,7 +7,7 @@ decoded mask in a preview Labels layer and commits it to an output Labels layer 
 napari's undo history. It works on a ``napari.Viewer`` or a bare ``napari.components.
 ViewerModel``; the Qt view (:mod:`.prompt`) only forwards user input to it.
 
-Conventions (documented in ``docs/prompt_widget.md``):
+Conventions (documented in the README, "Interactive segmentation in napari"):
 
 * A point's polarity is its ``label`` feature: ``"positive"`` (green) or ``"negative"``
   (red); a points layer without that feature counts every point as positive.
@@ -17,7 +17,10 @@ Conventions (documented in ``docs/prompt_widget.md``):
 
 The model is reached only through an :class:`Engine` (``embed`` a plane, ``predict`` masks
 from prompts on an embedding), built by an injectable factory: the default
-:class:`SamEngine` resizes the plane to the model's 1024 input; a tiled engine can replace it.
+:class:`SamEngine` resizes the plane to the model's 1024 input. In tiled mode (``set_tiling``;
+automatic for planes with a side over 2048 px) the engine's model is wrapped in a
+:class:`~napari_esam.core.tiled_predictor.TiledEngine`: prompts are answered at full
+resolution from the tile under them, and tile encoding *and* decoding run in the worker.
 Heavy work (building the model, encoding) runs through a :data:`~.workers.Runner`:
 synchronously by default, in a napari thread worker in the widget.
 """
@@ -49,7 +52,7 @@ DEVICES = ("auto", "cuda", "cpu")
 #: tiled mode: "auto" tiles planes whose longer side exceeds ``TILED_THRESHOLD`` pixels
 TILED_MODES = ("auto", "on", "off")
 TILED_THRESHOLD = TILING_THRESHOLD
-#: keys bound on the prompt layers (documented in docs/prompt_widget.md)
+#: keys bound on the prompt layers (documented in the README)
 KEYS = {
     "toggle_polarity": "n",
     "next_mask": "m",
