@@ -107,9 +107,12 @@ def test_invalid_tiling_settings_are_rejected():
     _, ctrl, _, _ = make_large()
     with pytest.raises(ValueError, match="tiled mode"):
         ctrl.set_tiling("sometimes")
-    with pytest.raises(ValueError, match="more than twice the halo"):
-        ctrl.set_tiling(tile=256, halo=128)
-    assert (ctrl.tile, ctrl.halo) == (1024, 256)  # unchanged
+    with pytest.raises(ValueError, match=r"halo \(the overlap between tiles\) must be in 0..128"):
+        ctrl.set_tiling("off", tile=256, halo=200)
+    with pytest.raises(ValueError, match="tile must be at least 16"):
+        ctrl.set_tiling(tile=8, halo=0)
+    # nothing of a refused call is applied
+    assert (ctrl.tiled_mode, ctrl.tile, ctrl.halo) == ("auto", 1024, 256)
 
 
 def test_stack_slices_are_tiled_per_plane_with_scale():
@@ -247,3 +250,14 @@ def test_rgb_and_transposed_views_are_tiled_at_the_right_place():
     assert not data[0].any()
     r, c = centre(data[1] == 1)  # data axes: (axis 1, axis 2)
     assert abs(r - 2000) < 1 and abs(c - 150) < 1
+
+
+def test_new_image_data_is_encoded_again_even_in_the_same_array():
+    _, ctrl, factory, layer = make_large()
+    add_point(ctrl, (1200, 1300))
+    assert factory.model.encode_calls == 1
+    data = layer.data
+    data[:] = data[::-1].copy()  # edited in place, then handed back to the layer
+    layer.data = data
+    assert ctrl.preview_mask() is not None
+    assert factory.model.encode_calls == 2  # the tile was not served from a stale cache

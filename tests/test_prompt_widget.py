@@ -332,12 +332,12 @@ def test_tiled_mode_controls_and_tile_encoding_off_the_gui_thread(make_napari_vi
     assert widget.tiled_combo.currentData() == "auto"
     assert widget.note_label.text() == ""  # auto tiles this image: no resize warning
     widget.halo_spin.setValue(300)
-    widget.halo_spin.editingFinished.emit()  # 2 x 300 > 512 below: refused later
+    widget.halo_spin.editingFinished.emit()  # 300 > 512 / 2 below: refused later
     assert ctrl.halo == 300
     widget.tile_spin.setValue(512)
     widget.tile_spin.editingFinished.emit()
     assert (ctrl.tile, ctrl.halo) == (1024, 300)
-    assert "more than twice the halo" in widget.status_label.text()
+    assert "must be in 0..256 for tile 512" in widget.status_label.text()
     assert widget.tile_spin.value() == 1024  # the spin box shows the setting in force
     widget.halo_spin.setValue(128)
     widget.halo_spin.editingFinished.emit()

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..core.engine import ModelInfoMixin
-from ..core.tiling import HALO, TILE, TILING_THRESHOLD, needs_tiling
+from ..core.tiling import HALO, TILE, TILING_THRESHOLD, TileGrid, needs_tiling
 from .workers import Progress, Runner, run_sync
 
 POSITIVE = "positive"
@@ -684,17 +684,13 @@ class PromptController:
         """Tiled-mode settings: ``mode`` ``"auto"`` (planes whose longer side exceeds
         ``threshold`` px), ``"on"`` or ``"off"``; ``tile``/``halo`` in pixels; ``store`` an
         embedding store path (as written by ``napari-esam embed``; ``None``: none)."""
-        if mode is not None:
-            if mode not in TILED_MODES:
-                raise ValueError(f"tiled mode must be one of {TILED_MODES}, not {mode!r}")
-            self.tiled_mode = mode
+        if mode is not None and mode not in TILED_MODES:
+            raise ValueError(f"tiled mode must be one of {TILED_MODES}, not {mode!r}")
         tile = self.tile if tile is None else int(tile)
         halo = self.halo if halo is None else int(halo)
-        if tile < 64 or halo < 0 or 2 * halo >= tile:
-            raise ValueError(
-                f"tile {tile} / halo {halo}: the tile must be at least 64 px and more than "
-                "twice the halo"
-            )
+        TileGrid((tile, tile), tile, halo)  # the grid's own checks (ValueError), before any change
+        if mode is not None:
+            self.tiled_mode = mode
         self.tile, self.halo = tile, halo
         if store is not ...:
             self.embedding_store = str(store) if store else None
@@ -1414,6 +1410,8 @@ class PromptController:
     def _on_image_data(self, event: Any = None) -> None:
         self._data_version += 1
         self._decoded = None
+        # tile caches are keyed by the array object, which may have been changed in place
+        self._tiled_engines.clear()
         self.update()
 
     def _on_contrast(self, event: Any = None) -> None:
