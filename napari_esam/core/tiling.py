@@ -98,6 +98,24 @@ def needs_tiling(
     return max(h, w) > int(threshold)
 
 
+#: tiled-mode choices: ``"auto"`` (planes with a side over the threshold), ``"on"``, ``"off"``
+TILED_MODES = ("auto", "on", "off")
+
+
+def use_tiling(
+    mode: str, shape: Sequence[int], rgb: bool | None = None,
+    threshold: int = TILING_THRESHOLD,
+) -> bool:
+    """Whether tiled mode ``mode`` tiles an image of ``shape`` (``rgb``: the last axis is
+    colour): ``"on"`` always, ``"off"`` never, ``"auto"`` when a plane has a side longer
+    than ``threshold`` px (:func:`needs_tiling`)."""
+    if mode not in TILED_MODES:
+        raise ValueError(f"tiled mode must be one of {TILED_MODES}, not {mode!r}")
+    if mode == "auto":
+        return needs_tiling(tuple(shape), threshold, rgb)
+    return mode == "on"
+
+
 def read_window(
     data: Any, window: Window, index: tuple[int, ...] = (), rgb: bool = False
 ) -> np.ndarray:

@@ -35,11 +35,10 @@ from superqt import QCollapsible
 
 from ..core.batch import BatchProgress, BatchResult, EverythingParams
 from ..core.tiled_batch import TiledBatchResult, TiledProgress
-from ..core.tiling import HALO, TILE, TILING_THRESHOLD
+from ..core.tiling import HALO, TILE, TILED_MODES, TILING_THRESHOLD
 from ..models.registry import MODEL_NAMES
 from .batch_controller import (
     EXECUTORS,
-    TILED_MODES,
     EverythingController,
     EverythingForm,
     counts_rows,

@@ -51,7 +51,7 @@ from ..core.tiled_batch import (
     prepare_tiled_batch,
     tiled_record,
 )
-from ..core.tiling import HALO, TILE, TILING_THRESHOLD, needs_tiling
+from ..core.tiling import HALO, TILE, use_tiling
 
 #: ``stack_axis`` value meaning "every axis but the image plane"
 AUTO_AXIS = None
@@ -61,21 +61,6 @@ EXECUTORS = (
     ("local-cluster", "local Dask cluster"),
     ("scheduler", "Dask scheduler"),
 )
-#: tiled mode: "auto" tiles planes with a side longer than ``TILING_THRESHOLD`` pixels
-TILED_MODES = ("auto", "on", "off")
-
-
-def use_tiling(mode: str, shape: Any, rgb: bool | None = None,
-               threshold: int = TILING_THRESHOLD) -> bool:
-    """Whether tiled mode ``mode`` tiles an image of ``shape`` (``rgb``: the last axis is
-    colour): ``"on"`` always, ``"off"`` never, ``"auto"`` when a plane has a side longer
-    than ``threshold`` px (:func:`~napari_esam.core.tiling.needs_tiling`)."""
-    if mode not in TILED_MODES:
-        raise ValueError(f"tiled mode must be one of {TILED_MODES}, not {mode!r}")
-    if mode == "auto":
-        return needs_tiling(tuple(shape), threshold, rgb)
-    return mode == "on"
-
 
 @dataclass
 class EverythingForm:

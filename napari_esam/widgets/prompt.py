@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..core.tiling import use_tiling
 from ..models.registry import MODEL_NAMES
 from .prompt_controller import (
     DEVICES,
@@ -482,11 +483,9 @@ class PromptWidget(QWidget):
             )
         ctrl = self.controller
         layer = ctrl.image_layer
-        side = max(spatial_shape(layer)[-2:]) if layer is not None else 0
-        tiled = ctrl.tiled_mode == "on" or (
-            ctrl.tiled_mode == "auto" and side > ctrl.tiled_threshold
-        )
-        if side > 1024 and not tiled:
+        shape = spatial_shape(layer)[-2:] if layer is not None else (0, 0)
+        tiled = use_tiling(ctrl.tiled_mode, shape, threshold=ctrl.tiled_threshold)
+        if max(shape) > 1024 and not tiled:
             notes.append(
                 "This image is larger than 1024 px: each slice is resized to 1024 px for the "
                 "model. Turn tiled mode on for full resolution."

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..core.engine import ModelInfoMixin
-from ..core.tiling import HALO, TILE, TILING_THRESHOLD, TileGrid, needs_tiling
+from ..core.tiling import HALO, TILE, TILED_MODES, TILING_THRESHOLD, TileGrid, use_tiling
 from .workers import Progress, Runner, run_sync
 
 POSITIVE = "positive"
@@ -50,7 +50,6 @@ POINTS_NAME = "ESAM points"
 BOXES_NAME = "ESAM boxes"
 DEVICES = ("auto", "cuda", "cpu")
 #: tiled mode: "auto" tiles planes whose longer side exceeds ``TILED_THRESHOLD`` pixels
-TILED_MODES = ("auto", "on", "off")
 TILED_THRESHOLD = TILING_THRESHOLD
 #: keys bound on the prompt layers (documented in the README)
 KEYS = {
@@ -661,9 +660,7 @@ class PromptController:
 
     def is_tiled(self, plane: Plane) -> bool:
         """Whether ``plane`` is segmented in tiled mode (full resolution, tile by tile)."""
-        if self.tiled_mode == "auto":
-            return needs_tiling(plane.shape, self.tiled_threshold)
-        return self.tiled_mode == "on"
+        return use_tiling(self.tiled_mode, plane.shape, threshold=self.tiled_threshold)
 
     def tiling_key(self, plane: Plane) -> tuple | None:
         """The tiling settings used for ``plane`` (``None``: the whole-plane engine)."""
