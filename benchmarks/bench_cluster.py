@@ -52,7 +52,7 @@ def save_checkpoint(path: Path) -> None:
 
 def _warm(spec) -> int:
     """Import and build the model in a worker (before timing)."""
-    from napari_esam.core.batch import get_model
+    from napari_esam.core.runs.pipeline import get_model
 
     get_model(spec)
     return os.getpid()
@@ -61,7 +61,7 @@ def _warm(spec) -> int:
 def time_runs(src: Path, settings, workdir: Path, tag: str, repeats: int,
               executor=None) -> tuple[float, np.ndarray]:
     """Median seconds of ``repeats`` whole-stack runs, and the labels of the last one."""
-    from napari_esam.core.batch import run_batch
+    from napari_esam.core.runs.pipeline import run_batch
 
     times = []
     labels = None
@@ -87,8 +87,8 @@ def main() -> None:
 
     import torch
 
-    from napari_esam.core.batch import BatchSettings, EverythingParams, ModelSpec
-    from napari_esam.core.cluster import DaskExecutor
+    from napari_esam.core.runs.cluster import DaskExecutor
+    from napari_esam.core.runs.pipeline import BatchSettings, EverythingParams, ModelSpec
 
     cores = os.cpu_count() or 1
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-cluster-"))
@@ -105,7 +105,7 @@ def main() -> None:
     rows = []
     differ: list[str] = []
     torch.set_num_threads(cores)
-    from napari_esam.core.batch import get_model
+    from napari_esam.core.runs.pipeline import get_model
 
     get_model(spec)
     secs, reference = time_runs(src, settings, workdir, "inprocess", args.repeats)

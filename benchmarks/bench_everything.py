@@ -42,8 +42,8 @@ def main() -> None:
     import torch
 
     from napari_esam import build_model, synthetic_state_dict
-    from napari_esam.core.everything import segment_everything
-    from napari_esam.core.predictor import Predictor
+    from napari_esam.core.plane.everything import segment_everything
+    from napari_esam.core.plane.predictor import Predictor
 
     torch.set_num_threads(args.threads)
     image = np.ascontiguousarray(skimage.data.retina()[193:1217, 193:1217])

@@ -10,7 +10,7 @@ tifffile, without importing stardist, from (first found):
 * an installed ``stardist`` package (located with ``importlib.util.find_spec``, which does
   not import it).
 
-Prints, for ``objects`` (:func:`napari_esam.core.object_prompts.detect_object_prompts`)
+Prints, for ``objects`` (:func:`napari_esam.core.plane.object_prompts.detect_object_prompts`)
 and the 16x16 and 32x32 grids of segment-everything: the number of prompts, the fraction of
 ground-truth nuclei with at least one prompt inside, prompts on the background, and with
 ``--everything`` the end-to-end segment-everything time (MobileSAM, synthetic weights:
@@ -107,7 +107,7 @@ def coverage(points: np.ndarray, labels: np.ndarray) -> tuple[float, int, int]:
 
 def evaluate_prompts(image: np.ndarray, labels: np.ndarray) -> list[dict]:
     """Rows: prompts, coverage, background prompts and detection time per prompt set."""
-    from napari_esam.core.object_prompts import detect_object_prompts
+    from napari_esam.core.plane.object_prompts import detect_object_prompts
 
     t0 = time.perf_counter()
     objects = detect_object_prompts(image, **DETECTOR)
@@ -129,9 +129,9 @@ def time_everything(image: np.ndarray, threads: int = 2, device: str = "cpu") ->
     and with the 32x32 grid, MobileSAM synthetic weights, reference timing settings."""
     import torch
 
-    from napari_esam.core.everything import segment_everything
-    from napari_esam.core.object_prompts import segment_everything_objects
-    from napari_esam.core.predictor import Predictor
+    from napari_esam.core.plane.everything import segment_everything
+    from napari_esam.core.plane.object_prompts import segment_everything_objects
+    from napari_esam.core.plane.predictor import Predictor
     from napari_esam.models.loading import build_model
     from napari_esam.models.synthetic import synthetic_state_dict
 

@@ -264,8 +264,7 @@ def _torchvision_shim() -> None:
     import numpy as np
     from PIL import Image
 
-    from napari_esam.core import amg_utils as U
-
+    from napari_esam.core.plane import amg_utils as U
     tv = types.ModuleType("torchvision")
     ops = types.ModuleType("torchvision.ops")
     boxes = types.ModuleType("torchvision.ops.boxes")
@@ -313,8 +312,8 @@ def job_reference(args: argparse.Namespace) -> dict:
     _torchvision_shim()
     from segment_anything import SamAutomaticMaskGenerator
 
-    from napari_esam.core.everything import segment_everything
-    from napari_esam.core.predictor import Predictor
+    from napari_esam.core.plane.everything import segment_everything
+    from napari_esam.core.plane.predictor import Predictor
 
     torch.set_num_threads(args.threads)
     model = _synthetic_model("mobilesam", args.device)
@@ -399,8 +398,8 @@ def _plain_everything(image: Any, model: Any, grid: int) -> list[dict]:
     import numpy as np
     import torch
 
-    from napari_esam.core import amg_utils as U
-    from napari_esam.core.predictor import Predictor
+    from napari_esam.core.plane import amg_utils as U
+    from napari_esam.core.plane.predictor import Predictor
 
     pred = Predictor(model)
     pred.set_image(image)
@@ -445,8 +444,8 @@ def job_everything(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from napari_esam.core.everything import segment_everything
-    from napari_esam.core.predictor import Predictor
+    from napari_esam.core.plane.everything import segment_everything
+    from napari_esam.core.plane.predictor import Predictor
 
     torch.set_num_threads(args.threads)
     model = _synthetic_model("mobilesam", args.device)
@@ -537,10 +536,10 @@ def job_batch(args: argparse.Namespace) -> dict:
     import torch
 
     from napari_esam._sample_data import synthetic_nuclei
-    from napari_esam.core.batch import BatchSettings, EverythingParams, ModelSpec, run_batch
-    from napari_esam.core.everything import segment_everything
-    from napari_esam.core.labels import masks_to_labels
-    from napari_esam.core.predictor import Predictor
+    from napari_esam.core.plane.everything import segment_everything
+    from napari_esam.core.plane.labels import masks_to_labels
+    from napari_esam.core.plane.predictor import Predictor
+    from napari_esam.core.runs.pipeline import BatchSettings, EverythingParams, ModelSpec, run_batch
 
     torch.set_num_threads(args.threads)
     stack = np.stack([synthetic_nuclei(seed=s)[0] for s in range(5)])
@@ -582,7 +581,7 @@ def job_dtype(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from napari_esam.core.predictor import Predictor
+    from napari_esam.core.plane.predictor import Predictor
 
     if not torch.cuda.is_available() or args.device == "cpu":
         return {"rows": [_row("dtype", "-", "float16/bfloat16", None,

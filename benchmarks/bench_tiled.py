@@ -72,7 +72,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
     import zarr
 
-    from napari_esam.core.tiled_everything import segment_everything_tiled
+    from napari_esam.core.tiling.merge import segment_everything_tiled
     from napari_esam.models.loading import build_model
     from napari_esam.models.synthetic import synthetic_state_dict
 

@@ -44,7 +44,7 @@ class ClassicalDemoEngine:
     def embed(self, image: np.ndarray, contrast_limits: Any) -> np.ndarray:
         from scipy import ndimage as ndi
 
-        from napari_esam.core.image import to_model_rgb
+        from napari_esam.core.plane.image import to_model_rgb
 
         self.encoder_calls += 1
         gray = to_model_rgb(image, contrast_limits).mean(axis=2)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_esam._sample_data import synthetic_nuclei
-from napari_esam.core.batch import (
+from napari_esam.core.runs.pipeline import (
     BatchSettings,
     EverythingParams,
     ModelSpec,

@@ -17,12 +17,12 @@ _EXPORTS = {
     "checkpoint_path": "napari_esam.models.weights",
     "CheckpointError": "napari_esam.models.weights",
     "synthetic_state_dict": "napari_esam.models.synthetic",
-    "Predictor": "napari_esam.core.predictor",
-    "to_model_rgb": "napari_esam.core.image",
-    "segment_everything": "napari_esam.core.everything",
-    "masks_to_labels": "napari_esam.core.labels",
-    "write_labels": "napari_esam.core.labels_io",
-    "read_labels": "napari_esam.core.labels_io",
+    "Predictor": "napari_esam.core.plane.predictor",
+    "to_model_rgb": "napari_esam.core.plane.image",
+    "segment_everything": "napari_esam.core.plane.everything",
+    "masks_to_labels": "napari_esam.core.plane.labels",
+    "write_labels": "napari_esam.core.io.label_files",
+    "read_labels": "napari_esam.core.io.label_files",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from napari_esam.core.labels_io import is_labels_export, read_labels
+from napari_esam.core.io.label_files import is_labels_export, read_labels
 
 LayerDataTuple = tuple[Any, dict, str]
 

@@ -1,4 +1,4 @@
-"""npe2 writers for Labels layers: thin adapters over :mod:`napari_esam.core.labels_io`.
+"""npe2 writers for Labels layers: thin adapters over :mod:`napari_esam.core.io.label_files`.
 
 napari's Save dialog asks the user before replacing an existing file and only then calls the
 writer, so these adapters pass ``overwrite=True`` (the core API's default is ``False``). The
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from napari_esam.core.labels_io import write_labels
+from napari_esam.core.io.label_files import write_labels
 
 
 def _axes_from_labels(axis_labels: Any, ndim: int) -> str | None:

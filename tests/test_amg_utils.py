@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from napari_esam.core import amg_utils as U
+from napari_esam.core.plane import amg_utils as U
 
 # ------------------------------------------------------------------------------ grids, crops
 

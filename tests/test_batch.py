@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_esam.core import batch as B
-from napari_esam.core.batch import (
+from napari_esam.core.runs import pipeline as B
+from napari_esam.core.runs.pipeline import (
     BATCH_ATTR,
     BatchSettings,
     EverythingParams,
@@ -177,7 +177,7 @@ def test_a_killed_process_keeps_finished_slices(tmp_path, stack, reference):
     script = textwrap.dedent(
         f"""
         import os, signal
-        from napari_esam.core.batch import *
+        from napari_esam.core.runs.pipeline import *
         s = BatchSettings(ModelSpec("blob", device="cpu", factory="tests.batch_fakes:BlobModel"),
                           EverythingParams(points_per_side=8, points_per_batch=64))
         def progress(ev):
@@ -236,7 +236,7 @@ def test_existing_foreign_outputs_are_not_clobbered(tmp_path, stack):
 
 
 def test_zarr_output_layout_is_chunked_per_slice_and_readable(tmp_path, stack, reference):
-    from napari_esam.core.labels_io import read_labels
+    from napari_esam.core.io.label_files import read_labels
 
     out = tmp_path / "lay.zarr"
     res = run_batch(stack[0], blob_settings(), out, scale=(2.0, 0.5, 0.5), name="cells")
@@ -487,8 +487,7 @@ def test_the_next_slice_is_read_while_the_current_one_is_segmented(stack, refere
     (checked by events, not timing); labels are unchanged."""
     import threading
 
-    from napari_esam.core import batch as B
-
+    from napari_esam.core.runs import pipeline as B
     source = StackSource.create(stack[0])
     read_done = {i: threading.Event() for i in range(5)}
     readers: dict[int, str] = {}

@@ -1,5 +1,5 @@
 """Tiled mode of the "Segment everything" controller (no Qt: a bare ``ViewerModel``) and
-:func:`~napari_esam.core.tiled_batch.run_tiled_batch`, with the fast blob model.
+:func:`~napari_esam.core.runs.tiled_batch.run_tiled_batch`, with the fast blob model.
 
 The reference is :func:`segment_everything_tiled` called directly on the same image; the
 controller's model comes from ``model_factory`` (:class:`CountingBlobModel` where encoder
@@ -14,18 +14,18 @@ import pytest
 import zarr
 from napari.components import ViewerModel
 
-from napari_esam.core import batch as B
-from napari_esam.core.batch import BatchResult, BatchSettings, EverythingParams, ModelSpec
-from napari_esam.core.tiled_batch import (
+from napari_esam.core.runs import pipeline as B
+from napari_esam.core.runs.pipeline import BatchResult, BatchSettings, EverythingParams, ModelSpec
+from napari_esam.core.runs.tiled_batch import (
     TILED_ATTR,
     TiledBatchResult,
     TiledOutputError,
     TiledProgress,
     run_tiled_batch,
 )
-from napari_esam.core.tiled_everything import TileScratch, segment_everything_tiled
-from napari_esam.core.tiling import TileGrid
-from napari_esam.widgets.batch_controller import (
+from napari_esam.core.tiling.grid import TileGrid
+from napari_esam.core.tiling.merge import TileScratch, segment_everything_tiled
+from napari_esam.widgets.everything.controller import (
     EverythingController,
     EverythingForm,
     progress_text,

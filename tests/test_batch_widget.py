@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_esam.core.batch import BATCH_ATTR, ZarrOutput
-from napari_esam.core.embedding_store import EmbeddingStore, read_signature
-from napari_esam.core.tiled_everything import segment_everything_tiled
-from napari_esam.core.tiling import TileGrid
-from napari_esam.widgets.batch import EverythingWidget
-from napari_esam.widgets.batch_controller import (
+from napari_esam.core.runs.pipeline import BATCH_ATTR, ZarrOutput
+from napari_esam.core.tiling.grid import TileGrid
+from napari_esam.core.tiling.merge import segment_everything_tiled
+from napari_esam.core.tiling.store import EmbeddingStore, read_signature
+from napari_esam.widgets.everything.controller import (
     EverythingController,
     EverythingForm,
     format_seconds,
     progress_text,
 )
+from napari_esam.widgets.everything.view import EverythingWidget
 from napari_esam.widgets.workers import run_sync
 from tests.batch_fakes import FAST, BlobModel, blob_stack
 from tests.tiled_fakes import FAST_TILED, HALO, TILE, blob_image
@@ -194,7 +194,7 @@ def test_widget_tiled_mode_controls_reach_the_controller_and_a_run_completes(
 
 
 def test_progress_text_and_time_format():
-    from napari_esam.core.batch import BatchProgress
+    from napari_esam.core.runs.pipeline import BatchProgress
 
     assert format_seconds(75) == "1:15" and format_seconds(3725) == "1:02:05"
     assert format_seconds(None) == "?"

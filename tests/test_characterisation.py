@@ -46,7 +46,7 @@ def test_same_partition_detects_split_and_merged_objects():
 
 @pytest.mark.parametrize("scope", ["stack", "slice"])
 def test_untiled_batch_labels_are_unchanged(pins, scope):
-    from napari_esam.core.batch import BatchSettings, EverythingParams, ModelSpec, run_batch
+    from napari_esam.core.runs.pipeline import BatchSettings, EverythingParams, ModelSpec, run_batch
 
     stack, _ = blob_stack(5)
     settings = BatchSettings(ModelSpec(name="blob", factory=BlobModel),
@@ -56,8 +56,8 @@ def test_untiled_batch_labels_are_unchanged(pins, scope):
 
 
 def test_segment_everything_records_are_unchanged(pins):
-    from napari_esam.core.everything import segment_everything
-    from napari_esam.core.predictor import Predictor
+    from napari_esam.core.plane.everything import segment_everything
+    from napari_esam.core.plane.predictor import Predictor
 
     stack, _ = blob_stack(5)
     records = segment_everything(stack[2], Predictor(BlobModel()), **FAST)
@@ -69,7 +69,7 @@ def test_segment_everything_records_are_unchanged(pins):
 
 
 def test_tiled_labels_keep_their_objects(pins):
-    from napari_esam.core.tiled_everything import segment_everything_tiled
+    from napari_esam.core.tiling.merge import segment_everything_tiled
 
     labels = segment_everything_tiled(blob_image((600, 700)), BlobModel(), tile=TILE,
                                       halo=HALO, **FAST_TILED)
@@ -81,8 +81,8 @@ def test_tiled_labels_keep_their_objects(pins):
 
 
 def test_prompt_masks_are_unchanged(pins):
-    from napari_esam.core.predictor import Predictor
-    from napari_esam.core.tiled_predictor import TiledPredictor
+    from napari_esam.core.plane.predictor import Predictor
+    from napari_esam.core.tiling.predictor import TiledPredictor
 
     plane = blob_image((600, 700))
     pred = Predictor(FakeModel())

@@ -9,9 +9,9 @@ import torch
 import zarr
 
 from napari_esam import cli
-from napari_esam.core.embedding_store import read_signature
-from napari_esam.core.tiled_predictor import TiledPredictor
-from napari_esam.core.tiling import TileGrid
+from napari_esam.core.tiling.grid import TileGrid
+from napari_esam.core.tiling.predictor import TiledPredictor
+from napari_esam.core.tiling.store import read_signature
 
 from .fakes import FakeModel
 

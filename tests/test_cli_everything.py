@@ -13,8 +13,8 @@ import torch
 import zarr
 
 from napari_esam.cli import main
-from napari_esam.core import batch as B
-from napari_esam.core.batch import BATCH_ATTR, ZarrOutput
+from napari_esam.core.runs import pipeline as B
+from napari_esam.core.runs.pipeline import BATCH_ATTR, ZarrOutput
 from tests.batch_fakes import BlobModel, blob_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def small_tiff(tmp_path) -> Path:
 def test_cli_runs_real_mobilesam_on_a_small_tiff_to_a_tiff(tmp_path, small_tiff,
                                                             mobilesam_ckpt, capsys):
     """End to end with the real MobileSAM code (synthetic weights, a 3x3 grid, filters off)."""
-    from napari_esam.core.labels_io import read_labels
+    from napari_esam.core.io.label_files import read_labels
 
     out = tmp_path / "labels.tif"
     argv = ["everything", str(small_tiff), "-o", str(out), "--model", "mobilesam",

@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from napari_esam.cli import main
-from napari_esam.core.labels_io import read_labels, write_labels
+from napari_esam.core.io.label_files import read_labels, write_labels
 
 
 def sample_labels() -> np.ndarray:

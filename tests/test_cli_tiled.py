@@ -13,10 +13,10 @@ import tifffile
 import zarr
 
 from napari_esam.cli import main
-from napari_esam.core import batch as B
-from napari_esam.core.embedding_store import EmbeddingStore, read_signature
-from napari_esam.core.tiled_everything import segment_everything_tiled
-from napari_esam.core.tiling import TileGrid
+from napari_esam.core.runs import pipeline as B
+from napari_esam.core.tiling.grid import TileGrid
+from napari_esam.core.tiling.merge import segment_everything_tiled
+from napari_esam.core.tiling.store import EmbeddingStore, read_signature
 from tests.batch_fakes import BlobModel
 from tests.tiled_fakes import FAST_TILED, HALO, TILE, blob_image, blob_stack
 

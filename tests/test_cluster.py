@@ -21,9 +21,10 @@ import zarr
 
 pytest.importorskip("distributed")
 
-from napari_esam.core import batch as B  # noqa: E402
-from napari_esam.core import cluster as C  # noqa: E402
-from napari_esam.core.batch import (  # noqa: E402
+from napari_esam.core.runs import cluster as C  # noqa: E402
+from napari_esam.core.runs import pipeline as B  # noqa: E402
+from napari_esam.core.runs.cluster import DaskExecutor, worker_gpu  # noqa: E402
+from napari_esam.core.runs.pipeline import (  # noqa: E402
     BATCH_ATTR,
     BatchSettings,
     EverythingParams,
@@ -31,7 +32,6 @@ from napari_esam.core.batch import (  # noqa: E402
     ZarrOutput,
     run_batch,
 )
-from napari_esam.core.cluster import DaskExecutor, worker_gpu  # noqa: E402
 from tests.batch_fakes import FAST, BlobModel, blob_stack  # noqa: E402
 
 N_SLICES = 6
@@ -323,7 +323,7 @@ def test_cli_workers_option_runs_a_local_cluster_into_a_tiff(cluster, data, tmp_
                                                              monkeypatch):
     """``--workers N`` asks for a local cluster of N processes (the module's cluster stands
     in); the blob model replaces MobileSAM through the CLI's settings."""
-    from napari_esam import cli_everything
+    from napari_esam.cli import everything as cli_everything
     from napari_esam.cli import main
 
     src, ref, counts = data

@@ -21,16 +21,16 @@ import zarr
 
 pytest.importorskip("distributed")
 
-from napari_esam.core.batch import ModelSpec  # noqa: E402
-from napari_esam.core.cluster import DaskExecutor  # noqa: E402
-from napari_esam.core.embedding_store import EmbeddingStore, read_signature  # noqa: E402
-from napari_esam.core.everything import Cancelled  # noqa: E402
-from napari_esam.core.tiled_everything import (  # noqa: E402
+from napari_esam.core.plane.everything import Cancelled  # noqa: E402
+from napari_esam.core.runs.cluster import DaskExecutor  # noqa: E402
+from napari_esam.core.runs.pipeline import ModelSpec  # noqa: E402
+from napari_esam.core.tiling.grid import TileGrid  # noqa: E402
+from napari_esam.core.tiling.merge import (  # noqa: E402
     LocalTileExecutor,
     TileScratch,
     segment_everything_tiled,
 )
-from napari_esam.core.tiling import TileGrid  # noqa: E402
+from napari_esam.core.tiling.store import EmbeddingStore, read_signature  # noqa: E402
 from tests.batch_fakes import BlobModel  # noqa: E402
 from tests.tiled_fakes import FAST_TILED, HALO, TILE, blob_image  # noqa: E402
 
@@ -165,10 +165,9 @@ def test_the_cli_runs_tiles_on_the_cluster_and_fills_the_store(cluster, data, tm
     """``--tile 256 --workers 2`` (the module's cluster stands in for the local one; the
     blob model replaces MobileSAM); ``--embeddings``: the workers write the embeddings, the
     client records them, and an in-process run then encodes nothing."""
-    from napari_esam import cli_everything
+    from napari_esam.cli import everything as cli_everything
     from napari_esam.cli import main
-    from napari_esam.core import cluster as C
-
+    from napari_esam.core.runs import cluster as C
     src, ref, ref_details = data
     made = []
 

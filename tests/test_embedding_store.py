@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from napari_esam.core.embedding_store import (
+from napari_esam.core.tiling.predictor import TiledPredictor
+from napari_esam.core.tiling.store import (
     EmbeddingStore,
     StaleEmbeddingStoreError,
     StoreSignature,
     model_fingerprint,
     read_signature,
 )
-from napari_esam.core.tiled_predictor import TiledPredictor
 
 from .fakes import FakeModel
 

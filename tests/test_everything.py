@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from napari_esam.core import amg_utils as U
-from napari_esam.core.everything import (
+from napari_esam.core.plane import amg_utils as U
+from napari_esam.core.plane.everything import (
     Cancelled,
     auto_points_per_batch,
     efficientsam_grid,
     segment_everything,
 )
-from napari_esam.core.predictor import Predictor
+from napari_esam.core.plane.predictor import Predictor
 
 from .fakes import RADIUS, SCALES, SCORES, FakeModel
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_esam.core.everything import segment_everything
-from napari_esam.core.predictor import Predictor
+from napari_esam.core.plane.everything import segment_everything
+from napari_esam.core.plane.predictor import Predictor
 from napari_esam.models.registry import create_model
 
 from ._conformance import load_npz, manifest_state_dict

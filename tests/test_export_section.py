@@ -8,10 +8,10 @@ import pytest
 import zarr
 from qtpy.QtWidgets import QMessageBox
 
-from napari_esam.core.labels_io import read_labels, write_labels
-from napari_esam.widgets import export_section as ES
-from napari_esam.widgets.batch import EverythingWidget
-from napari_esam.widgets.export_controller import (
+from napari_esam.core.io.label_files import read_labels, write_labels
+from napari_esam.widgets.everything.view import EverythingWidget
+from napari_esam.widgets.export import view as ES
+from napari_esam.widgets.export.controller import (
     ExportController,
     ExportForm,
     format_of,

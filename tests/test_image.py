@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_esam.core.image import contrast_limits_of, to_model_rgb
+from napari_esam.core.plane.image import contrast_limits_of, to_model_rgb
 
 
 def test_uint8_rgb_passes_unchanged():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_esam.core.labels import labels_dtype, masks_to_labels
+from napari_esam.core.plane.labels import labels_dtype, masks_to_labels
 
 
 def rec(mask: np.ndarray, iou: float = 0.9, bbox: bool = True) -> dict:

@@ -15,8 +15,8 @@ import pytest
 import tifffile
 import zarr
 
-from napari_esam.core import labels_io
-from napari_esam.core.labels_io import (
+from napari_esam.core.io import label_files as labels_io
+from napari_esam.core.io.label_files import (
     MAX_COLORS,
     needs_bigtiff,
     read_labels,

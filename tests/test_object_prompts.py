@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from napari_esam._sample_data import synthetic_nuclei
-from napari_esam.core.everything import segment_everything
-from napari_esam.core.object_prompts import (
+from napari_esam.core.plane.everything import segment_everything
+from napari_esam.core.plane.object_prompts import (
     detect_object_prompts,
     object_scales,
     segment_everything_objects,
 )
-from napari_esam.core.predictor import Predictor
+from napari_esam.core.plane.predictor import Predictor
 
 from .batch_fakes import BlobModel, blob_stack
 

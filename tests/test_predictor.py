@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_esam.core.predictor import Predictor
+from napari_esam.core.plane.predictor import Predictor
 
 from .fakes import RADIUS, FakeModel
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from napari.components import ViewerModel
 
-from napari_esam.widgets.prompt_controller import (
+from napari_esam.widgets.prompt.controller import (
     KEYS,
     NEGATIVE,
     POSITIVE,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from napari.components import ViewerModel
 
-from napari_esam.core.tiled_predictor import TiledEngine, TiledPredictor
-from napari_esam.widgets.prompt_controller import (
+from napari_esam.core.tiling.predictor import TiledEngine, TiledPredictor
+from napari_esam.widgets.prompt.controller import (
     TILED_THRESHOLD,
     PromptController,
     plane_of,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 
-from napari_esam.widgets.prompt import PromptWidget
-from napari_esam.widgets.prompt_controller import KEYS, NEGATIVE, POSITIVE, SamEngine
+from napari_esam.widgets.prompt.controller import KEYS, NEGATIVE, POSITIVE, SamEngine
+from napari_esam.widgets.prompt.view import PromptWidget
 from napari_esam.widgets.workers import Progress, start_worker
 
 from .fakes import FakeModel

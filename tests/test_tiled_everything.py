@@ -9,10 +9,10 @@ from scipy import ndimage
 from skimage.draw import disk
 from torch import nn
 
-from napari_esam.core.embedding_store import EmbeddingStore, read_signature
-from napari_esam.core.tiled_everything import _PlaneMerger, segment_everything_tiled
-from napari_esam.core.tiled_predictor import TiledPredictor
-from napari_esam.core.tiling import TileGrid
+from napari_esam.core.tiling.grid import TileGrid
+from napari_esam.core.tiling.merge import _PlaneMerger, segment_everything_tiled
+from napari_esam.core.tiling.predictor import TiledPredictor
+from napari_esam.core.tiling.store import EmbeddingStore, read_signature
 from napari_esam.models.base import PromptableModel
 
 
@@ -240,7 +240,7 @@ def test_tiled_predictor_and_size_filters_are_accepted(tmp_path):
 
 
 def test_cancel_stops_between_tiles():
-    from napari_esam.core.everything import Cancelled
+    from napari_esam.core.plane.everything import Cancelled
 
     img = np.zeros((1100, 1200), np.uint16)
     calls = []

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_esam.core.predictor import Predictor
-from napari_esam.core.tiled_predictor import TiledPredictor, paste_mask
-from napari_esam.core.tiling import SAMPLE_MAX_CHUNKS, TileGrid, Window
+from napari_esam.core.plane.predictor import Predictor
+from napari_esam.core.tiling.grid import SAMPLE_MAX_CHUNKS, TileGrid, Window
+from napari_esam.core.tiling.predictor import TiledPredictor, paste_mask
 
 from . import fakes
 from .fakes import RADIUS, FakeModel
@@ -262,7 +262,7 @@ def test_rgb_input():
 
 
 def test_tiled_engine_is_a_drop_in_for_the_widget_engine(big):
-    from napari_esam.core.tiled_predictor import TiledEngine
+    from napari_esam.core.tiling.predictor import TiledEngine
 
     engine = TiledEngine(FakeModel().eval())
     assert engine.tiled and engine.name == "fake" and engine.max_points is None
@@ -279,8 +279,8 @@ def test_tiled_engine_is_a_drop_in_for_the_widget_engine(big):
 
 
 def test_tiled_engine_matches_the_whole_image_engine_on_small_images():
-    from napari_esam.core.tiled_predictor import TiledEngine
-    from napari_esam.widgets.prompt_controller import SamEngine
+    from napari_esam.core.tiling.predictor import TiledEngine
+    from napari_esam.widgets.prompt.controller import SamEngine
 
     img = image((700, 900))
     tiled, whole = TiledEngine(FakeModel().eval()), SamEngine(FakeModel().eval())
@@ -293,7 +293,7 @@ def test_tiled_engine_matches_the_whole_image_engine_on_small_images():
 
 
 def test_tiled_engine_on_a_lazy_stack_plane():
-    from napari_esam.core.tiled_predictor import TiledEngine
+    from napari_esam.core.tiling.predictor import TiledEngine
 
     src = CountingSource((4, 5000, 5000))
     stack = da.from_array(src, chunks=(1, 1000, 1000))

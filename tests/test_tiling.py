@@ -8,7 +8,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from napari_esam.core.tiling import (
+from napari_esam.core.tiling.grid import (
     SAMPLE_MAX_CHUNKS,
     TileGrid,
     Window,

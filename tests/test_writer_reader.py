@@ -12,7 +12,7 @@ import zarr
 
 from napari_esam._reader import get_reader, read_labels_layer
 from napari_esam._writer import write_labels_tiff, write_labels_zarr
-from napari_esam.core.labels_io import read_labels, write_labels
+from napari_esam.core.io.label_files import read_labels, write_labels
 
 
 def sample_labels(shape=(3, 40, 50), max_label=12) -> np.ndarray:

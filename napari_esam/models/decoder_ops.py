@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .common import Attention, PositionEmbeddingRandom
+from napari_esam.models.common import Attention, PositionEmbeddingRandom
 
 
 class PromptEncoderBase(nn.Module):

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import PromptableModel
-from .common import host_to_device
-from .efficientsam_decoder import MaskDecoder, PromptEncoder
-from .vit import ImageEncoderViT
+from napari_esam.models.base import PromptableModel
+from napari_esam.models.common import host_to_device
+from napari_esam.models.efficientsam_decoder import MaskDecoder, PromptEncoder
+from napari_esam.models.vit import ImageEncoderViT
 
 #: (embed_dim, num_heads) of the ViT encoder per variant
 VARIANTS: dict[str, tuple[int, int]] = {"ti": (192, 3), "s": (384, 6)}

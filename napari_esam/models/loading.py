@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import PromptableModel
-from .registry import MODEL_NAMES, create_model
-from .weights import CheckpointError, describe_mismatch, load_state_dict
+from napari_esam.models.base import PromptableModel
+from napari_esam.models.registry import MODEL_NAMES, create_model
+from napari_esam.models.weights import CheckpointError, describe_mismatch, load_state_dict
 
 DTYPES = ("float32", "float16", "bfloat16")
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .base import PromptableModel
-from .common import host_to_device
-from .sam_decoder import MaskDecoder, PromptEncoder
-from .tiny_vit import TinyViT
+from napari_esam.models.base import PromptableModel
+from napari_esam.models.common import host_to_device
+from napari_esam.models.sam_decoder import MaskDecoder, PromptEncoder
+from napari_esam.models.tiny_vit import TinyViT
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)

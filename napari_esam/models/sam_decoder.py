@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import Attention, LayerNorm2d
-from .decoder_ops import (
+from napari_esam.models.common import Attention, LayerNorm2d
+from napari_esam.models.decoder_ops import (
     PromptEncoderBase,
     TwoWayAttentionBlockBase,
     TwoWayTransformerBase,

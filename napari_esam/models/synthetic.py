@@ -43,7 +43,7 @@ def synth_state_dict_from_shapes(shapes: Mapping[str, Iterable[int]]) -> dict[st
 
 def synthetic_state_dict(model_name: str) -> dict[str, np.ndarray]:
     """Synthetic state dict for a registered model (names and shapes from our module)."""
-    from .registry import create_model
+    from napari_esam.models.registry import create_model
 
     module = create_model(model_name)
     return synth_state_dict_from_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()})

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import LayerNorm2d
+from napari_esam.models.common import LayerNorm2d
 
 
 def _gelu_(x: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import LayerNorm2d
+from napari_esam.models.common import LayerNorm2d
 
 
 class PatchEmbed(nn.Module):

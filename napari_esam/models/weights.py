@@ -88,7 +88,7 @@ def git_blob_sha1(path: str | os.PathLike) -> str:
 
 
 def _spec(model: str) -> CheckpointSpec:
-    from .registry import check_model_name
+    from napari_esam.models.registry import check_model_name
 
     return CHECKPOINTS[check_model_name(model)]
 

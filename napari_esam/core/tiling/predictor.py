@@ -1,6 +1,6 @@
 """Prompts on images far larger than the model input: lazily embedded, cached tiles.
 
-:class:`TiledPredictor` has :class:`~napari_esam.core.predictor.Predictor`'s ``set_image`` /
+:class:`TiledPredictor` has :class:`~napari_esam.core.plane.predictor.Predictor`'s ``set_image`` /
 ``predict`` / ``predict_batch`` in **full-image coordinates** ((x, y) pixels, boxes XYXY).
 ``set_image`` reads nothing but a small global sample (contrast limits and content hash);
 a tile's embedding is computed the first time a prompt needs it, then kept in an in-memory
@@ -35,11 +35,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from ..models.base import PromptableModel
-from .embedding_store import EmbeddingStore, StaleEmbeddingStoreError, StoreSignature
-from .engine import ModelInfoMixin
-from .predictor import Predictor
-from .tiling import (
+from napari_esam.core.plane.engine import ModelInfoMixin
+from napari_esam.core.plane.predictor import Predictor
+from napari_esam.core.tiling.grid import (
     HALO,
     TILE,
     Tile,
@@ -55,6 +53,8 @@ from .tiling import (
     read_window,
     tile_hash,
 )
+from napari_esam.core.tiling.store import EmbeddingStore, StaleEmbeddingStoreError, StoreSignature
+from napari_esam.models.base import PromptableModel
 
 __all__ = ["TiledPredictor", "TiledMask", "TiledEngine", "paste_mask"]
 
@@ -555,7 +555,7 @@ class TiledPredictor:
     def embed_all(self, progress: Any = None, planes: Any = None) -> int:
         """Compute (and store) every tile of the given planes (default: all); returns the
         number of tiles encoded. ``progress(done, total)`` after each tile."""
-        from .tiling import iter_planes
+        from napari_esam.core.tiling.grid import iter_planes
 
         grid = self._require_image()
         plane_list = list(planes) if planes is not None else list(

@@ -1,9 +1,9 @@
 """Tiled segment-everything of an image or stack into a resumable OME-Zarr labels group.
 
-The tiled counterpart of :func:`napari_esam.core.batch.run_batch`, shared by
+The tiled counterpart of :func:`napari_esam.core.runs.pipeline.run_batch`, shared by
 ``napari-esam everything --tile`` and the tiled mode of the "Segment everything" widget (no
 Qt, no argparse here). Every 2-D plane is segmented tile by tile at full resolution and the
-objects are merged across the seams (:func:`~napari_esam.core.tiled_everything.
+objects are merged across the seams (:func:`~napari_esam.core.tiling.merge.
 segment_everything_tiled`); planes larger than the model input are not shrunk.
 
 * :func:`prepare_tiled_batch` checks everything, computes the contrast rule (one for every
@@ -13,15 +13,15 @@ segment_everything_tiled`); planes larger than the model input are not shrunk.
   the run's record under :data:`TILED_ATTR` (input geometry, settings, tile, halo,
   merge IoU, objects per plane, ``complete``).
 * The map step always goes through the scratch group ``OUTPUT.tiles.zarr`` (a
-  :class:`~napari_esam.core.tiled_everything.LocalTileExecutor` in this process, or the
-  executor given, e.g. a :class:`~napari_esam.core.cluster.DaskExecutor`): a run that is
+  :class:`~napari_esam.core.tiling.merge.LocalTileExecutor` in this process, or the
+  executor given, e.g. a :class:`~napari_esam.core.runs.cluster.DaskExecutor`): a run that is
   cancelled, crashes or is killed keeps its finished tiles, and the next run with the same
   output computes only the others, then merges the seams and deletes the scratch group.
 * A complete output of the same run is returned as it is (no work); an output of another
   run is refused (:class:`TiledOutputError`, naming the differences) unless ``overwrite``.
 
 Errors the user can fix are ``ValueError`` s (a stale embedding store:
-:class:`~napari_esam.core.embedding_store.StaleEmbeddingStoreError`; an output that cannot be
+:class:`~napari_esam.core.tiling.store.StaleEmbeddingStoreError`; an output that cannot be
 resumed: :class:`TiledOutputError`) or ``OSError`` s (missing folders), raised before any
 work.
 """
@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from .batch import BatchResult, BatchSettings, StackSource, ZarrOutput
-from .tiling import HALO, TILE, TileGrid
+from napari_esam.core.runs.pipeline import BatchResult, BatchSettings, StackSource, ZarrOutput
+from napari_esam.core.tiling.grid import HALO, TILE, TileGrid
 
 __all__ = [
     "MERGE_IOU",
@@ -116,13 +116,13 @@ class TiledProgress:
 
 @dataclass
 class TiledBatchResult(BatchResult):
-    """:class:`~napari_esam.core.batch.BatchResult` of a tiled run: ``counts`` are objects
+    """:class:`~napari_esam.core.runs.pipeline.BatchResult` of a tiled run: ``counts`` are objects
     per plane (flat plane index, C order over the stack axes; empty until the run is
     complete), ``total`` the planes; ``labels`` the Zarr array opened read-only.
 
     ``tiles_done`` / ``tiles_total``: tiles segmented (kept in the scratch group after a
     cancel) / all tiles; ``details``: the statistics of
-    :func:`~napari_esam.core.tiled_everything.segment_everything_tiled` (tiles, seam
+    :func:`~napari_esam.core.tiling.merge.segment_everything_tiled` (tiles, seam
     merges, encoder runs, store hits, tile tasks, skipped); ``already_complete``: the
     output was complete before this run (nothing was computed).
     """
@@ -134,7 +134,7 @@ class TiledBatchResult(BatchResult):
 
 
 def default_halo(tile: int) -> int:
-    """The default overlap for ``tile``: :data:`~napari_esam.core.tiling.HALO` (256), at
+    """The default overlap for ``tile``: :data:`~napari_esam.core.tiling.grid.HALO` (256), at
     most a quarter of the tile."""
     return min(HALO, int(tile) // 4)
 
@@ -207,8 +207,7 @@ def _prepare_output(
     name: str | None,
 ) -> tuple[ZarrOutput, bool]:
     """Create the labels group, or reuse the one of the same tiled run; → (output, complete)."""
-    from . import batch
-
+    from napari_esam.core.runs import pipeline as batch
     if path.exists() or path.is_symlink():
         old = read_tiled_record(path)
         if old is not None and not overwrite:
@@ -232,8 +231,8 @@ def _prepare_output(
 def _open_embeddings(path: str | os.PathLike[str], data: Any, model: Any, tile: int,
                      halo: int, rgb: bool, limits: Any) -> Any:
     """Check (or create) the embedding store before any work (a store of another image,
-    model or grid: :class:`~napari_esam.core.embedding_store.StaleEmbeddingStoreError`)."""
-    from .embedding_store import EmbeddingStore, StoreSignature
+    model or grid: :class:`~napari_esam.core.tiling.store.StaleEmbeddingStoreError`)."""
+    from napari_esam.core.tiling.store import EmbeddingStore, StoreSignature
 
     target = Path(path).expanduser()
     if not target.parent.is_dir():
@@ -305,16 +304,20 @@ class TiledBatch:
         """Segment every tile not finished yet, merge the seams, record the counts.
 
         ``executor``: ``None`` (this process, through a
-        :class:`~napari_esam.core.tiled_everything.LocalTileExecutor`) or an object with
-        ``map_tiles`` such as a :class:`~napari_esam.core.cluster.DaskExecutor` (the caller
+        :class:`~napari_esam.core.tiling.merge.LocalTileExecutor`) or an object with
+        ``map_tiles`` such as a :class:`~napari_esam.core.runs.cluster.DaskExecutor` (the caller
         starts and closes it; its workers need the input as a file and the output on a
         shared filesystem). ``progress(TiledProgress)`` is called from the running thread;
         ``cancel()`` is polled between tiles and point batches. A cancelled run returns
         ``cancelled=True``; its finished tiles stay in :attr:`scratch` for the next run.
         A complete output returns its recorded counts at once.
         """
-        from .everything import Cancelled
-        from .tiled_everything import LocalTileExecutor, TileScratch, segment_everything_tiled
+        from napari_esam.core.plane.everything import Cancelled
+        from napari_esam.core.tiling.merge import (
+            LocalTileExecutor,
+            TileScratch,
+            segment_everything_tiled,
+        )
 
         t0 = time.perf_counter()
         total = self.n_tiles
@@ -393,10 +396,10 @@ def prepare_tiled_batch(
     """Check a tiled run and create (or reopen) its output; see :func:`run_tiled_batch`.
 
     ``model``: the model of ``settings.model`` when already loaded (only needed for the
-    embedding store's signature; default: :func:`~napari_esam.core.batch.get_model`).
+    embedding store's signature; default: :func:`~napari_esam.core.runs.pipeline.get_model`).
     """
-    from .batch import get_model
-    from .tiling import global_contrast_limits
+    from napari_esam.core.runs.pipeline import get_model
+    from napari_esam.core.tiling.grid import global_contrast_limits
 
     settings = settings or BatchSettings()
     settings.validate()
@@ -455,7 +458,7 @@ def run_tiled_batch(
 ) -> TiledBatchResult:
     """Segment everything in every plane of ``source`` tile by tile into the Zarr ``output``.
 
-    ``source``: a :class:`~napari_esam.core.batch.StackSource` (stack axes first, the plane
+    ``source``: a :class:`~napari_esam.core.runs.pipeline.StackSource` (stack axes first, the plane
     last, an RGB(A) axis after it; see :func:`check_tiled_source`) or anything
     :meth:`StackSource.create` takes (a path, NumPy, Dask or Zarr). ``settings``: model and
     segment-everything parameters, applied per tile (``points_per_side`` is per tile; no

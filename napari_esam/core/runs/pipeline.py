@@ -13,7 +13,7 @@ Pieces (each usable on its own):
   function; it gets its model from a per-process cache (:func:`get_model`), so it runs the
   same in a thread, another process or on a Dask worker.
 * :class:`ZarrOutput` is the on-disk result: an OME-Zarr label group (the layout of
-  :mod:`napari_esam.core.labels_io`, array ``"0"``) chunked 1 along the stack axes, so a
+  :mod:`napari_esam.core.io.label_files`, array ``"0"``) chunked 1 along the stack axes, so a
   slice never shares a chunk with another slice and can be written by region from any
   process. Finished slices and their object counts are recorded in the group attributes
   under ``"napari-esam-batch"``; a later run with the same settings skips them.
@@ -49,7 +49,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .image import check_image_shape
+from napari_esam.core.plane.image import check_image_shape
 
 __all__ = [
     "BATCH_ATTR",
@@ -137,7 +137,7 @@ class EverythingParams:
     contrast_limits: tuple[float, float] | None = None
 
     def everything_kwargs(self) -> dict[str, Any]:
-        """The keywords for :func:`napari_esam.core.everything.segment_everything`."""
+        """The keywords for :func:`napari_esam.core.plane.everything.segment_everything`."""
         names = (
             "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
             "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh",
@@ -184,7 +184,7 @@ class BatchSettings:
         if self.id_scope not in ("stack", "slice"):
             raise ValueError(f"id_scope must be 'stack' or 'slice', not {self.id_scope!r}")
         if self.model.factory is None:
-            from ..models.registry import check_model_name
+            from napari_esam.models.registry import check_model_name
 
             check_model_name(self.model.name)
         self.params.validate()
@@ -251,10 +251,10 @@ def clear_model_cache() -> None:
 
 def _build(spec: ModelSpec) -> Any:
     if spec.factory is None:
-        from ..models.loading import build_model
+        from napari_esam.models.loading import build_model
 
         return build_model(spec.name, spec.checkpoint, spec.device, spec.dtype)
-    from ..models.loading import resolve_device
+    from napari_esam.models.loading import resolve_device
 
     factory = spec.factory
     if isinstance(factory, str):
@@ -585,9 +585,9 @@ def segment_slice(
     in any process and in any order. Raises ``everything.Cancelled`` when ``cancel()`` does.
     ``image``: the slice's pixels when already read (``source.read_slice(index)``).
     """
-    from ..core.predictor import Predictor
-    from .everything import segment_everything
-    from .labels import masks_to_labels
+    from napari_esam.core.plane.everything import segment_everything
+    from napari_esam.core.plane.labels import masks_to_labels
+    from napari_esam.core.plane.predictor import Predictor
 
     if image is None:
         image = source.read_slice(index)
@@ -876,8 +876,7 @@ def create_label_group(
     import zarr
     from zarr.codecs import BloscCodec
 
-    from . import labels_io
-
+    from napari_esam.core.io import label_files as labels_io
     shape = source.out_shape
     ndim = len(shape)
     chunks = tuple(1 if a in source.out_stack_axes else min(s, PLANE_CHUNK)
@@ -912,8 +911,7 @@ def create_label_group(
 def _labels_axes(axes: str | None, source: StackSource) -> str | None:
     """NGFF axis letters for the labels (from ``axes`` of the input when they fit, else the
     defaults ``yx``/``zyx``/``tzyx``/``tczyx``); None when the plane is not the last two axes."""
-    from . import labels_io
-
+    from napari_esam.core.io import label_files as labels_io
     ndim = len(source.out_shape)
     if not 2 <= ndim <= 5 or source.out_plane_axes != (ndim - 2, ndim - 1):
         return None
@@ -1037,7 +1035,7 @@ def run_batch(
     thread; ``cancel()`` is polled between point batches and slices. A cancelled run
     returns with ``cancelled=True``; every finished slice is kept (and recorded on disk).
     """
-    from .everything import Cancelled
+    from napari_esam.core.plane.everything import Cancelled
 
     settings = settings or BatchSettings()
     settings.validate()
@@ -1122,7 +1120,7 @@ def iter_progress(
 ) -> Generator[Any, None, Any]:
     """``func(*args, progress=..., cancel=..., **kwargs)`` as a generator that yields what
     ``func`` reports to ``progress`` and returns its result (see :func:`iter_batch`; also
-    used for :meth:`napari_esam.core.tiled_batch.TiledBatch.run`)."""
+    used for :meth:`napari_esam.core.runs.tiled_batch.TiledBatch.run`)."""
     if "progress" in kwargs:
         raise TypeError("iter_progress yields the progress; do not pass progress=")
     events: queue.Queue = queue.Queue()

@@ -4,14 +4,14 @@ The output is computed slice by slice into a Zarr store, so it can be stopped at
 and resumed by running the same command again. ``-o OUT.tif`` computes into the working
 store ``OUT.tif.partial.zarr`` next to it and exports the TIFF when every slice is done.
 ``--workers N`` / ``--scheduler ADDRESS`` run the slices on a Dask cluster
-(:mod:`napari_esam.core.cluster`).
+(:mod:`napari_esam.core.runs.cluster`).
 
 ``--tile N`` turns on tiled mode for planes larger than the model input
-(:func:`napari_esam.core.tiled_everything.segment_everything_tiled`): every plane is
+(:func:`napari_esam.core.tiling.merge.segment_everything_tiled`): every plane is
 segmented tile by tile at full resolution and the objects are merged across the seams;
 ``--embeddings`` reuses (and fills) a store of ``napari-esam embed``; with ``--workers`` /
 ``--scheduler`` every tile is one Dask task and the client merges. The run itself is
-:func:`napari_esam.core.tiled_batch.run_tiled_batch` (also behind the widget's tiled mode);
+:func:`napari_esam.core.runs.tiled_batch.run_tiled_batch` (also behind the widget's tiled mode);
 this module adds the options, messages and progress bars.
 """
 
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import UserError
+from napari_esam.cli import UserError
 
 HELP = "segment everything in every 2-D slice of an image or stack (resumable)"
 TIFF_WORK_SUFFIX = ".partial.zarr"
@@ -44,10 +44,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``everything`` subcommand."""
-    from .core.batch import EverythingParams
-    from .core.tiled_batch import MERGE_IOU
-    from .core.tiling import HALO
-    from .models.registry import MODEL_NAMES
+    from napari_esam.core.runs.pipeline import EverythingParams
+    from napari_esam.core.runs.tiled_batch import MERGE_IOU
+    from napari_esam.core.tiling.grid import HALO
+    from napari_esam.models.registry import MODEL_NAMES
 
     d = EverythingParams()
     p = subparsers.add_parser(
@@ -163,8 +163,8 @@ def _channel_axis(text: str) -> int | str | None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~napari_esam.core.batch.BatchSettings` of parsed arguments."""
-    from .core.batch import BatchSettings, EverythingParams, ModelSpec
+    """The :class:`~napari_esam.core.runs.pipeline.BatchSettings` of parsed arguments."""
+    from napari_esam.core.runs.pipeline import BatchSettings, EverythingParams, ModelSpec
 
     params = EverythingParams(
         points_per_side=args.points_per_side,
@@ -195,8 +195,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit code (errors raise for ``cli.main``)."""
-    from .core import batch
-    from .models.weights import CheckpointError
+    from napari_esam.core.runs import pipeline as batch
+    from napari_esam.models.weights import CheckpointError
 
     out = Path(args.output).expanduser()
     suffix = out.suffix.lower()
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _hint_tiling(plane: tuple[int, int]) -> None:
     """Suggest tiled mode for planes the model would see shrunk a lot (behaviour unchanged)."""
-    from .core.tiling import TILE, TILING_THRESHOLD
+    from napari_esam.core.tiling.grid import TILE, TILING_THRESHOLD
 
     h, w = plane
     if max(h, w) > TILING_THRESHOLD:
@@ -279,7 +279,7 @@ def _hint_tiling(plane: tuple[int, int]) -> None:
 
 def tiled_halo(args: argparse.Namespace) -> int:
     """``--halo``, or the default: HALO, at most a quarter of the tile."""
-    from .core.tiled_batch import default_halo
+    from napari_esam.core.runs.tiled_batch import default_halo
 
     return args.halo if args.halo is not None else default_halo(args.tile)
 
@@ -319,7 +319,7 @@ def check_tiled_options(args: argparse.Namespace) -> bool:
 def _store_grid_hint(path: str | None) -> str:
     if path is None:
         return ""
-    from .core.embedding_store import read_signature
+    from napari_esam.core.tiling.store import read_signature
 
     try:
         sig = read_signature(path)
@@ -330,7 +330,7 @@ def _store_grid_hint(path: str | None) -> str:
 
 def _tiled_source(args: argparse.Namespace) -> Any:
     """The input as tiled mode cuts it: stack axes first, a colour axis (if any) last."""
-    from .core.batch import StackSource
+    from napari_esam.core.runs.pipeline import StackSource
 
     source = StackSource.create(args.input, axis=None,
                                 channel_axis=_channel_axis(args.channel_axis), channel=None)
@@ -343,7 +343,7 @@ def _tiled_source(args: argparse.Namespace) -> Any:
 
 
 def _tiled_output_message(exc: Any) -> str:
-    """The CLI's words for a :class:`~napari_esam.core.tiled_batch.TiledOutputError`."""
+    """The CLI's words for a :class:`~napari_esam.core.runs.tiled_batch.TiledOutputError`."""
     if exc.reason == "mismatch":
         return (f"{exc.path!r} holds a tiled run with other input or settings ("
                 + "; ".join(exc.diffs[:4]) + "); use the same ones, or --overwrite")
@@ -354,11 +354,11 @@ def _tiled_output_message(exc: Any) -> str:
 
 def _run_tiled(args: argparse.Namespace, settings: Any, source: Any, model: Any, out: Path,
                store: Path, executor: Any) -> int:
-    """Tiled mode: :func:`~napari_esam.core.tiled_batch.prepare_tiled_batch` and its
+    """Tiled mode: :func:`~napari_esam.core.runs.tiled_batch.prepare_tiled_batch` and its
     ``run`` into the output group (module doc), with messages and progress bars."""
-    from .core import batch
-    from .core.embedding_store import StaleEmbeddingStoreError
-    from .core.tiled_batch import MERGE_IOU, TiledOutputError, prepare_tiled_batch
+    from napari_esam.core.runs import pipeline as batch
+    from napari_esam.core.runs.tiled_batch import MERGE_IOU, TiledOutputError, prepare_tiled_batch
+    from napari_esam.core.tiling.store import StaleEmbeddingStoreError
 
     tile, halo = args.tile, tiled_halo(args)
     merge_iou = MERGE_IOU if args.merge_iou is None else args.merge_iou
@@ -424,7 +424,7 @@ class _TileBars:
         self.merge_bar: Any = None
 
     def __call__(self, ev: Any) -> None:
-        """Show a :class:`~napari_esam.core.tiled_batch.TiledProgress` report."""
+        """Show a :class:`~napari_esam.core.runs.tiled_batch.TiledProgress` report."""
         if ev.kind == "merge":
             self.merge(ev.done, ev.total)
         else:
@@ -450,7 +450,7 @@ class _TileBars:
 
 
 def make_executor(args: argparse.Namespace) -> Any:
-    """The :class:`~napari_esam.core.cluster.DaskExecutor` that ``--workers`` /
+    """The :class:`~napari_esam.core.runs.cluster.DaskExecutor` that ``--workers`` /
     ``--scheduler`` ask for (not started yet), or ``None`` to run in this process."""
     if args.workers is None and args.scheduler is None:
         return None
@@ -459,7 +459,7 @@ def make_executor(args: argparse.Namespace) -> Any:
     if args.retries < 0:
         raise UserError(f"--retries must be at least 0, not {args.retries}")
     try:
-        from .core.cluster import DaskExecutor
+        from napari_esam.core.runs.cluster import DaskExecutor
 
         return DaskExecutor(workers=args.workers, scheduler=args.scheduler,
                             retries=args.retries)
@@ -471,7 +471,7 @@ def _run_with_bar(source: Any, settings: Any, output: Any, *, disable: bool,
                   executor: Any = None) -> Any:
     from tqdm import tqdm
 
-    from .core.batch import run_batch
+    from napari_esam.core.runs.pipeline import run_batch
 
     bar = tqdm(total=source.n_slices, unit="slice", desc="segment everything",
                disable=disable, file=sys.stderr, dynamic_ncols=True)
@@ -493,7 +493,7 @@ def _run_with_bar(source: Any, settings: Any, output: Any, *, disable: bool,
 
 
 def _group_axes(output: Any) -> str | None:
-    from .core.labels_io import MARKER
+    from napari_esam.core.io.label_files import MARKER
 
     return output.group.attrs.asdict().get(MARKER, {}).get("axes")
 
@@ -501,7 +501,7 @@ def _group_axes(output: Any) -> str | None:
 def _export_tiff(output: Any, target: Path, *, axes: str | None, disable: bool) -> None:
     from tqdm import tqdm
 
-    from .core.labels_io import write_labels
+    from napari_esam.core.io.label_files import write_labels
 
     with tqdm(unit="page", desc=f"writing {target.name}", disable=disable,
               file=sys.stderr) as bar:

@@ -27,9 +27,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.tiling import use_tiling
-from ..models.registry import MODEL_NAMES
-from .prompt_controller import (
+from napari_esam.core.tiling.grid import use_tiling
+from napari_esam.models.registry import MODEL_NAMES
+from napari_esam.widgets.prompt.controller import (
     DEVICES,
     KEYS,
     LABELS_NAME,
@@ -42,7 +42,7 @@ from .prompt_controller import (
     default_engine_factory,
     spatial_shape,
 )
-from .workers import qt_runner
+from napari_esam.widgets.workers import qt_runner
 
 _NEW_LABELS = f"new layer “{LABELS_NAME}”"
 _NONE = "(none)"

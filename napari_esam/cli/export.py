@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Read ``args.labels`` and write it to ``args.output``."""
-    from napari_esam.core.labels_io import read_labels, write_labels
+    from napari_esam.core.io.label_files import read_labels, write_labels
 
     source = Path(args.labels).expanduser()
     if not source.exists():

@@ -19,7 +19,7 @@ The model is reached only through an :class:`Engine` (``embed`` a plane, ``predi
 from prompts on an embedding), built by an injectable factory: the default
 :class:`SamEngine` resizes the plane to the model's 1024 input. In tiled mode (``set_tiling``;
 automatic for planes with a side over 2048 px) the engine's model is wrapped in a
-:class:`~napari_esam.core.tiled_predictor.TiledEngine`: prompts are answered at full
+:class:`~napari_esam.core.tiling.predictor.TiledEngine`: prompts are answered at full
 resolution from the tile under them, and tile encoding *and* decoding run in the worker.
 Heavy work (building the model, encoding) runs through a :data:`~.workers.Runner`:
 synchronously by default, in a napari thread worker in the widget.
@@ -36,9 +36,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..core.engine import ModelInfoMixin
-from ..core.tiling import HALO, TILE, TILED_MODES, TILING_THRESHOLD, TileGrid, use_tiling
-from .workers import Progress, Runner, run_sync
+from napari_esam.core.plane.engine import ModelInfoMixin
+from napari_esam.core.tiling.grid import (
+    HALO,
+    TILE,
+    TILED_MODES,
+    TILING_THRESHOLD,
+    TileGrid,
+    use_tiling,
+)
+from napari_esam.widgets.workers import Progress, Runner, run_sync
 
 POSITIVE = "positive"
 NEGATIVE = "negative"
@@ -107,7 +114,7 @@ class Engine(Protocol):
 
 
 class SamEngine(ModelInfoMixin):
-    """Whole-plane engine over :class:`~napari_esam.core.predictor.Predictor`.
+    """Whole-plane engine over :class:`~napari_esam.core.plane.predictor.Predictor`.
 
     The plane is resized to the model's 1024-pixel input (longest side), so planes larger
     than 1024 px are segmented at reduced resolution; tiled mode gives full resolution.
@@ -116,7 +123,7 @@ class SamEngine(ModelInfoMixin):
     tiled = False
 
     def __init__(self, model: Any) -> None:
-        from ..core.predictor import Predictor
+        from napari_esam.core.plane.predictor import Predictor
 
         self.model = model
         self._encoder = Predictor(model)  # used by one worker at a time
@@ -155,15 +162,15 @@ EngineFactory = Callable[[str, Any, str], Engine]
 
 def default_engine_factory(model_name: str, checkpoint: Any, device: str) -> Engine:
     """Build ``model_name`` with ``checkpoint`` (``None`` = official weights) on ``device``."""
-    from ..models.loading import build_model
+    from napari_esam.models.loading import build_model
 
     return SamEngine(build_model(model_name, checkpoint, device))
 
 
 def make_tiled_engine(engine: Any, tiling: tuple) -> Engine:
-    """A :class:`~napari_esam.core.tiled_predictor.TiledEngine` over ``engine``'s model for
+    """A :class:`~napari_esam.core.tiling.predictor.TiledEngine` over ``engine``'s model for
     ``tiling`` = ``("tiled", tile, halo, store path or None)``."""
-    from ..core.tiled_predictor import TiledEngine
+    from napari_esam.core.tiling.predictor import TiledEngine
 
     model = getattr(engine, "model", None)
     if model is None:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .image import contrast_limits_of
+from napari_esam.core.plane.image import contrast_limits_of
 
 #: default tile side (the models' input size) and overlap
 TILE = 1024
@@ -396,7 +396,7 @@ def global_contrast_limits(
     """Contrast limits for every tile of ``data``: one (lo, hi) for the whole array.
 
     ``None`` for ``uint8`` and ``bool`` images (they are used unscaled, as by
-    :func:`~napari_esam.core.image.to_model_rgb`); otherwise the 0.5/99.5 percentiles of
+    :func:`~napari_esam.core.plane.image.to_model_rgb`); otherwise the 0.5/99.5 percentiles of
     :func:`global_sample` (64 small patches; never the whole image).
     """
     dtype = np.dtype(data.dtype)

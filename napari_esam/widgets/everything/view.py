@@ -33,18 +33,18 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
-from ..core.batch import BatchProgress, BatchResult, EverythingParams
-from ..core.tiled_batch import TiledBatchResult, TiledProgress
-from ..core.tiling import HALO, TILE, TILED_MODES, TILING_THRESHOLD
-from ..models.registry import MODEL_NAMES
-from .batch_controller import (
+from napari_esam.core.runs.pipeline import BatchProgress, BatchResult, EverythingParams
+from napari_esam.core.runs.tiled_batch import TiledBatchResult, TiledProgress
+from napari_esam.core.tiling.grid import HALO, TILE, TILED_MODES, TILING_THRESHOLD
+from napari_esam.models.registry import MODEL_NAMES
+from napari_esam.widgets.everything.controller import (
     EXECUTORS,
     EverythingController,
     EverythingForm,
     counts_rows,
     progress_text,
 )
-from .export_section import ExportSection
+from napari_esam.widgets.export.view import ExportSection
 
 #: progress bar resolution (the bar shows fractions of slices)
 BAR_MAX = 1000

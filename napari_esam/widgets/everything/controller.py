@@ -1,11 +1,11 @@
 """The "Segment everything" widget's logic, without Qt (testable with a bare viewer).
 
-The view (:mod:`napari_esam.widgets.batch`) fills an :class:`EverythingForm`, calls
+The view (:mod:`napari_esam.widgets.everything.view`) fills an :class:`EverythingForm`, calls
 :meth:`EverythingController.start` and :meth:`~EverythingController.cancel`, and shows what
 the controller reports through ``on_progress`` / ``on_finished`` / ``on_error``.
 
 Tiled mode (``form.tiled``: ``"auto"`` for planes with a side over 2048 px, ``"on"``,
-``"off"``; :func:`use_tiling`) runs :class:`~napari_esam.core.tiled_batch.TiledBatch` instead
+``"off"``; :func:`use_tiling`) runs :class:`~napari_esam.core.runs.tiled_batch.TiledBatch` instead
 of the per-slice batch: every plane at full resolution, tile by tile, into a resumable Zarr
 labels group (the Zarr path, or a working store in a temporary folder when the output is
 only a Labels layer), which the Labels layer shows lazily. Progress counts tiles.
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.batch import (
+from napari_esam.core.runs.pipeline import (
     BatchProgress,
     BatchResult,
     BatchSettings,
@@ -42,7 +42,7 @@ from ..core.batch import (
     iter_progress,
     output_dtype,
 )
-from ..core.tiled_batch import (
+from napari_esam.core.runs.tiled_batch import (
     MERGE_IOU,
     TiledBatchResult,
     TiledProgress,
@@ -51,7 +51,7 @@ from ..core.tiled_batch import (
     prepare_tiled_batch,
     tiled_record,
 )
-from ..core.tiling import HALO, TILE, use_tiling
+from napari_esam.core.tiling.grid import HALO, TILE, use_tiling
 
 #: ``stack_axis`` value meaning "every axis but the image plane"
 AUTO_AXIS = None
@@ -273,7 +273,7 @@ class EverythingController:
             raise ValueError(f"unknown executor {form.executor!r}")
         if not form.zarr_path.strip():
             raise ValueError("a Dask run writes into a Zarr store: choose a Zarr path")
-        from ..core.cluster import DaskExecutor
+        from napari_esam.core.runs.cluster import DaskExecutor
 
         if form.executor == "local-cluster":
             return DaskExecutor(workers=form.workers)
@@ -330,7 +330,7 @@ class EverythingController:
             "desc": "Segment everything",
         }
         if self.runner is None:
-            from .workers import start_worker
+            from napari_esam.widgets.workers import start_worker
 
             worker = start_worker(job, start=start, **callbacks)
         else:
@@ -343,7 +343,7 @@ class EverythingController:
                      source: StackSource, executor: Any, scale: list, translate: list, *,
                      start: bool) -> Any:
         """Tiled mode: check here, then prepare (contrast sample, embedding store, output
-        group) and run :class:`~napari_esam.core.tiled_batch.TiledBatch` in the worker."""
+        group) and run :class:`~napari_esam.core.runs.tiled_batch.TiledBatch` in the worker."""
         check_tiled_settings(int(form.tile), int(form.halo), form.merge_iou, settings.params)
         try:
             check_tiled_source(source)
@@ -404,7 +404,7 @@ class EverythingController:
         """The working store of a tiled run without a Zarr path, in :attr:`workdir`: one per
         layer name, run settings and image content, so a rerun of a stopped run resumes it
         and a finished one is reused (as with a Zarr path)."""
-        from ..core.tiling import content_hash
+        from napari_esam.core.tiling.grid import content_hash
 
         record = tiled_record(source, settings, int(form.tile), int(form.halo), form.merge_iou)
         key = json.dumps({"record": record, "embeddings": form.embeddings.strip(),

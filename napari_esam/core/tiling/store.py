@@ -14,7 +14,7 @@ single 2-D image; ``ny x nx`` = the tile grid of one plane):
 **Signature** (what must match for a store to be reused; anything else is rejected with a
 :class:`StaleEmbeddingStoreError` naming the differences): the image's shape, dtype and
 RGB-ness, its *content hash* (BLAKE2b of a deterministic strided sample of the whole image,
-:func:`~napari_esam.core.tiling.content_hash`, so no full read is needed to open a store), the
+:func:`~napari_esam.core.tiling.grid.content_hash`, so no full read is needed to open a store), the
 contrast limits the tiles were scaled with, the model's name and a fingerprint of its weights,
 the tile size and the halo. Edits of pixels outside the sample are not seen by the content
 hash; ``verify_tiles`` compares each tile's full pixel hash before using its embedding.
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .tiling import (
+from napari_esam.core.tiling.grid import (
     TileGrid,
     content_hash,
     global_contrast_limits,

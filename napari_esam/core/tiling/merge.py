@@ -1,7 +1,7 @@
 """Segment everything on images far larger than the model input, tile by tile.
 
-:func:`segment_everything_tiled` runs :func:`~napari_esam.core.everything.segment_everything`
-on every tile of the grid (:class:`~napari_esam.core.tiling.TileGrid`: tile + overlap
+:func:`segment_everything_tiled` runs :func:`~napari_esam.core.plane.everything.segment_everything`
+on every tile of the grid (:class:`~napari_esam.core.tiling.grid.TileGrid`: tile + overlap
 ``halo``) and merges the tiles' masks into one labels array, written tile window by tile
 window (Zarr or NumPy). Peak memory is that of one tile's work plus one tile window of labels.
 
@@ -18,7 +18,7 @@ The work has two steps:
   in one fixed order for the result not to depend on scheduling.
 
 In-process (the default) the two steps alternate tile by tile. With ``executor=`` (a
-:class:`LocalTileExecutor`, or :class:`~napari_esam.core.cluster.DaskExecutor` for one Dask
+:class:`LocalTileExecutor`, or :class:`~napari_esam.core.runs.cluster.DaskExecutor` for one Dask
 task per tile) the map step runs as picklable :class:`TileTask` s that write their
 :class:`TileMasks` into a scratch Zarr group (:class:`TileScratch`, one group per tile) and
 return only counts; the client records finished tiles (a rerun skips them), then merges from
@@ -44,7 +44,7 @@ run, and deletes the scratch group.
    become background.
 
 Stacks are tiled per 2-D plane. Embeddings come from a :class:`TiledPredictor` (its LRU cache
-and optional :class:`~napari_esam.core.embedding_store.EmbeddingStore`, so a precomputed store
+and optional :class:`~napari_esam.core.tiling.store.EmbeddingStore`, so a precomputed store
 skips the encoder entirely).
 """
 
@@ -65,11 +65,8 @@ from typing import Any
 
 import numpy as np
 
-from ..models.base import PromptableModel
-from .embedding_store import EmbeddingStore, StoreSignature
-from .predictor import Predictor
-from .tiled_predictor import TiledPredictor
-from .tiling import (
+from napari_esam.core.plane.predictor import Predictor
+from napari_esam.core.tiling.grid import (
     HALO,
     TILE,
     Tile,
@@ -84,6 +81,9 @@ from .tiling import (
     leading_shape,
     plane_shape,
 )
+from napari_esam.core.tiling.predictor import TiledPredictor
+from napari_esam.core.tiling.store import EmbeddingStore, StoreSignature
+from napari_esam.models.base import PromptableModel
 
 __all__ = [
     "LocalTileExecutor",
@@ -248,7 +248,7 @@ def _everything_on_tile(
     cancel: Callable[[], bool] | None,
     everything_kwargs: dict[str, Any],
 ) -> TileMasks:
-    from .everything import segment_everything
+    from napari_esam.core.plane.everything import segment_everything
 
     feats, input_size = embedding
     predictor.set_embedding(feats, tile.window.shape, input_size)
@@ -499,15 +499,15 @@ def segment_everything_tiled(
     """Segment everything in ``source`` tile by tile into a labels array (module doc).
 
     ``source``: a 2-D/RGB image or a stack (NumPy, Dask, Zarr, multiscale → level 0, or a
-    path opened lazily by :func:`napari_esam.core.batch.open_input`); never read whole.
+    path opened lazily by :func:`napari_esam.core.runs.pipeline.open_input`); never read whole.
     ``model_or_predictor``: a model, a :class:`Predictor` (its model is used) or a
     :class:`TiledPredictor` (its tile, halo, caches and store are used); with ``executor``
-    a :class:`~napari_esam.core.batch.ModelSpec` (each worker builds the model once).
+    a :class:`~napari_esam.core.runs.pipeline.ModelSpec` (each worker builds the model once).
     ``output``: ``None`` (NumPy, for images that fit in RAM), a Zarr path (created, uint32,
     chunked per 1024² and per plane) or an integer array of the labels' shape (written in
     place). ``embedding_store``: a store path/object reused and filled (created if missing;
     a store of another image/model/grid raises
-    :class:`~napari_esam.core.embedding_store.StaleEmbeddingStoreError`). ``planes``: the 2-D
+    :class:`~napari_esam.core.tiling.store.StaleEmbeddingStoreError`). ``planes``: the 2-D
     planes of a stack to segment (default all). Ids: ``id_scope="stack"`` numbers objects
     1..n over all planes processed, ``"slice"`` 1..n per plane; ``id_stride`` overrides
     both with the batch module's scheme (plane ``i`` in C order gets ``i * id_stride + 1...``,
@@ -515,11 +515,11 @@ def segment_everything_tiled(
     their final (merged, visible) area in pixels. ``everything_kwargs`` go to
     ``segment_everything`` per tile (``points_per_side`` is per tile; no crops).
     ``progress(done, total)`` after each tile; ``cancel()`` polled between tiles and batches
-    (:class:`~napari_esam.core.everything.Cancelled`; the output is then incomplete).
+    (:class:`~napari_esam.core.plane.everything.Cancelled`; the output is then incomplete).
 
     Distributed map step: with ``executor`` (an object with ``map_tiles(task, indices, *,
     cancel)``: :class:`LocalTileExecutor`, or a
-    :class:`~napari_esam.core.cluster.DaskExecutor` for one Dask task per tile), ``source``
+    :class:`~napari_esam.core.runs.cluster.DaskExecutor` for one Dask task per tile), ``source``
     must be a file path (an array too for an executor with ``in_process = True``, such as
     :class:`LocalTileExecutor`) and the tiles' kept masks go through the scratch Zarr group
     ``scratch`` (default: ``OUTPUT.tiles.zarr`` next to a path output; required for other
@@ -549,10 +549,10 @@ def segment_everything_tiled(
             merge_progress=merge_progress, cancel=cancel, details=details, scratch=scratch,
             keep_scratch=keep_scratch, merge_kw=merge_kw, everything_kwargs=everything_kwargs,
         )
-    from .everything import Cancelled
+    from napari_esam.core.plane.everything import Cancelled
 
     if isinstance(source, (str, os.PathLike)):
-        from .batch import open_input
+        from napari_esam.core.runs.pipeline import open_input
 
         source = open_input(source)
     if isinstance(model_or_predictor, TiledPredictor):
@@ -659,8 +659,8 @@ def _segment_with_executor(
     """``segment_everything_tiled`` with the map step as :class:`TileTask` s (module doc)."""
     import dataclasses
 
-    from .batch import ModelSpec, _factory_name, get_model, open_input
-    from .everything import Cancelled
+    from napari_esam.core.plane.everything import Cancelled
+    from napari_esam.core.runs.pipeline import ModelSpec, _factory_name, get_model, open_input
 
     if not isinstance(spec, ModelSpec):
         raise TypeError(
@@ -844,7 +844,7 @@ class TileTask:
     Picklable (paths and small values only), so a Dask worker can run it: the worker opens
     the input lazily from ``source`` (for an in-process executor only, ``source`` may be
     the array itself), builds the model once (the per-process cache of
-    :func:`napari_esam.core.batch.get_model`) and keeps one :class:`TiledPredictor` per run
+    :func:`napari_esam.core.runs.pipeline.get_model`) and keeps one :class:`TiledPredictor` per run
     (``token``). With ``store``, embeddings are read from the store or written into their own
     chunk of it (their ``done`` flags are recorded by the client). Running a tile twice is
     harmless (its scratch group is rewritten whole).
@@ -863,7 +863,7 @@ class TileTask:
 
     def predictor(self) -> TiledPredictor:
         """This process's :class:`TiledPredictor` for the run (built on first use)."""
-        from .batch import _opened, get_model
+        from napari_esam.core.runs.pipeline import _opened, get_model
 
         by_path = isinstance(self.source, str)
         key = (self.token, self.source if by_path else id(self.source), self.model.key(),
@@ -967,7 +967,7 @@ class TileScratch:
             if not overwrite:
                 if attrs.get("record") == record:
                     return cls(target)
-                from .batch import _diff
+                from napari_esam.core.runs.pipeline import _diff
 
                 diffs = _diff(attrs.get("record", {}), record, "")
                 raise ValueError(

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
-from .export_controller import (
+from napari_esam.widgets.export.controller import (
     COMPRESSIONS,
     FORMATS,
     ExportController,
@@ -35,7 +35,7 @@ from .export_controller import (
     format_of,
     with_format,
 )
-from .workers import Progress
+from napari_esam.widgets.workers import Progress
 
 #: progress bar resolution
 BAR_MAX = 1000

@@ -9,7 +9,7 @@ and also reaches small objects that fall between grid points.
 
 The detector, step by step (all on a float32 copy; cost is a few Gaussian filters):
 
-1. **Contrast normalisation** with the rule of :mod:`napari_esam.core.image`: RGB is
+1. **Contrast normalisation** with the rule of :mod:`napari_esam.core.plane.image`: RGB is
    averaged to grey, then ``clip((x - lo) / (hi - lo), 0, 1)`` with ``lo, hi`` the 0.5th and
    99.5th percentiles (or ``contrast_limits``). ``polarity="dark"`` uses ``1 - x`` (dark
    objects on a bright background, e.g. bright-field).
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .image import as_checked_image, contrast_limits_of
+from napari_esam.core.plane.image import as_checked_image, contrast_limits_of
 
 __all__ = [
     "detect_object_prompts",
@@ -206,7 +206,7 @@ def detect_object_prompts(
     scale-normalised LoG response (> 0; 0.74 x contrast for a disc of the right size).
     ``polarity``: ``"bright"`` objects on a dark background (fluorescence) or ``"dark"``.
     ``max_prompts``: keep at most this many, strongest first. ``contrast_limits``: as for
-    :func:`~napari_esam.core.image.to_model_rgb`.
+    :func:`~napari_esam.core.plane.image.to_model_rgb`.
 
     Returns (N, 2) float64 (x, y) pixel coordinates, strongest first; with
     ``return_details`` also ``{"radius": (N,), "response": (N,)}`` (blob radius in pixels
@@ -240,14 +240,14 @@ def segment_everything_objects(
     """Segment everything with one positive point per detected object as the prompt set.
 
     Detector keywords as in :func:`detect_object_prompts`; the other keywords go to
-    :func:`~napari_esam.core.everything.segment_everything` (``method``, thresholds,
+    :func:`~napari_esam.core.plane.everything.segment_everything` (``method``, thresholds,
     ``points_per_batch``, ``progress``, ``cancel``...), which gets the points as its
     ``point_grids`` (normalised by the image width and height). Records are SAM-style and
     their ``point_coords`` are the detected points. No crops (``crop_n_layers`` must be 0)
     and no ``points_per_side``/``point_grids``. An image without candidates gives ``[]``
     without running the model. ``details`` also receives ``"object_prompts"`` (N, 2).
     """
-    from .everything import segment_everything
+    from napari_esam.core.plane.everything import segment_everything
 
     for key in ("points_per_side", "point_grids"):
         if key in everything_kwargs:

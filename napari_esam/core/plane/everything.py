@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models.base import PromptableModel
-from . import amg_utils as U
-from .predictor import Predictor
+from napari_esam.core.plane import amg_utils as U
+from napari_esam.core.plane.predictor import Predictor
+from napari_esam.models.base import PromptableModel
 
 __all__ = ["Cancelled", "segment_everything", "auto_points_per_batch", "efficientsam_grid"]
 
@@ -425,7 +425,7 @@ def _everything_sam(
     if len(crop_boxes) > 1:
         if image is None:
             raise ValueError("crops need the image: pass it to segment_everything")
-        from .image import to_model_rgb
+        from napari_esam.core.plane.image import to_model_rgb
 
         rgb = to_model_rgb(image, contrast_limits)
 

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from importlib import import_module
 
 SUBCOMMAND_MODULES = (
-    "napari_esam.cli_everything",
-    "napari_esam.cli_embed",
-    "napari_esam.cli_export",
+    "napari_esam.cli.everything",
+    "napari_esam.cli.embed",
+    "napari_esam.cli.export",
 )
 
 

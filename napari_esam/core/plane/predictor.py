@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.base import PromptableModel
-from .image import to_model_rgb
+from napari_esam.core.plane.image import to_model_rgb
+from napari_esam.models.base import PromptableModel
 
 
 def _image_key(rgb: np.ndarray) -> str:

@@ -1,6 +1,6 @@
 """``napari-esam embed``: precompute the per-tile embeddings of a large image into a store.
 
-The store (``EMBEDDINGS.zarr``, see :mod:`napari_esam.core.embedding_store`) is filled tile
+The store (``EMBEDDINGS.zarr``, see :mod:`napari_esam.core.tiling.store`) is filled tile
 by tile; tiles already in it are skipped, so an interrupted run resumes where it stopped.
 The prompt widget and ``napari-esam everything`` reuse it, skipping the encoder.
 """
@@ -12,15 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import UserError
+from napari_esam.cli import UserError
 
 HELP = "precompute tiled image embeddings of a large image or stack (resumable)"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``embed`` subcommand."""
-    from .core.tiling import HALO, TILE
-    from .models.registry import MODEL_NAMES
+    from napari_esam.core.tiling.grid import HALO, TILE
+    from napari_esam.models.registry import MODEL_NAMES
 
     p = subparsers.add_parser(
         "embed",
@@ -55,11 +55,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit code (errors raise for ``cli.main``)."""
-    from .core.batch import open_input
-    from .core.tiled_predictor import TiledPredictor
-    from .core.tiling import TileGrid, full_resolution, plane_shape
-    from .models.loading import build_model
-    from .models.weights import CheckpointError
+    from napari_esam.core.runs.pipeline import open_input
+    from napari_esam.core.tiling.grid import TileGrid, full_resolution, plane_shape
+    from napari_esam.core.tiling.predictor import TiledPredictor
+    from napari_esam.models.loading import build_model
+    from napari_esam.models.weights import CheckpointError
 
     out = Path(args.output).expanduser()
     if out.suffix.lower() != ".zarr":

@@ -1,8 +1,8 @@
 """The "Export labels" section's logic, without Qt: which layer, where, in which format.
 
-The view (:mod:`napari_esam.widgets.export_section`) fills an :class:`ExportForm`, asks the
+The view (:mod:`napari_esam.widgets.export.view`) fills an :class:`ExportForm`, asks the
 user before replacing an existing path, then calls :meth:`ExportController.start`. The write
-itself is :func:`napari_esam.core.labels_io.write_labels` (a temporary sibling renamed into
+itself is :func:`napari_esam.core.io.label_files.write_labels` (a temporary sibling renamed into
 place when complete), run as a job yielding :class:`~napari_esam.widgets.workers.Progress`.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .workers import Progress
+from napari_esam.widgets.workers import Progress
 
 #: (suffix, label) of the export formats
 FORMATS = ((".zarr", "OME-Zarr (.zarr)"), (".tif", "TIFF (.tif)"))
@@ -68,7 +68,7 @@ def format_of(path: str) -> str | None:
 def layer_export_kwargs(layer: Any) -> dict[str, Any]:
     """``write_labels`` keywords for a Labels layer: its full-resolution data, scale,
     translate, axis names and units (when napari's fit), and name."""
-    from .._writer import _axes_from_labels, _units
+    from napari_esam._writer import _axes_from_labels, _units
 
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     ndim = len(data.shape)
@@ -165,7 +165,7 @@ class ExportController:
             "desc": f"Export {layer.name}",
         }
         if self.runner is None:
-            from .workers import start_worker
+            from napari_esam.widgets.workers import start_worker
 
             worker = start_worker(job, start=start, **callbacks)
         else:
@@ -182,7 +182,7 @@ class ExportController:
     def _job(
         self, target: Path, kwargs: dict[str, Any], overwrite: bool, compression: str | None
     ) -> Callable[[], Generator[Progress, None, Path | None]]:
-        from ..core.labels_io import write_labels
+        from napari_esam.core.io.label_files import write_labels
 
         cancel = self._cancel
 

@@ -6,11 +6,12 @@ cluster (``scheduler="tcp://host:8786"``, e.g. one started by dask-jobqueue or
 dask-kubernetes). No Qt here; ``distributed`` is an optional dependency
 (``pip install "napari-esam[cluster]"``).
 
-How the work is split (see :mod:`napari_esam.core.batch` for the pieces):
+How the work is split (see :mod:`napari_esam.core.runs.pipeline` for the pieces):
 
-* **Inputs travel as paths.** The task is a picklable :class:`~napari_esam.core.batch.SliceTask`
-  holding the input *path* and the output :class:`~napari_esam.core.batch.ZarrOutput`: each
-  worker opens the input lazily and reads only its slice; the client never ships pixels.
+* **Inputs travel as paths.** The task is a picklable
+  :class:`~napari_esam.core.runs.pipeline.SliceTask` holding the input *path* and the output
+  :class:`~napari_esam.core.runs.pipeline.ZarrOutput`: each worker opens the input lazily and
+  reads only its slice; the client never ships pixels.
 * **Workers write the output.** A task writes its slice into the Zarr store by region (the
   store is chunked 1 along the stack axes, so no two tasks share a chunk) and returns only
   ``(index, object count)``. Ids need no coordination: slice ``i`` owns the id range
@@ -28,7 +29,7 @@ How the work is split (see :mod:`napari_esam.core.batch` for the pieces):
   are cancelled and a cluster-wide :class:`distributed.Event` tells running tasks to stop at
   their next point batch without writing; finished slices stay recorded.
 
-Tiled images (:func:`~napari_esam.core.tiled_everything.segment_everything_tiled` with
+Tiled images (:func:`~napari_esam.core.tiling.merge.segment_everything_tiled` with
 ``executor=DaskExecutor(...)``) run **one task per tile** the same way (:meth:`DaskExecutor.
 map_tiles`, :func:`run_tile`): a task opens the input from its path, builds the model once
 per worker, segments its tile and writes the kept masks into its own group of a scratch Zarr
@@ -51,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .batch import ModelSpec, SliceResult, SliceTask, ZarrOutput
+from napari_esam.core.runs.pipeline import ModelSpec, SliceResult, SliceTask, ZarrOutput
 
 try:  # optional: the plain module imports without distributed
     from distributed import WorkerPlugin as _WorkerPluginBase
@@ -175,7 +176,7 @@ def run_slice(
     Returns the :class:`SliceResult` (no labels), or ``None`` when the run was cancelled
     before the slice was done (nothing written).
     """
-    from .everything import Cancelled
+    from napari_esam.core.plane.everything import Cancelled
 
     if options.torch_threads:
         import torch
@@ -197,12 +198,12 @@ def run_tile(
     cancel_event: str | None = None,
 ) -> Any:
     """The Dask task of a tiled run: the map step on flat tile ``index``
-    (:class:`~napari_esam.core.tiled_everything.TileTask`), written into the scratch group.
+    (:class:`~napari_esam.core.tiling.merge.TileTask`), written into the scratch group.
 
-    Returns the :class:`~napari_esam.core.tiled_everything.TileDone` (counts only), or
+    Returns the :class:`~napari_esam.core.tiling.merge.TileDone` (counts only), or
     ``None`` when the run was cancelled before the tile was done (nothing recorded).
     """
-    from .everything import Cancelled
+    from napari_esam.core.plane.everything import Cancelled
 
     if options.torch_threads:
         import torch
@@ -244,7 +245,7 @@ def _missing_paths(paths: Sequence[str]) -> list[str]:
 
 
 class DaskExecutor:
-    """A :class:`~napari_esam.core.batch.SliceExecutor` running one Dask task per slice.
+    """A :class:`~napari_esam.core.runs.pipeline.SliceExecutor` running one Dask task per slice.
 
     Give exactly one of ``workers`` (start a ``LocalCluster`` of that many single-threaded
     worker processes on this machine), ``scheduler`` (the address of a running cluster) or
@@ -378,8 +379,8 @@ class DaskExecutor:
         self, task: Any, indices: Sequence[int], *, cancel: Callable[[], bool]
     ) -> Iterator[Any]:
         """Run a tiled run's map step, one Dask task per tile
-        (:class:`~napari_esam.core.tiled_everything.TileTask`); yield the
-        :class:`~napari_esam.core.tiled_everything.TileDone` s as they finish."""
+        (:class:`~napari_esam.core.tiling.merge.TileTask`); yield the
+        :class:`~napari_esam.core.tiling.merge.TileDone` s as they finish."""
         paths = [task.source, task.scratch] + ([task.store] if task.store else [])
         yield from self._run(run_tile, "tile", list(indices), {"tile_task": task}, paths,
                              cancel)

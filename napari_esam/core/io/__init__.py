@@ -1,0 +1,1 @@
+"""Label files: export to OME-Zarr and TIFF, and reading them back."""

@@ -1,0 +1,2 @@
+"""One 2-D plane, SAM semantics: image rule, predictor, segment-everything, masks to
+labels, object prompts."""

@@ -1,0 +1,1 @@
+"""The 'Segment everything' widget: controller (no Qt) and view."""

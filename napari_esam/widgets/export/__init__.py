@@ -1,0 +1,1 @@
+"""The export section of the 'Segment everything' widget: controller (no Qt) and view."""

@@ -1,0 +1,1 @@
+"""The 'Segment with prompts' widget: controller (no Qt) and view."""
