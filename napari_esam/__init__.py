@@ -23,6 +23,12 @@ _EXPORTS = {
     "masks_to_labels": "napari_esam.core.plane.labels",
     "write_labels": "napari_esam.core.io.label_files",
     "read_labels": "napari_esam.core.io.label_files",
+    "TiledPredictor": "napari_esam.core.tiling.predictor",
+    "run_batch": "napari_esam.core.runs.pipeline",
+    "BatchSettings": "napari_esam.core.runs.settings",
+    "EverythingParams": "napari_esam.core.runs.settings",
+    "ModelSpec": "napari_esam.core.runs.settings",
+    "TilingParams": "napari_esam.core.runs.settings",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -14,12 +14,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_esam.core.runs.pipeline import run_batch
+from napari_esam.core.runs.settings import (
+    BatchSettings,
+    EverythingParams,
+    ModelSpec,
+    TilingParams,
+)
 from tests.batch_fakes import FAST, BlobModel, blob_stack
 from tests.fakes import FakeModel
 from tests.tiled_fakes import FAST_TILED, HALO, TILE, blob_image
 from tests.tiled_fakes import blob_stack as tiled_blob_stack
 
 PINS = Path(__file__).parent / "data" / "characterisation.npz"
+
+
+def settings(tiling: TilingParams | None = None, scope: str = "stack", **params):
+    return BatchSettings(ModelSpec(name="blob", factory=BlobModel),
+                         EverythingParams(**(params or FAST)), id_scope=scope,
+                         tiling=tiling or TilingParams())
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +59,8 @@ def test_same_partition_detects_split_and_merged_objects():
 
 @pytest.mark.parametrize("scope", ["stack", "slice"])
 def test_untiled_batch_labels_are_unchanged(pins, scope):
-    from napari_esam.core.runs.pipeline import BatchSettings, EverythingParams, ModelSpec, run_batch
-
     stack, _ = blob_stack(5)
-    settings = BatchSettings(ModelSpec(name="blob", factory=BlobModel),
-                             EverythingParams(**FAST), id_scope=scope)
-    labels = np.asarray(run_batch(stack, settings).labels)
+    labels = np.asarray(run_batch(stack, settings(scope=scope)).labels)
     np.testing.assert_array_equal(labels, pins[f"batch_{scope}_labels"])
 
 
@@ -69,13 +78,10 @@ def test_segment_everything_records_are_unchanged(pins):
 
 
 def test_tiled_labels_keep_their_objects(pins):
-    from napari_esam.core.tiling.merge import segment_everything_tiled
-
-    labels = segment_everything_tiled(blob_image((600, 700)), BlobModel(), tile=TILE,
-                                      halo=HALO, **FAST_TILED)
+    tiled = TilingParams("on", TILE, HALO)
+    labels = run_batch(blob_image((600, 700)), settings(tiled, **FAST_TILED)).labels
     assert same_partition(np.asarray(labels), pins["tiled_plane_labels"])
-    stack = segment_everything_tiled(tiled_blob_stack(2), BlobModel(), tile=TILE, halo=HALO,
-                                     **FAST_TILED)
+    stack = run_batch(tiled_blob_stack(2), settings(tiled, **FAST_TILED)).labels
     for i in range(2):
         assert same_partition(np.asarray(stack[i]), pins["tiled_stack_labels"][i])
 

@@ -55,15 +55,16 @@ def test_equal_area_ties():
         assert (lab[10:15, 10:15] == 2).all()
 
 
-def test_size_filters_before_and_after_painting():
+def test_size_filter_judges_the_visible_area():
     big = box(SHAPE, 0, 20, 0, 30)  # 600 px: a "background" mask
     a = box(SHAPE, 0, 5, 0, 5)  # 25
     b = box(SHAPE, 10, 12, 10, 12)  # 4
     c = box(SHAPE, 2, 8, 2, 8)  # 36, covered by a on 3x3 = 9 px -> 27 visible
     recs = [rec(big), rec(a), rec(b), rec(c)]
     lab = masks_to_labels(recs, SHAPE, max_size=500)
+    # big is painted first (largest); a, b, c cover 4 + 27 + 25 px of it, 544 stay > 500
     assert lab.max() == 3 and (lab[0] != 0).any()
-    assert (lab[big & ~(a | b | c)] == 0).all()  # big dropped before painting
+    assert (lab[big & ~(a | b | c)] == 0).all()
     lab = masks_to_labels(recs, SHAPE, min_size=5, max_size=500)
     # b dropped (area 4); ids stay consecutive in record order: a -> 1, c -> 2
     assert sorted(np.unique(lab)) == [0, 1, 2]
@@ -94,7 +95,7 @@ def test_ids_follow_record_order_and_bbox_is_optional():
         np.testing.assert_array_equal(masks_to_labels([rec(m) for m in masks], shape), lab)
     # records without "area" use the pixel count; ids stay consecutive after filtering
     no_area = [{"segmentation": m} for m in masks]
-    small = masks_to_labels(no_area, shape, max_size=9)  # records 0, 2, 4
+    small = masks_to_labels(no_area, shape, max_size=9)  # records 0, 2, 4 (disjoint: visible)
     assert [int(small[masks[i]].min()) for i in (0, 2, 4)] == [1, 2, 3]
     assert small.max() == 3 and (small > 0).sum() == 4 + 1 + 9
     only_big = masks_to_labels(no_area, shape, min_size=16)

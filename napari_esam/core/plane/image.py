@@ -1,6 +1,6 @@
 """Turning microscopy images into the 8-bit RGB the models expect.
 
-Rule (documented in the README):
+Rule (documented in ``docs/api.md#images``):
 
 * ``uint8`` values pass unchanged (grayscale is repeated to 3 channels).
 * ``bool`` becomes 0 / 255.

@@ -1,40 +1,35 @@
-"""Batch segment-everything on a Dask cluster: :class:`DaskExecutor` for :func:`run_batch`.
+"""Runs on a Dask cluster: :class:`DaskExecutor` for :func:`~napari_esam.core.runs.pipeline.
+run_batch`.
 
-``run_batch(source_path, settings, "out.zarr", executor=DaskExecutor(workers=4))`` runs one
-Dask task per slice on a local cluster of worker processes (``workers=N``) or on an existing
-cluster (``scheduler="tcp://host:8786"``, e.g. one started by dask-jobqueue or
-dask-kubernetes). No Qt here; ``distributed`` is an optional dependency
+``run_batch(path, settings, "out.zarr", executor=DaskExecutor(workers=4))`` runs one Dask task
+per tile (a plane that is one tile is one task) on a local cluster of worker processes
+(``workers=N``) or on an existing cluster (``scheduler="tcp://host:8786"``, e.g. one started
+by dask-jobqueue or dask-kubernetes). No Qt here; ``distributed`` is an optional dependency
 (``pip install "napari-esam[cluster]"``).
 
-How the work is split (see :mod:`napari_esam.core.runs.pipeline` for the pieces):
+How the work is split:
 
 * **Inputs travel as paths.** The task is a picklable
-  :class:`~napari_esam.core.runs.pipeline.SliceTask` holding the input *path* and the output
-  :class:`~napari_esam.core.runs.pipeline.ZarrOutput`: each worker opens the input lazily and
-  reads only its slice; the client never ships pixels.
-* **Workers write the output.** A task writes its slice into the Zarr store by region (the
-  store is chunked 1 along the stack axes, so no two tasks share a chunk) and returns only
-  ``(index, object count)``. Ids need no coordination: slice ``i`` owns the id range
-  ``i * stride + 1 ...``. Only the client records finished slices in the store's attributes.
-* **One model per worker process**: the per-process model cache of ``batch.get_model``. On a
-  worker with several visible GPUs the model goes to GPU ``n % count``, ``n`` being the
+  :class:`~napari_esam.core.runs.tasks.TileTask` holding the input *path* and the output
+  :class:`~napari_esam.core.runs.outputs.ZarrOutput`: each worker opens the input lazily and
+  reads only its tile; the client never ships pixels.
+* **Workers write.** A one-tile plane's task writes its labels into the Zarr store by region
+  (chunked 1 along the stack axes, so no two tasks share a chunk); a tile of a several-tile
+  plane writes its kept masks into its own group of the scratch store. Tasks return counts
+  only. Ids need no coordination (``docs/rules/labels.md``). Only the client records finished
+  tiles and planes, and merges a several-tile plane when its tiles are done.
+* **One model per worker process**: the per-process model cache of ``settings.get_model``. On
+  a worker with several visible GPUs the model goes to GPU ``n % count``, ``n`` being the
   number that ends the worker's name (LocalCluster names workers 0..N-1; ``dask worker
   --nworkers k`` names them NAME-0..NAME-(k-1)); with one visible GPU (per-worker
   ``CUDA_VISIBLE_DEVICES``, one GPU per pod/job) that one; CPU without CUDA.
 * **Faults.** A task that raises is retried ``retries`` times; a task whose worker process
   dies is re-run on another worker (up to the scheduler's ``allowed-failures`` deaths, set
-  for the local cluster from ``allowed_failures``). A failed job keeps every recorded slice:
-  running it again resumes.
+  for the local cluster from ``allowed_failures``). A failed job keeps every recorded plane
+  and tile: running it again resumes.
 * **Cancel** (``cancel()`` polled between results, or the generator closed): pending tasks
   are cancelled and a cluster-wide :class:`distributed.Event` tells running tasks to stop at
-  their next point batch without writing; finished slices stay recorded.
-
-Tiled images (:func:`~napari_esam.core.tiling.merge.segment_everything_tiled` with
-``executor=DaskExecutor(...)``) run **one task per tile** the same way (:meth:`DaskExecutor.
-map_tiles`, :func:`run_tile`): a task opens the input from its path, builds the model once
-per worker, segments its tile and writes the kept masks into its own group of a scratch Zarr
-group, returning only counts; the client records finished tiles and then merges the seams
-sequentially, reading the scratch group.
+  their next point batch without writing; finished work stays recorded.
 """
 
 from __future__ import annotations
@@ -52,7 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from napari_esam.core.runs.pipeline import ModelSpec, SliceResult, SliceTask, ZarrOutput
+from napari_esam.core.runs.outputs import ZarrOutput
+from napari_esam.core.runs.settings import ModelSpec
+from napari_esam.core.runs.tasks import TaskResult, TileTask
 
 try:  # optional: the plain module imports without distributed
     from distributed import WorkerPlugin as _WorkerPluginBase
@@ -64,8 +61,7 @@ __all__ = [
     "WorkerOptions",
     "check_task",
     "missing_distributed_message",
-    "run_slice",
-    "run_tile",
+    "run_task",
     "worker_gpu",
 ]
 
@@ -156,67 +152,33 @@ def _pinned_spec(spec: ModelSpec, options: WorkerOptions) -> ModelSpec:
     return dataclasses.replace(spec, device=f"cuda:{index}")
 
 
-def _pinned(task: SliceTask, options: WorkerOptions) -> SliceTask:
-    """``task`` with its model on this worker's GPU (and the thread's CUDA device set)."""
+def run_task(
+    index: int,
+    task: TileTask,
+    options: WorkerOptions = WorkerOptions(),  # noqa: B008 - frozen, shared default is fine
+    cancel_event: str | None = None,
+) -> TaskResult | None:
+    """The Dask task: :class:`~napari_esam.core.runs.tasks.TileTask` on flat tile ``index``
+    (written into the output or the scratch store by the task).
+
+    Returns the :class:`~napari_esam.core.runs.tasks.TaskResult` (counts only), or ``None``
+    when the run was cancelled before the tile was done (nothing written).
+    """
+    from napari_esam.core.plane.everything import Cancelled
+
+    if options.torch_threads:
+        import torch
+
+        torch.set_num_threads(options.torch_threads)
+    cancel = _CancelEvent(cancel_event)
+    if cancel():
+        return None
     spec = _pinned_spec(task.settings.model, options)
-    if spec is task.settings.model:
-        return task
-    settings = dataclasses.replace(task.settings, model=spec)
-    return dataclasses.replace(task, settings=settings)
-
-
-def run_slice(
-    index: int,
-    slice_task: SliceTask,
-    options: WorkerOptions = WorkerOptions(),  # noqa: B008 - frozen, shared default is fine
-    cancel_event: str | None = None,
-) -> SliceResult | None:
-    """The Dask task: segment slice ``index`` and write it into the Zarr store.
-
-    Returns the :class:`SliceResult` (no labels), or ``None`` when the run was cancelled
-    before the slice was done (nothing written).
-    """
-    from napari_esam.core.plane.everything import Cancelled
-
-    if options.torch_threads:
-        import torch
-
-        torch.set_num_threads(options.torch_threads)
-    cancel = _CancelEvent(cancel_event)
-    if cancel():
-        return None
+    if spec is not task.settings.model:
+        task = dataclasses.replace(
+            task, settings=dataclasses.replace(task.settings, model=spec))
     try:
-        return _pinned(slice_task, options)(index, cancel=cancel)
-    except Cancelled:
-        return None
-
-
-def run_tile(
-    index: int,
-    tile_task: Any,
-    options: WorkerOptions = WorkerOptions(),  # noqa: B008 - frozen, shared default is fine
-    cancel_event: str | None = None,
-) -> Any:
-    """The Dask task of a tiled run: the map step on flat tile ``index``
-    (:class:`~napari_esam.core.tiling.merge.TileTask`), written into the scratch group.
-
-    Returns the :class:`~napari_esam.core.tiling.merge.TileDone` (counts only), or
-    ``None`` when the run was cancelled before the tile was done (nothing recorded).
-    """
-    from napari_esam.core.plane.everything import Cancelled
-
-    if options.torch_threads:
-        import torch
-
-        torch.set_num_threads(options.torch_threads)
-    cancel = _CancelEvent(cancel_event)
-    if cancel():
-        return None
-    spec = _pinned_spec(tile_task.model, options)
-    if spec is not tile_task.model:
-        tile_task = dataclasses.replace(tile_task, model=spec)
-    try:
-        return tile_task(index, cancel=cancel)
+        return task(index, cancel=cancel)
     except Cancelled:
         return None
 
@@ -245,7 +207,7 @@ def _missing_paths(paths: Sequence[str]) -> list[str]:
 
 
 class DaskExecutor:
-    """A :class:`~napari_esam.core.runs.pipeline.SliceExecutor` running one Dask task per slice.
+    """An :class:`~napari_esam.core.runs.executors.Executor` running one Dask task per tile.
 
     Give exactly one of ``workers`` (start a ``LocalCluster`` of that many single-threaded
     worker processes on this machine), ``scheduler`` (the address of a running cluster) or
@@ -360,42 +322,32 @@ class DaskExecutor:
     # ---------------------------------------------------------------------- run
     def map(
         self,
-        task: SliceTask,
+        task: TileTask,
         indices: Sequence[int],
         *,
         cancel: Callable[[], bool],
         step: Callable[[int, int, int], None] | None = None,
-    ) -> Iterator[SliceResult]:
+    ) -> Iterator[TaskResult]:
         """Run ``task(i)`` for every index as Dask tasks; yield results as they finish.
 
-        ``step`` (progress inside a slice) is not reported from workers.
+        ``step`` (progress inside a task) is not reported from workers.
         """
         check_task(task)
+        task = dataclasses.replace(task, model=None)  # workers load their own
         paths = [str(task.source.data), str(task.output.path)]
-        yield from self._run(run_slice, "slice", list(indices), {"slice_task": task}, paths,
-                             cancel)
-
-    def map_tiles(
-        self, task: Any, indices: Sequence[int], *, cancel: Callable[[], bool]
-    ) -> Iterator[Any]:
-        """Run a tiled run's map step, one Dask task per tile
-        (:class:`~napari_esam.core.tiling.merge.TileTask`); yield the
-        :class:`~napari_esam.core.tiling.merge.TileDone` s as they finish."""
-        paths = [task.source, task.scratch] + ([task.store] if task.store else [])
-        yield from self._run(run_tile, "tile", list(indices), {"tile_task": task}, paths,
-                             cancel)
+        paths += [p for p in (task.scratch, task.store) if p]
+        yield from self._run(run_task, list(indices), {"task": task}, paths, cancel)
 
     def _run(
         self,
         func: Callable[..., Any],
-        kind: str,
         indices: list[int],
         task_kwargs: dict[str, Any],
         paths: Sequence[str],
         cancel: Callable[[], bool],
     ) -> Iterator[Any]:
         """``func(i, **task_kwargs, options=..., cancel_event=...)`` for every index as
-        Dask tasks (keys ``napari-esam-KIND-TOKEN-i``); results (not ``None``) as they
+        Dask tasks (keys ``napari-esam-task-TOKEN-i``); results (not ``None``) as they
         finish. Pending tasks are cancelled, and running ones told to stop, when this ends
         early."""
         if not indices:
@@ -404,7 +356,7 @@ class DaskExecutor:
         client = self.start()
         self._check_paths(client, paths)
         token = uuid.uuid4().hex[:8]
-        prefix = f"napari-esam-{kind}-{token}-"
+        prefix = f"napari-esam-task-{token}-"
         event = dist.Event(f"napari-esam-cancel-{token}", client=client)
         pending: dict[str, Any] = {}
         try:
@@ -458,7 +410,7 @@ class DaskExecutor:
                 )
 
 
-def check_task(task: SliceTask) -> None:
+def check_task(task: TileTask) -> None:
     """A task a cluster can run: the input a file path, the output a Zarr store."""
     if not isinstance(task.output, ZarrOutput):
         raise ValueError(

@@ -1,6 +1,6 @@
 """Tiling geometry for images far larger than the model input (no Qt, no torch).
 
-The grid (documented in ``docs/tiling.md``):
+The grid (the rule is written in ``docs/rules/tiling.md``):
 
 * ``tile`` is the side of one tile, i.e. of the encoder's input (1024 = the model's own
   resolution, so pixels are neither up- nor down-sampled); ``halo`` is the **overlap** between
@@ -408,6 +408,42 @@ def global_contrast_limits(
         sample = global_sample(data, rgb)
     lo, hi = contrast_limits_of(sample)
     return lo, hi
+
+
+def plane_sample(data: Any, index: tuple[int, ...] = (), rgb: bool | None = None) -> np.ndarray:
+    """:func:`global_sample` of one 2-D plane of ``data`` (``index``: its leading indices):
+    the whole plane up to ``SAMPLE_MAX_VALUES`` pixels, else 8 x 8 patches of
+    ``SAMPLE_PATCH`` px. Flat (RGB: (N, 3))."""
+    shape = tuple(int(s) for s in data.shape)
+    is_rgb = is_rgb_shape(shape, rgb)
+    h, w = plane_shape(shape, is_rgb)
+    index = tuple(int(i) for i in index)
+
+    def flat(a: Any) -> np.ndarray:
+        if hasattr(a, "compute") and not isinstance(a, np.ndarray):
+            a = a.compute()
+        a = np.asarray(a)
+        return a[..., :3].reshape(-1, 3) if is_rgb else a.reshape(-1)
+
+    whole = (slice(0, h), slice(0, w))
+    if h * w <= SAMPLE_MAX_VALUES:
+        return flat(data[index + whole])
+    plane = (h, w, 3) if is_rgb else (h, w)
+    return np.concatenate([flat(data[index + key]) for key in sample_patches(plane, is_rgb)])
+
+
+def plane_contrast_limits(
+    data: Any, index: tuple[int, ...] = (), rgb: bool | None = None
+) -> tuple[float, float] | None:
+    """The contrast rule of a plane (``docs/rules/tiling.md#contrast``): ``None`` for uint8
+    and bool (used unscaled), else the 0.5/99.5 percentiles of :func:`plane_sample` (the
+    whole plane up to 1 Mpx, so then exactly the plane's own percentiles)."""
+    dtype = np.dtype(data.dtype)
+    if dtype == np.uint8 or dtype.kind == "b":
+        return None
+    if dtype.kind not in "iuf":
+        raise ValueError(f"unsupported image dtype {dtype}; use an integer or float image")
+    return contrast_limits_of(plane_sample(data, index, rgb))
 
 
 def content_hash(data: Any, rgb: bool | None = None, sample: np.ndarray | None = None) -> str:

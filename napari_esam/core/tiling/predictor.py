@@ -2,7 +2,7 @@
 
 :class:`TiledPredictor` has :class:`~napari_esam.core.plane.predictor.Predictor`'s ``set_image`` /
 ``predict`` / ``predict_batch`` in **full-image coordinates** ((x, y) pixels, boxes XYXY).
-``set_image`` reads nothing but a small global sample (contrast limits and content hash);
+``set_image`` reads nothing but a small global sample (the content hash, with a store);
 a tile's embedding is computed the first time a prompt needs it, then kept in an in-memory
 LRU cache and, with ``store=``, in an on-disk :class:`EmbeddingStore` (reused next session).
 
@@ -45,10 +45,9 @@ from napari_esam.core.tiling.grid import (
     Window,
     centred_window,
     full_resolution,
-    global_contrast_limits,
-    global_sample,
     is_rgb_shape,
     leading_shape,
+    plane_contrast_limits,
     plane_shape,
     read_window,
     tile_hash,
@@ -192,7 +191,7 @@ class TiledPredictor:
     ) -> None:
         """Use ``image`` (2-D, RGB or a stack; NumPy/Dask/Zarr; multiscale → level 0).
 
-        Reads only a global sample (contrast limits unless given, and the content hash when a
+        Reads only a global sample (the content hash, when a
         store is used). ``index`` selects the 2-D plane of a stack (see :meth:`set_index`;
         default: the first plane, or the current one when the same array is set again).
         Setting the same array object again keeps the cached tiles.
@@ -224,16 +223,12 @@ class TiledPredictor:
         if min(plane_hw) < 2:
             raise ValueError(f"the image is too small to segment (shape {shape})")
         given = (contrast_limits, rgb)
-        sample = None
-        if contrast_limits is None:
-            sample = global_sample(data, is_rgb)
-            contrast_limits = global_contrast_limits(data, is_rgb, sample)
         grid = TileGrid(plane_hw, self.tile, self.halo)
         store = None
         if self.store_arg is not None:
             self.signature = StoreSignature.for_image(
                 data, self.model, tile=self.tile, halo=self.halo, rgb=is_rgb,
-                contrast_limits=contrast_limits, sample=sample,
+                contrast_limits=contrast_limits,
             )
             if isinstance(self.store_arg, EmbeddingStore):
                 store = self.store_arg
@@ -247,6 +242,7 @@ class TiledPredictor:
                 store = EmbeddingStore.open(self.store_arg, self.signature, self.store_mode)
         self.data, self.rgb, self.grid, self.store = data, is_rgb, grid, store
         self.contrast_limits = contrast_limits
+        self._plane_limits: dict[tuple[int, ...], tuple[float, float] | None] = {}
         self.lead = leading_shape(shape, is_rgb)
         self._given = given
         self.set_index((0,) * len(self.lead) if index is None else index)
@@ -278,18 +274,38 @@ class TiledPredictor:
         while len(self._cache) > max(1, self.cache_size):
             self._cache.popitem(last=False)
 
-    def _encode_window(self, window: Window) -> tuple[torch.Tensor, tuple[int, int], str]:
-        pixels = read_window(self.data, window, self.index, self.rgb)
+    def plane_limits(self, index: tuple[int, ...] | None = None) -> tuple[float, float] | None:
+        """The contrast limits of plane ``index`` (default: the current one): the given
+        limits, else the plane's own (``docs/rules/tiling.md#contrast``)."""
+        if self.contrast_limits is not None:
+            return self.contrast_limits
+        index = self.index if index is None else tuple(int(i) for i in index)
+        if index not in self._plane_limits:
+            self._plane_limits[index] = plane_contrast_limits(self.data, index, self.rgb)
+        return self._plane_limits[index]
+
+    def read(self, window: Window) -> np.ndarray:
+        """The pixels of ``window`` in the current plane (reads only that region)."""
+        return read_window(self.data, window, self.index, self.rgb)
+
+    def _encode_window(
+        self, window: Window, pixels: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int], str]:
+        if pixels is None:
+            pixels = self.read(window)
         p = self._predictor
         before = p.encoder_calls
-        p.set_image(pixels, self.contrast_limits)
+        p.set_image(pixels, self.plane_limits())
         self.encoder_calls += p.encoder_calls - before
         return p.get_image_embedding().detach().cpu(), p.input_size, tile_hash(pixels)
 
     @_locked
-    def tile_embedding(self, tile: Tile) -> tuple[torch.Tensor, tuple[int, int]]:
+    def tile_embedding(
+        self, tile: Tile, pixels: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """(embedding (1, 256, 64, 64) on CPU, input_size) of a grid tile of the current plane:
-        from the LRU cache, else the store, else the encoder (then cached and stored)."""
+        from the LRU cache, else the store, else the encoder (then cached and stored).
+        ``pixels``: the tile's pixels when already read."""
         self._require_image()
         key = ("tile", self.index, tile.iy, tile.ix)
         hit = self._cache.get(key)
@@ -301,14 +317,15 @@ class TiledPredictor:
         if store is not None and store.has(self.index, tile.iy, tile.ix):
             ok = True
             if self.verify_tiles:
-                pixels = read_window(self.data, tile.window, self.index, self.rgb)
+                if pixels is None:
+                    pixels = self.read(tile.window)
                 ok = tile_hash(pixels) == store.stored_tile_hash(self.index, tile.iy, tile.ix)
             if ok:
                 feats, input_size = store.load(self.index, tile.iy, tile.ix)
                 value = (torch.from_numpy(feats)[None], input_size)
                 self.store_hits += 1
         if value is None:
-            feats, input_size, phash = self._encode_window(tile.window)
+            feats, input_size, phash = self._encode_window(tile.window, pixels)
             value = (feats, input_size)
             if store is not None and store.writable:
                 store.save(self.index, tile.iy, tile.ix, feats.numpy()[0], input_size, phash)
@@ -596,7 +613,7 @@ class TiledEmbedding:
 
 
 class TiledEngine(ModelInfoMixin):
-    """The prompt widget's ``Engine`` (see ``widgets/prompt_controller.py``) for large images.
+    """The prompt widget's ``Engine`` (see ``widgets/prompt/controller.py``) for large images.
 
     Same protocol as ``SamEngine``: ``embed(image, contrast_limits)`` in a worker thread (here
     it only reads the global sample and opens the store: tiles are encoded when a prompt

@@ -11,13 +11,10 @@ single 2-D image; ``ny x nx`` = the tile grid of one plane):
   ``verify_tiles``);
 * attribute ``napari_esam_embeddings``: the :class:`StoreSignature`.
 
-**Signature** (what must match for a store to be reused; anything else is rejected with a
-:class:`StaleEmbeddingStoreError` naming the differences): the image's shape, dtype and
-RGB-ness, its *content hash* (BLAKE2b of a deterministic strided sample of the whole image,
-:func:`~napari_esam.core.tiling.grid.content_hash`, so no full read is needed to open a store), the
-contrast limits the tiles were scaled with, the model's name and a fingerprint of its weights,
-the tile size and the halo. Edits of pixels outside the sample are not seen by the content
-hash; ``verify_tiles`` compares each tile's full pixel hash before using its embedding.
+**Signature**: what must match for a store to be reused (image shape, dtype, RGB-ness,
+content hash, contrast limits, model and weights fingerprint, tile and halo); anything else
+is rejected with a :class:`StaleEmbeddingStoreError` naming the differences. The rule is
+written in ``docs/rules/embedding-store.md``.
 """
 
 from __future__ import annotations
@@ -34,14 +31,14 @@ import numpy as np
 from napari_esam.core.tiling.grid import (
     TileGrid,
     content_hash,
-    global_contrast_limits,
     global_sample,
     is_rgb_shape,
     leading_shape,
     plane_shape,
 )
 
-FORMAT_VERSION = 1
+#: 2: automatic contrast limits are per plane (version 1 stores are refused as stale)
+FORMAT_VERSION = 2
 ATTR = "napari_esam_embeddings"
 EMBED_SHAPE = (256, 64, 64)
 
@@ -105,8 +102,6 @@ class StoreSignature:
         is_rgb = is_rgb_shape(data.shape, rgb)
         if sample is None:
             sample = global_sample(data, is_rgb)
-        if contrast_limits is None:
-            contrast_limits = global_contrast_limits(data, is_rgb, sample)
         return cls(
             image_shape=tuple(int(s) for s in data.shape),
             dtype=str(np.dtype(data.dtype)),

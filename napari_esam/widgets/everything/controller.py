@@ -2,55 +2,34 @@
 
 The view (:mod:`napari_esam.widgets.everything.view`) fills an :class:`EverythingForm`, calls
 :meth:`EverythingController.start` and :meth:`~EverythingController.cancel`, and shows what
-the controller reports through ``on_progress`` / ``on_finished`` / ``on_error``.
-
-Tiled mode (``form.tiled``: ``"auto"`` for planes with a side over 2048 px, ``"on"``,
-``"off"``; :func:`use_tiling`) runs :class:`~napari_esam.core.runs.tiled_batch.TiledBatch` instead
-of the per-slice batch: every plane at full resolution, tile by tile, into a resumable Zarr
-labels group (the Zarr path, or a working store in a temporary folder when the output is
-only a Labels layer), which the Labels layer shows lazily. Progress counts tiles.
+the controller reports through ``on_progress`` / ``on_finished`` / ``on_error``. The run is
+:func:`~napari_esam.core.runs.pipeline.run_batch` in a worker thread, tiled or not by the
+one tiling rule (``form.tiled``, ``docs/rules/tiling.md``); progress counts slices, and tiles
+when planes are tiled.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import hashlib
-import json
 import math
-import os
-import re
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_esam.core.runs.pipeline import (
-    BatchProgress,
-    BatchResult,
+from napari_esam.core.runs.outputs import MemoryOutput, ZarrOutput
+from napari_esam.core.runs.pipeline import BatchProgress, BatchResult, iter_batch
+from napari_esam.core.runs.settings import (
+    MERGE_IOU,
     BatchSettings,
     EverythingParams,
-    MemoryOutput,
     ModelSpec,
-    StackSource,
-    ZarrOutput,
+    TilingParams,
     get_model,
-    iter_batch,
-    iter_progress,
     output_dtype,
 )
-from napari_esam.core.runs.tiled_batch import (
-    MERGE_IOU,
-    TiledBatchResult,
-    TiledProgress,
-    check_tiled_settings,
-    check_tiled_source,
-    prepare_tiled_batch,
-    tiled_record,
-)
+from napari_esam.core.runs.sources import StackSource
 from napari_esam.core.tiling.grid import HALO, TILE, use_tiling
 
 #: ``stack_axis`` value meaning "every axis but the image plane"
@@ -90,7 +69,7 @@ class EverythingForm:
     halo: int = HALO
     #: IoU inside the tiles' overlap from which two tiles' masks are one object
     merge_iou: float = MERGE_IOU
-    #: embedding store of ``napari-esam embed`` (tiled mode; reused and filled; "" = none)
+    #: embedding store (``napari-esam embed`` or an earlier run; reused and filled; "" = none)
     embeddings: str = ""
 
 
@@ -100,15 +79,13 @@ class RunState:
 
     layer_name: str
     source: StackSource
-    #: ``None`` until a tiled run has prepared its output (in the worker)
-    output: ZarrOutput | MemoryOutput | None
+    output: ZarrOutput | MemoryOutput
     labels_layer: Any = None
     worker: Any = None
     cancel: threading.Event = field(default_factory=threading.Event)
-    last: BatchProgress | TiledProgress | None = None
-    #: tiled mode: the prepared run (set by the worker before its first report)
-    tiled: Any = None
-    #: tiled mode: ``viewer.add_labels`` keywords for the layer made at the first report
+    last: BatchProgress | None = None
+    #: ``viewer.add_labels`` keywords for a Zarr output's layer, made at the first report
+    #: (once the worker has created or reopened the store)
     layer_kwargs: dict[str, Any] | None = None
 
 
@@ -122,17 +99,13 @@ def format_seconds(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
-def progress_text(ev: BatchProgress | TiledProgress) -> str:
-    """``"2 / 5 slices · 0:42 left"`` (the progress bar's text); tiled mode counts tiles:
-    ``"7 / 12 tiles · 0:10 left"``, then ``"merging seams · 3 / 12 tiles"``."""
-    if isinstance(ev, TiledProgress):
-        text = f"{ev.done} / {ev.total} tiles"
-        if ev.kind == "merge":
-            return f"merging seams · {text}"
-        if ev.kind == "start":
-            return text + " · starting"
-        return f"{text} · {format_seconds(ev.eta)} left"
-    text = f"{ev.done} / {ev.total} slices"
+def progress_text(ev: BatchProgress) -> str:
+    """``"2 / 5 slices · 0:42 left"`` (the progress bar's text); when planes are tiled,
+    tiles: ``"7 / 12 tiles · 0:10 left"``."""
+    if ev.tiles_total > ev.total:
+        text = f"{ev.tiles_done} / {ev.tiles_total} tiles"
+    else:
+        text = f"{ev.done} / {ev.total} slices"
     if ev.kind == "start":
         return text + " · starting"
     return f"{text} · {format_seconds(ev.eta)} left"
@@ -153,8 +126,7 @@ class EverythingController:
 
     ``runner`` is :func:`napari_esam.widgets.workers.start_worker` (default) or
     :func:`~napari_esam.widgets.workers.run_sync`; ``model_factory`` (tests, custom models)
-    replaces loading ``form.model``. ``workdir``: where tiled runs without a Zarr path keep
-    their working stores (default: a temporary folder, deleted when Python exits).
+    replaces loading ``form.model``.
     """
 
     def __init__(
@@ -163,12 +135,10 @@ class EverythingController:
         *,
         runner: Callable[..., Any] | None = None,
         model_factory: Callable[[], Any] | str | None = None,
-        workdir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.viewer = viewer
         self.runner = runner
         self.model_factory = model_factory
-        self._workdir = None if workdir is None else Path(workdir)
         self.state: RunState | None = None
         self.result: BatchResult | None = None
         #: the source of the last run started (for labelling its counts)
@@ -211,16 +181,6 @@ class EverythingController:
         layer = self.viewer.layers[layer_name]
         return use_tiling(mode, _layer_data(layer).shape, rgb=bool(layer.rgb))
 
-    @property
-    def workdir(self) -> Path:
-        """The folder of the working stores of tiled runs without a Zarr path."""
-        if self._workdir is None:
-            path = tempfile.mkdtemp(prefix="napari-esam-tiled-")
-            atexit.register(shutil.rmtree, path, ignore_errors=True)
-            self._workdir = Path(path)
-        self._workdir.mkdir(parents=True, exist_ok=True)
-        return self._workdir
-
     # --------------------------------------------------------------------- build
     def settings(self, form: EverythingForm, layer: Any) -> BatchSettings:
         params = form.params
@@ -236,7 +196,8 @@ class EverythingController:
                 raise ValueError(f"checkpoint file not found: {str(path)!r}")
             checkpoint = str(path.resolve())
         spec = ModelSpec(form.model, checkpoint, form.device, None, self.model_factory)
-        settings = BatchSettings(spec, params, form.id_scope)
+        tiling = TilingParams(form.tiled, int(form.tile), int(form.halo), form.merge_iou)
+        settings = BatchSettings(spec, params, form.id_scope, tiling)
         settings.validate()
         return settings
 
@@ -297,29 +258,40 @@ class EverythingController:
         source = self.source(form, layer)
         scale = list(layer.scale)[-len(source.out_shape) :]
         translate = list(layer.translate)[-len(source.out_shape) :]
-        if use_tiling(form.tiled, source.plane_shape):
-            return self._start_tiled(layer, form, settings, source, executor, scale,
-                                     translate, start=start)
+        embeddings = form.embeddings.strip() or None
+        if embeddings is not None:
+            store = Path(embeddings).expanduser()
+            if store.suffix.lower() != ".zarr":
+                raise ValueError(f"the embedding store must be a .zarr folder, not {str(store)!r}")
+            if not store.parent.is_dir():
+                raise ValueError(f"the folder of the embedding store {str(store.parent)!r} does "
+                                 "not exist")
+            embeddings = str(store)
+        name = f"{layer.name} everything"
+        layer_kwargs = {"name": name, "scale": scale, "translate": translate,
+                        "metadata": {"napari-esam": {"source": layer.name}}}
         if form.zarr_path.strip():
             path = Path(form.zarr_path.strip()).expanduser()
             if path.suffix.lower() != ".zarr":
                 raise ValueError(f"the output path must end in .zarr, not {str(path)!r}")
+            if not path.parent.is_dir():
+                raise ValueError(f"directory {str(path.parent)!r} does not exist")
             output: ZarrOutput | MemoryOutput = ZarrOutput(path)
-            output.prepare(source, settings, overwrite=form.overwrite, scale=scale,
-                           translate=translate, name=f"{layer.name} everything")
         else:
-            output = MemoryOutput(source.out_shape, output_dtype(source, settings))
+            grid = settings.tiling.grid(source.plane_shape)
+            output = MemoryOutput(source.out_shape,
+                                  output_dtype(source.n_slices, settings, grid))
         state = RunState(layer_name, source, output)
-        if form.to_layer:
-            data = output.read_only() if isinstance(output, ZarrOutput) else output.array
-            state.labels_layer = self.viewer.add_labels(
-                data, name=f"{layer.name} everything", scale=scale, translate=translate,
-                metadata={"napari-esam": {"source": layer.name}},
-            )
+        if form.to_layer and isinstance(output, MemoryOutput):
+            state.labels_layer = self.viewer.add_labels(output.array, **layer_kwargs)
+        elif form.to_layer:
+            state.layer_kwargs = layer_kwargs
         self.state = state
         self.result = None
         self.last_source = source
-        job = self._job(state, settings, executor)
+        run_kwargs = {"overwrite": form.overwrite, "embeddings": embeddings, "scale": scale,
+                      "translate": translate, "name": name}
+        job = self._job(state, settings, executor, run_kwargs)
         return self._launch(state, job, start)
 
     def _launch(self, state: RunState, job: Callable[[], Any], start: bool) -> Any:
@@ -339,96 +311,28 @@ class EverythingController:
             state.worker = worker
         return worker
 
-    def _start_tiled(self, layer: Any, form: EverythingForm, settings: BatchSettings,
-                     source: StackSource, executor: Any, scale: list, translate: list, *,
-                     start: bool) -> Any:
-        """Tiled mode: check here, then prepare (contrast sample, embedding store, output
-        group) and run :class:`~napari_esam.core.runs.tiled_batch.TiledBatch` in the worker."""
-        check_tiled_settings(int(form.tile), int(form.halo), form.merge_iou, settings.params)
-        try:
-            check_tiled_source(source)
-        except ValueError as exc:
-            raise ValueError(f"{exc}: choose the stack axis 'auto' (or the first axis)") from None
-        embeddings = form.embeddings.strip() or None
-        if embeddings is not None:
-            store = Path(embeddings).expanduser()
-            if store.suffix.lower() != ".zarr":
-                raise ValueError(f"the embedding store must be a .zarr folder, not {str(store)!r}")
-            if not store.parent.is_dir():
-                raise ValueError(f"the folder of the embedding store {str(store.parent)!r} does "
-                                 "not exist")
-            embeddings = str(store)
-        path: Path | None = None
-        if form.zarr_path.strip():
-            path = Path(form.zarr_path.strip()).expanduser()
-            if path.suffix.lower() != ".zarr":
-                raise ValueError(f"the output path must end in .zarr, not {str(path)!r}")
-            if not path.parent.is_dir():
-                raise ValueError(f"directory {str(path.parent)!r} does not exist")
-        name = f"{layer.name} everything"
-        state = RunState(layer.name, source, None)
-        if form.to_layer:
-            state.layer_kwargs = {
-                "name": name, "scale": scale, "translate": translate,
-                "metadata": {"napari-esam": {"source": layer.name}},
-            }
-        self.state = state
-        self.result = None
-        self.last_source = source
-
-        def job():
-            try:
-                out = path if path is not None else self.working_store(layer.name, source,
-                                                                       settings, form)
-                model = None
-                if embeddings is not None and executor is not None:
-                    # only for the store's signature: on this machine (maybe without a GPU)
-                    # the CPU copy; the workers load their own
-                    model = get_model(dataclasses.replace(settings.model, device="cpu"))
-                state.tiled = prepare_tiled_batch(
-                    source, settings, out, tile=int(form.tile), halo=int(form.halo),
-                    merge_iou=form.merge_iou, embeddings=embeddings, overwrite=form.overwrite,
-                    scale=scale, translate=translate, name=name, model=model,
-                )
-                state.output = state.tiled.output
-                return (yield from iter_progress(state.tiled.run, cancel=state.cancel.is_set,
-                                                 executor=executor))
-            finally:
-                if executor is not None:
-                    executor.close()
-
-        return self._launch(state, job, start)
-
-    def working_store(self, layer_name: str, source: StackSource, settings: BatchSettings,
-                      form: EverythingForm) -> Path:
-        """The working store of a tiled run without a Zarr path, in :attr:`workdir`: one per
-        layer name, run settings and image content, so a rerun of a stopped run resumes it
-        and a finished one is reused (as with a Zarr path)."""
-        from napari_esam.core.tiling.grid import content_hash
-
-        record = tiled_record(source, settings, int(form.tile), int(form.halo), form.merge_iou)
-        key = json.dumps({"record": record, "embeddings": form.embeddings.strip(),
-                          "content": content_hash(source.array, source.channel_axis is not None)},
-                         sort_keys=True, default=str)
-        digest = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", layer_name).strip("._")[:40] or "image"
-        return self.workdir / f"{slug}-{digest}.zarr"
-
     def cancel(self) -> None:
         """Ask the running job to stop after the current point batch (finished slices stay;
-        on a Dask cluster, pending slices are dropped and running ones stop). A tiled run
-        keeps its finished tiles: running it again computes only the others."""
+        on a Dask cluster, pending tasks are dropped and running ones stop). With a Zarr
+        output, finished tiles are kept too: running it again computes only the others."""
         if self.state is not None:
             self.state.cancel.set()
 
     def _job(
-        self, state: RunState, settings: BatchSettings, executor: Any = None
+        self, state: RunState, settings: BatchSettings, executor: Any,
+        run_kwargs: dict[str, Any],
     ) -> Callable[[], Any]:
         def job():
             try:
+                model = None
+                if run_kwargs["embeddings"] is not None and executor is not None:
+                    # only for the store's signature: on this machine (maybe without a GPU)
+                    # the CPU copy; the workers load their own
+                    model = get_model(dataclasses.replace(settings.model, device="cpu"))
                 return (
                     yield from iter_batch(state.source, settings, state.output,
-                                          cancel=state.cancel.is_set, executor=executor)
+                                          cancel=state.cancel.is_set, executor=executor,
+                                          model=model, **run_kwargs)
                 )
             finally:
                 if executor is not None:
@@ -437,15 +341,14 @@ class EverythingController:
         return job
 
     # ------------------------------------------------------------------ callbacks
-    def _progress(self, ev: BatchProgress | TiledProgress) -> None:
+    def _progress(self, ev: BatchProgress) -> None:
         state = self.state
         if state is None:
             return
         state.last = ev
-        if (isinstance(ev, TiledProgress) and ev.kind == "start"
-                and state.labels_layer is None and state.layer_kwargs is not None
-                and state.tiled is not None):
-            state.labels_layer = self.viewer.add_labels(state.tiled.output.read_only(),
+        if (ev.kind == "start" and state.labels_layer is None
+                and state.layer_kwargs is not None and isinstance(state.output, ZarrOutput)):
+            state.labels_layer = self.viewer.add_labels(state.output.read_only(),
                                                         **state.layer_kwargs)
         if ev.kind == "slice" and state.labels_layer is not None:
             state.labels_layer.refresh()
@@ -462,9 +365,9 @@ class EverythingController:
                 "counts": {int(k): int(v) for k, v in result.counts.items()},
                 "complete": result.complete,
             }
-            if state.tiled is not None:
-                meta["tiled"] = {"tile": state.tiled.tile, "halo": state.tiled.halo,
-                                 "store": state.tiled.output.path}
+            grid = result.details.get("grid")
+            if grid is not None and grid.n_tiles > 1:
+                meta["tiled"] = {"tile": grid.tile, "halo": grid.halo}
             layer.metadata = {**layer.metadata, "napari-esam": meta}
             layer.refresh()
         if self.on_finished is not None:
@@ -478,9 +381,6 @@ class EverythingController:
             raise exc
 
     def summary(self, result: BatchResult) -> str:
-        if isinstance(result, TiledBatchResult) and result.cancelled:
-            return (f"Cancelled: {result.tiles_done} / {result.tiles_total} tiles done, kept "
-                    f"for the next run ({format_seconds(result.elapsed)})")
         n = sum(result.counts.values())
         done = len(result.counts)
         head = "Cancelled" if result.cancelled else "Done"

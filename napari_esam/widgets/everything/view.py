@@ -1,10 +1,10 @@
-"""The "Segment everything" dock widget: a thin Qt view over :mod:`.batch_controller`.
+"""The "Segment everything" dock widget: a thin Qt view over :mod:`.controller`.
 
 Sections (top to bottom): input, model, parameters (with an "Advanced" fold), large images
 (tiled mode, tile, halo, embedding store), output, where to run (this process, a local Dask
 cluster or a Dask scheduler), the Run/Cancel buttons with the progress bar, and the per-slice
 counts of the last run. :meth:`EverythingWidget.add_section`
-appends further sections below them: the label export (:mod:`.export_section`).
+appends further sections below them: the label export (:mod:`napari_esam.widgets.export.view`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from napari_esam.core.runs.pipeline import BatchProgress, BatchResult, EverythingParams
-from napari_esam.core.runs.tiled_batch import TiledBatchResult, TiledProgress
 from napari_esam.core.tiling.grid import HALO, TILE, TILED_MODES, TILING_THRESHOLD
 from napari_esam.models.registry import MODEL_NAMES
 from napari_esam.widgets.everything.controller import (
@@ -181,8 +180,8 @@ class EverythingWidget(QWidget):
         self.embeddings_edit = QLineEdit()
         self.embeddings_edit.setPlaceholderText("optional: embeddings.zarr (napari-esam embed)")
         self.embeddings_edit.setToolTip(
-            "an embedding store of napari-esam embed for this image, model, tile and halo: "
-            "reused, and filled with the tiles it lacks (created when missing)"
+            "an embedding store for this image, model and tiling (napari-esam embed, or an "
+            "earlier run): reused, and filled with the tiles it lacks (created when missing)"
         )
         emb_btn = QPushButton("…")
         emb_btn.setMaximumWidth(30)
@@ -406,22 +405,18 @@ class EverythingWidget(QWidget):
         self.cancel_button.setEnabled(False)
         self.status.setText("cancelling…")
 
-    def _on_progress(self, ev: BatchProgress | TiledProgress) -> None:
+    def _on_progress(self, ev: BatchProgress) -> None:
         self.progress.setValue(int(round(ev.fraction * BAR_MAX)))
         self.progress.setFormat(progress_text(ev))
-        if isinstance(ev, TiledProgress):
-            self.status.setText("merging the tiles" if ev.kind == "merge"
-                                else "segmenting tiles (tiled mode)")
+        if ev.kind == "tile":
+            self.status.setText(f"slice {ev.index}: segmenting tiles (tiled)")
         elif ev.kind == "slice":
             self.status.setText(f"slice {ev.index}: {ev.n_objects} objects")
 
     def _on_finished(self, result: BatchResult) -> None:
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        if isinstance(result, TiledBatchResult) and result.cancelled:
-            done, total, unit = result.tiles_done, result.tiles_total, "tiles"
-        else:
-            done, total, unit = len(result.counts), result.total, "slices"
+        done, total, unit = len(result.counts), result.total, "slices"
         self.progress.setValue(int(round(BAR_MAX * done / total)) if total else 0)
         self.progress.setFormat(f"{done} / {total} {unit}")
         self.status.setText(self.controller.summary(result))

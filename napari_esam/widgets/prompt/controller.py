@@ -7,7 +7,7 @@ decoded mask in a preview Labels layer and commits it to an output Labels layer 
 napari's undo history. It works on a ``napari.Viewer`` or a bare ``napari.components.
 ViewerModel``; the Qt view (:mod:`.prompt`) only forwards user input to it.
 
-Conventions (documented in the README, "Interactive segmentation in napari"):
+Conventions (documented in ``docs/interactive.md``):
 
 * A point's polarity is its ``label`` feature: ``"positive"`` (green) or ``"negative"``
   (red); a points layer without that feature counts every point as positive.
@@ -58,7 +58,7 @@ BOXES_NAME = "ESAM boxes"
 DEVICES = ("auto", "cuda", "cpu")
 #: tiled mode: "auto" tiles planes whose longer side exceeds ``TILED_THRESHOLD`` pixels
 TILED_THRESHOLD = TILING_THRESHOLD
-#: keys bound on the prompt layers (documented in the README)
+#: keys bound on the prompt layers (documented in ``docs/interactive.md``)
 KEYS = {
     "toggle_polarity": "n",
     "next_mask": "m",

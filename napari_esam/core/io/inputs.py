@@ -1,0 +1,142 @@
+"""Opening inputs: image files and arrays as lazy arrays (no Qt, no torch).
+
+:func:`open_input` opens NumPy / Dask / Zarr arrays, ``.zarr`` folders, TIFFs (lazily,
+through tifffile's Zarr store), ``.npy`` (memory-mapped) and PNG/JPEG files;
+:func:`opened` does it once per process and file version (a path is what travels to other
+processes).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["IMAGE_SUFFIXES", "TIFF_SUFFIXES", "input_axes", "open_input", "opened"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def open_input(source: Any) -> Any:
+    """A lazy (H, W[, C]) / N-D array for a path or an array-like.
+
+    Arrays (NumPy, Dask, Zarr, anything with ``shape``/``dtype``/``__getitem__``) are
+    returned as they are. Paths: ``.tif``/``.tiff`` open lazily as Zarr over the file
+    (first series, full resolution), ``.zarr`` (array, OME-Zarr group or a group with one
+    array) lazily, ``.npy`` memory-mapped, PNG/JPEG read into memory (palette/LA images
+    are converted to RGB/gray). Missing files raise ``FileNotFoundError``, unreadable ones
+    ``ValueError``.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        if all(hasattr(source, a) for a in ("shape", "dtype", "__getitem__")):
+            return source
+        raise TypeError(f"cannot use a {type(source).__name__} as an image; pass an array")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {str(path)!r}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in TIFF_SUFFIXES:
+            return _open_tiff(path)
+        if suffix == ".zarr" or path.is_dir():
+            return _open_zarr(path)
+        if suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        if suffix in IMAGE_SUFFIXES:
+            return _open_picture(path)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader failure is "unreadable"
+        raise ValueError(f"cannot read {str(path)!r} as an image: {exc}") from exc
+    raise ValueError(
+        f"unsupported input format {suffix or '(no extension)'!r} for {str(path)!r}: use a "
+        "TIFF, Zarr, NumPy .npy, PNG or JPEG file"
+    )
+
+
+def _open_tiff(path: Path) -> Any:
+    import tifffile
+    import zarr
+
+    store = tifffile.imread(path, aszarr=True)
+    node = zarr.open(store, mode="r")
+    if isinstance(node, zarr.Group):  # pyramid: level 0 is full resolution
+        node = node["0"]
+    return node
+
+
+def _open_zarr(path: Path) -> Any:
+    import zarr
+
+    node = zarr.open(path, mode="r")
+    if isinstance(node, zarr.Array):
+        return node
+    attrs = node.attrs.asdict()
+    ome = attrs.get("ome", attrs)
+    if ome.get("multiscales"):
+        return node[ome["multiscales"][0]["datasets"][0]["path"]]
+    arrays = list(node.array_keys())
+    if len(arrays) == 1:
+        return node[arrays[0]]
+    raise ValueError(
+        f"the Zarr group holds {len(arrays)} arrays and no OME-NGFF 'multiscales'; "
+        "point at one array (e.g. path/to/group.zarr/name)"
+    )
+
+
+def _open_picture(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+            img = img.convert("RGB")
+        elif img.mode == "LA":
+            img = img.convert("L")
+        elif img.mode == "1":
+            img = img.convert("L")
+        return np.asarray(img)
+
+
+def input_axes(source: Any) -> str | None:
+    """Axis letters of a TIFF input (tifffile's series axes, lower case), else ``None``."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(source).expanduser()
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tif.series[0].axes.lower()
+    except Exception:  # noqa: BLE001 - metadata is optional
+        return None
+
+
+_OPENED: dict[tuple, Any] = {}
+_OPENED_LOCK = threading.Lock()
+_OPENED_MAX = 8
+
+
+def opened(path: str) -> Any:
+    """``open_input(path)`` once per process and file version (a path is what travels to
+    other processes; a changed file is opened again)."""
+    try:
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = (path, None, None)
+    with _OPENED_LOCK:
+        arr = _OPENED.get(key)
+        if arr is None:
+            arr = open_input(path)
+            while len(_OPENED) >= _OPENED_MAX:
+                _OPENED.pop(next(iter(_OPENED)))
+            _OPENED[key] = arr
+    return arr
+
+

@@ -1,0 +1,407 @@
+"""Run outputs: where labels go and what a resumed run must match.
+
+* :class:`MemoryOutput`: a NumPy array (for a napari layer); no resume.
+* :class:`ZarrOutput`: an OME-Zarr label group (array ``"0"``, chunked 1 along the stack axes
+  so a plane never shares a chunk with another plane) with the run's record under
+  :data:`RUN_ATTR`: input geometry, settings, the finished planes and their object counts.
+* :class:`TileScratch`: for planes cut into several tiles, the tiles' kept masks until their
+  plane is merged (``OUTPUT.tiles.zarr``), so a stopped run keeps its finished tiles.
+
+The resume rule is written in ``docs/rules/resume.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_esam.core.runs.settings import BatchSettings, output_dtype
+from napari_esam.core.runs.sources import StackSource
+from napari_esam.core.tiling.grid import TileGrid
+from napari_esam.core.tiling.merge import TileMasks
+
+__all__ = [
+    "LEGACY_ATTRS",
+    "PLANE_CHUNK",
+    "RUN_ATTR",
+    "SCRATCH_SUFFIX",
+    "MemoryOutput",
+    "TileScratch",
+    "ZarrOutput",
+    "create_label_group",
+]
+
+#: group attribute holding the run record (settings, finished planes, counts)
+RUN_ATTR = "napari-esam-run"
+RUN_FORMAT = 2
+#: records of earlier versions, which this version refuses to resume
+LEGACY_ATTRS = ("napari-esam-batch", "napari-esam-tiled")
+#: largest tile of the image plane in one output chunk
+PLANE_CHUNK = 1024
+#: suffix of the scratch group of a run's tiles (next to the Zarr output)
+SCRATCH_SUFFIX = ".tiles.zarr"
+#: group attribute of a scratch group (the run's record and the finished tiles)
+SCRATCH_ATTR = "napari-esam-tiles"
+SCRATCH_FORMAT = 2
+
+
+def _root_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The attributes of the Zarr v3 group at ``path`` (``None``: not one)."""
+    try:
+        with open(Path(path) / "zarr.json", encoding="utf-8") as fh:
+            return json.load(fh).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+
+
+class MemoryOutput:
+    """Labels in a NumPy array (for a napari layer); no resume record."""
+
+    def __init__(self, shape: Sequence[int], dtype: Any) -> None:
+        self.array = np.zeros(tuple(shape), dtype=dtype)
+        self.counts: dict[int, int] = {}
+
+    def done(self) -> dict[int, int]:
+        return dict(self.counts)
+
+    def write(self, region: tuple, labels: np.ndarray) -> None:
+        self.array[region] = labels
+
+    def record(self, index: int, n_objects: int) -> None:
+        self.counts[index] = n_objects
+
+
+class ZarrOutput:
+    """On-disk labels (OME-Zarr group, array ``"0"``) with the resume record in its attrs.
+
+    Picklable (a path): workers open the array themselves and :meth:`write` whole slices
+    (chunk-aligned, so no locking); only the coordinating process calls :meth:`record`.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(Path(path).expanduser().resolve())
+        self._array: Any = None
+        self._group: Any = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    # -- creation / resume
+    @staticmethod
+    def is_run_output(path: str | os.PathLike) -> bool:
+        """Whether ``path`` is a Zarr group written by a run of this version."""
+        return RUN_ATTR in (_root_attrs(path) or {})
+
+    def prepare(
+        self,
+        source: StackSource,
+        settings: BatchSettings,
+        grid: TileGrid,
+        *,
+        overwrite: bool = False,
+        axes: str | None = None,
+        scale: Sequence[float] | None = None,
+        translate: Sequence[float] | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Create the store, or check that an existing one belongs to this run (resume)."""
+        target = Path(self.path)
+        record = self.run_record(source, settings, grid)
+        if target.exists() or target.is_symlink():
+            attrs = _root_attrs(target) or {}
+            if not overwrite and RUN_ATTR in attrs:
+                self._check_resumable(record)
+                return
+            if not overwrite:
+                legacy = [a for a in LEGACY_ATTRS if a in attrs]
+                if legacy:
+                    raise ValueError(
+                        f"{self.path!r} was written by an earlier napari-esam (record "
+                        f"{legacy[0]!r}), which this version cannot resume; run again with "
+                        "overwrite (CLI: --overwrite) to start over, or choose another output"
+                    )
+                raise FileExistsError(
+                    f"{self.path!r} exists and is not a napari-esam batch output; choose "
+                    "another output or overwrite it (CLI: --overwrite)"
+                )
+            _remove_store(target)
+        if not target.parent.is_dir():
+            raise FileNotFoundError(f"directory {str(target.parent)!r} does not exist")
+        dtype = output_dtype(source.n_slices, settings, grid)
+        self._create(source, dtype, record, axes, scale, translate, name)
+
+    @staticmethod
+    def run_record(source: StackSource, settings: BatchSettings, grid: TileGrid) -> dict:
+        """What a resumed run must match: the input's geometry and the settings."""
+        return json.loads(json.dumps({"source": source.describe(),
+                                      "settings": settings.record(grid)}))
+
+    def _check_resumable(self, record: dict) -> None:
+        old = self.group.attrs.asdict()[RUN_ATTR]
+        diffs = _diff(old.get("source", {}), record["source"], "input ")
+        diffs += _diff(old.get("settings", {}), record["settings"], "")
+        if diffs:
+            raise ValueError(
+                f"{self.path!r} holds a run with other input or settings ("
+                + "; ".join(diffs[:4])
+                + "); use the same ones to resume, or overwrite it (CLI: --overwrite)"
+            )
+
+    def _create(self, source, dtype, record, axes, scale, translate, name) -> None:
+        record = {"format": RUN_FORMAT, **record, "slices": {}, "complete": False}
+        self._group = create_label_group(
+            self.path, source, dtype, {RUN_ATTR: record},
+            axes=axes, scale=scale, translate=translate, name=name,
+        )
+
+    # -- access
+    @property
+    def group(self) -> Any:
+        if self._group is None:
+            import zarr
+
+            self._group = zarr.open_group(self.path, mode="r+")
+        return self._group
+
+    @property
+    def array(self) -> Any:
+        """The labels array, writable (for the writers)."""
+        if self._array is None:
+            import zarr
+
+            self._array = zarr.open_array(Path(self.path) / "0", mode="r+")
+        return self._array
+
+    def read_only(self) -> Any:
+        """The labels array opened read-only (safe for a napari layer)."""
+        import zarr
+
+        return zarr.open_array(Path(self.path) / "0", mode="r")
+
+    def done(self) -> dict[int, int]:
+        """Finished slices → object count, from the record."""
+        rec = self.group.attrs.asdict()[RUN_ATTR]
+        return {int(k): int(v) for k, v in rec.get("slices", {}).items()}
+
+    def write(self, region: tuple, labels: np.ndarray) -> None:
+        self.array[region] = labels
+
+    def record(self, index: int, n_objects: int) -> None:
+        """Mark a written slice finished (atomic rewrite of the group's zarr.json)."""
+        self.record_many({index: n_objects})
+
+    def record_many(self, counts: Mapping[int, int], complete: bool | None = None) -> None:
+        rec = dict(self.group.attrs.asdict()[RUN_ATTR])
+        slices = dict(rec.get("slices", {}))
+        slices.update({str(int(k)): int(v) for k, v in counts.items()})
+        rec["slices"] = dict(sorted(slices.items(), key=lambda kv: int(kv[0])))
+        if complete is not None:
+            rec["complete"] = complete
+        self.group.attrs.update({RUN_ATTR: rec})
+
+
+def create_label_group(
+    path: str | os.PathLike,
+    source: StackSource,
+    dtype: Any,
+    attrs: Mapping[str, Any],
+    *,
+    axes: str | None = None,
+    scale: Sequence[float] | None = None,
+    translate: Sequence[float] | None = None,
+    name: str | None = None,
+) -> Any:
+    """Create the OME-Zarr label group of ``source``'s labels (array ``"0"``, chunked 1
+    along the stack axes and ``PLANE_CHUNK`` in the plane) with ``attrs`` added."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    from napari_esam.core.io import label_files as labels_io
+    shape = source.out_shape
+    ndim = len(shape)
+    chunks = tuple(1 if a in source.out_stack_axes else min(s, PLANE_CHUNK)
+                   for a, s in enumerate(shape))
+    dtype = np.dtype(dtype)
+    axes = _labels_axes(axes, source)
+    meta = {
+        "name": name or Path(path).stem,
+        "axes": axes,
+        "scale": [float(v) for v in scale] if scale is not None else [1.0] * ndim,
+        "translate": [float(v) for v in translate] if translate is not None else [0.0] * ndim,
+        "units": [None] * ndim,
+    }
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.create_array(
+        "0",
+        shape=shape,
+        dtype=dtype,
+        chunks=chunks,
+        compressors=(BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),),
+        fill_value=0,
+        dimension_names=list(axes) if axes else None,
+        config={"write_empty_chunks": False},
+    )
+    new_attrs = {**attrs, labels_io.MARKER: labels_io._marker(meta, dtype)}
+    if axes:
+        new_attrs["ome"] = labels_io._ngff_attrs(meta, None)
+    group.attrs.update(new_attrs)
+    return group
+
+
+def _labels_axes(axes: str | None, source: StackSource) -> str | None:
+    """NGFF axis letters for the labels (from ``axes`` of the input when they fit, else the
+    defaults ``yx``/``zyx``/``tzyx``/``tczyx``); None when the plane is not the last two axes."""
+    from napari_esam.core.io import label_files as labels_io
+    ndim = len(source.out_shape)
+    if not 2 <= ndim <= 5 or source.out_plane_axes != (ndim - 2, ndim - 1):
+        return None
+    if axes is not None and len(axes) == len(source.shape):
+        named = "".join(c for i, c in enumerate(axes.lower()) if i != source.channel_axis)
+        try:
+            return labels_io._check_axes(named, ndim)
+        except ValueError:
+            pass
+    return labels_io.default_axes(ndim)
+
+
+def _diff(old: Mapping, new: Mapping, prefix: str) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _diff(a, b, prefix)
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} in the output, {b!r} now")
+    return out
+
+
+def _remove_store(path: Path) -> None:
+    """Delete an output we are allowed to replace (a Zarr store or a file, never other dirs)."""
+    if path.is_dir() and not path.is_symlink():
+        if not any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup")):
+            raise ValueError(f"refusing to delete {str(path)!r}: it is not a Zarr store")
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+
+class TileScratch:
+    """The scratch Zarr group of a distributed tiled run.
+
+    One subgroup ``t{index}`` per tile, written whole by the task that computed it (no two
+    tasks share a chunk): ``boxes`` (n, 4) int32, ``bits`` (the masks' crops, raveled,
+    concatenated and bit-packed), ``scores`` and ``order`` (predicted IoUs and record
+    indices, for the paint and id order), attributes ``n`` and ``stats``. The root attribute
+    ``napari-esam-tiles`` holds the run's record (what must match to reuse the tiles) and
+    the finished tiles, written by the client only.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+
+    @staticmethod
+    def _attrs(path: str | os.PathLike[str]) -> dict | None:
+        return (_root_attrs(path) or {}).get(SCRATCH_ATTR)
+
+    @classmethod
+    def matches(cls, path: str | os.PathLike[str], record: dict) -> bool:
+        """Whether ``path`` is a scratch group of a run with this record."""
+        attrs = cls._attrs(path)
+        return attrs is not None and attrs.get("record") == record
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], record: dict, *,
+             overwrite: bool = False) -> TileScratch:
+        """Reuse the scratch group of the same run, or create it (``overwrite``: anew)."""
+        import zarr
+
+        target = Path(path)
+        if target.exists() or target.is_symlink():
+            attrs = cls._attrs(target)
+            if attrs is None:
+                raise FileExistsError(
+                    f"{str(target)!r} exists and is not a napari-esam scratch group; move it "
+                    "away or choose another scratch path"
+                )
+            if not overwrite:
+                if attrs.get("record") == record:
+                    return cls(target)
+                diffs = _diff(attrs.get("record", {}), record, "")
+                raise ValueError(
+                    f"the scratch group {str(target)!r} holds the tiles of another run ("
+                    + "; ".join(diffs[:4]) + "); delete it, or start over (overwrite=True, "
+                    "CLI --overwrite)"
+                )
+            shutil.rmtree(target)
+        group = zarr.open_group(str(target), mode="w", zarr_format=3)
+        group.attrs[SCRATCH_ATTR] = {"format": SCRATCH_FORMAT, "record": record, "done": []}
+        return cls(target)
+
+    def done(self) -> set[int]:
+        """The recorded (finished) tiles."""
+        attrs = self._attrs(self.path) or {}
+        return {int(i) for i in attrs.get("done", [])}
+
+    def record(self, indices: Iterable[int]) -> None:
+        """Record finished tiles (the client only: it rewrites the root attributes)."""
+        indices = [int(i) for i in indices]
+        if not indices:
+            return
+        import zarr
+
+        group = zarr.open_group(self.path, mode="r+")
+        rec = dict(group.attrs[SCRATCH_ATTR])
+        rec["done"] = sorted(set(rec.get("done", [])) | set(indices))
+        group.attrs[SCRATCH_ATTR] = rec
+
+    def write(self, index: int, kept: TileMasks) -> None:
+        """Write one tile's kept masks (a task; only this tile's own subgroup)."""
+        import zarr
+
+        n = len(kept)
+        bits = (np.packbits(np.concatenate([m.ravel() for m in kept.masks])) if n
+                else np.zeros(0, np.uint8))
+        group = zarr.open_group(str(Path(self.path) / f"t{int(index)}"), mode="w",
+                                zarr_format=3)
+        group.create_array("boxes", data=np.asarray(kept.boxes, np.int32).reshape(n, 4))
+        group.create_array("bits", data=bits, chunks=(max(1, min(bits.size, 1 << 22)),))
+        group.create_array("scores", data=np.asarray(kept.scores, np.float64).reshape(n))
+        group.create_array("order", data=np.asarray(kept.order, np.int64).reshape(n))
+        group.attrs.update({"n": n, "stats": {k: int(v) for k, v in kept.stats.items()}})
+
+    def read(self, index: int, plane: tuple[int, ...], iy: int, ix: int) -> TileMasks:
+        """Flat tile ``index``'s :class:`TileMasks` (tile (iy, ix) of ``plane``) back from the
+        scratch group."""
+        import zarr
+
+        group = zarr.open_group(str(Path(self.path) / f"t{int(index)}"), mode="r")
+        n = int(group.attrs["n"])
+        boxes = np.asarray(group["boxes"][...], dtype=np.int64).reshape(n, 4)
+        sizes = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        flat = np.unpackbits(np.asarray(group["bits"][...]), count=int(sizes.sum()))
+        flat = flat.astype(bool)
+        masks, start = [], 0
+        for (y0, x0, y1, x1), size in zip(boxes.tolist(), sizes.tolist(), strict=True):
+            masks.append(flat[start : start + size].reshape(y1 - y0, x1 - x0))
+            start += size
+        stats = {k: int(v) for k, v in dict(group.attrs["stats"]).items()}
+        scores = np.asarray(group["scores"][...], dtype=np.float64).reshape(n)
+        order = np.asarray(group["order"][...], dtype=np.int64).reshape(n)
+        return TileMasks(tuple(plane), iy, ix, boxes, masks, scores, order, stats)
+
+    def remove(self) -> None:
+        """Delete the scratch group (after the merge)."""
+        if self._attrs(self.path) is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
