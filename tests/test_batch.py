@@ -14,31 +14,33 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_esam.core.runs import pipeline as B
-from napari_esam.core.runs.pipeline import (
-    BATCH_ATTR,
+from napari_esam.core.io.inputs import open_input
+from napari_esam.core.runs import settings as B
+from napari_esam.core.runs.executors import LocalExecutor
+from napari_esam.core.runs.outputs import RUN_ATTR, ZarrOutput
+from napari_esam.core.runs.pipeline import iter_batch, run_batch
+from napari_esam.core.runs.settings import (
     BatchSettings,
     EverythingParams,
-    LocalExecutor,
     ModelSpec,
-    StackSource,
-    ZarrOutput,
-    iter_batch,
-    max_objects_per_slice,
-    open_input,
-    run_batch,
-    segment_slice,
+    TilingParams,
+    max_objects_per_tile,
+    output_dtype,
 )
+from napari_esam.core.runs.sources import StackSource
+from napari_esam.core.runs.tasks import TileTask
 from tests.batch_fakes import FAST, BlobModel, blob_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def blob_settings(id_scope: str = "stack", **params) -> BatchSettings:
+def blob_settings(id_scope: str = "stack", tiling: TilingParams | None = None,
+                  **params) -> BatchSettings:
     return BatchSettings(
         ModelSpec("blob", device="cpu", factory="tests.batch_fakes:BlobModel"),
         EverythingParams(**{**FAST, **params}),
         id_scope,
+        tiling or TilingParams(),
     )
 
 
@@ -63,8 +65,8 @@ def slice_ids(labels: np.ndarray, i: int) -> set[int]:
 def test_five_slices_have_labels_with_ids_unique_across_the_stack(stack, reference):
     image, expected = stack
     labels = np.asarray(reference.labels)
-    assert labels.shape == image.shape and labels.dtype == np.uint32
-    stride = blob_settings().id_stride
+    assert labels.shape == image.shape and labels.dtype == np.uint16  # ids < 5 * 1000
+    stride = blob_settings().id_stride(TilingParams().grid(image.shape[1:]))
     assert stride == 1000  # 8x8 points x 3 candidates = 192 masks at most
     seen: set[int] = set()
     for i in range(5):
@@ -89,18 +91,21 @@ def test_per_slice_ids_restart_at_one(stack, reference):
 
 
 def test_id_stride_and_dtype_follow_the_settings():
-    assert max_objects_per_slice(EverythingParams(points_per_side=32)) == 3 * 32 * 32
-    assert BatchSettings(params=EverythingParams(points_per_side=32)).id_stride == 10_000
+    one = TilingParams().grid((5, 5))
+    assert max_objects_per_tile(EverythingParams(points_per_side=32)) == 3 * 32 * 32
+    assert BatchSettings(params=EverythingParams(points_per_side=32)).id_stride(one) == 10_000
     crops = EverythingParams(points_per_side=32, crop_n_layers=1, crop_n_points_downscale_factor=2)
-    assert max_objects_per_slice(crops) == 3 * (32 * 32 + 4 * 16 * 16)
-    import dask.array as da
-
-    small = StackSource.create(da.zeros((400_000, 5, 5), dtype=np.uint8, chunks=(1000, 5, 5)))
-    big = StackSource.create(da.zeros((500_000, 5, 5), dtype=np.uint8, chunks=(1000, 5, 5)))
+    assert max_objects_per_tile(crops) == 3 * (32 * 32 + 4 * 16 * 16)
+    # a plane of several tiles reserves ids for all of them: 12 tiles x 3072 -> 10^5
+    twelve = TilingParams("on", 256, 64).grid((600, 700))
+    assert twelve.n_tiles == 12
+    assert BatchSettings(params=EverythingParams(points_per_side=32)).id_stride(twelve) == 10**5
     s = BatchSettings(params=EverythingParams(points_per_side=32))
-    assert B.output_dtype(small, s) == np.uint32  # 400k * 10^4 < 2^32
-    assert B.output_dtype(big, s) == np.uint64
-    assert B.output_dtype(big, BatchSettings(id_scope="slice")) == np.uint32
+    assert output_dtype(6, s, one) == np.uint16  # largest id 6 * 10^4 - 1
+    assert output_dtype(7, s, one) == np.uint32
+    assert output_dtype(400_000, s, one) == np.uint32  # 400k * 10^4 < 2^32
+    assert output_dtype(500_000, s, one) == np.uint64
+    assert output_dtype(500_000, BatchSettings(id_scope="slice"), one) == np.uint16
 
 
 # ------------------------------------------------------------------- cancel / resume
@@ -128,7 +133,7 @@ def test_cancel_after_two_slices_keeps_them_and_resume_matches(tmp_path, stack, 
     ref = np.asarray(reference.labels)
     np.testing.assert_array_equal(arr[0:2], ref[0:2])
     assert not arr[2:].any()  # nothing of the unfinished slices
-    record = zarr.open_group(out, mode="r").attrs[BATCH_ATTR]
+    record = zarr.open_group(out, mode="r").attrs[RUN_ATTR]
     assert record["slices"] == {"0": stack[1][0], "1": stack[1][1]}
     assert record["complete"] is False
 
@@ -138,7 +143,7 @@ def test_cancel_after_two_slices_keeps_them_and_resume_matches(tmp_path, stack, 
     assert [e.index for e in events if e.kind == "slice"] == [2, 3, 4]  # 0-1 skipped
     assert res2.complete and res2.counts == reference.counts
     np.testing.assert_array_equal(zarr.open_array(out / "0", mode="r")[:], ref)
-    assert zarr.open_group(out, mode="r").attrs[BATCH_ATTR]["complete"] is True
+    assert zarr.open_group(out, mode="r").attrs[RUN_ATTR]["complete"] is True
 
     # a third run has nothing to do
     events = []
@@ -177,7 +182,8 @@ def test_a_killed_process_keeps_finished_slices(tmp_path, stack, reference):
     script = textwrap.dedent(
         f"""
         import os, signal
-        from napari_esam.core.runs.pipeline import *
+        from napari_esam.core.runs.pipeline import run_batch
+        from napari_esam.core.runs.settings import BatchSettings, EverythingParams, ModelSpec
         s = BatchSettings(ModelSpec("blob", device="cpu", factory="tests.batch_fakes:BlobModel"),
                           EverythingParams(points_per_side=8, points_per_batch=64))
         def progress(ev):
@@ -211,7 +217,7 @@ def test_resume_refuses_other_settings_and_overwrite_starts_over(tmp_path, stack
     res = run_batch(stack[0], blob_settings(points_per_side=6), out, overwrite=True,
                     progress=events.append)
     assert events[0].skipped == 0 and res.complete
-    rec = zarr.open_group(out, mode="r").attrs[BATCH_ATTR]
+    rec = zarr.open_group(out, mode="r").attrs[RUN_ATTR]
     assert rec["settings"]["params"]["points_per_side"] == 6
 
 
@@ -251,7 +257,7 @@ def test_zarr_output_layout_is_chunked_per_slice_and_readable(tmp_path, stack, r
     assert da.from_zarr(str(out), component="0").sum().compute() == np.asarray(
         reference.labels, dtype=np.int64
     ).sum()
-    record = json.loads((out / "zarr.json").read_text())["attributes"][BATCH_ATTR]
+    record = json.loads((out / "zarr.json").read_text())["attributes"][RUN_ATTR]
     assert record["settings"]["id_stride"] == 1000 and record["source"]["shape"] == [5, 64, 64]
 
 
@@ -302,13 +308,14 @@ def test_slices_run_in_another_process_write_the_same_zarr(tmp_path, stack, refe
     np.testing.assert_array_equal(np.asarray(res.labels), np.asarray(reference.labels))
 
 
-def test_segment_slice_is_a_pure_function_of_its_arguments(stack, reference):
+def test_a_task_is_a_pure_function_of_its_arguments(stack, reference):
     source = StackSource.create(stack[0])
     s = blob_settings()
-    a = segment_slice(source, 3, s)
-    np.testing.assert_array_equal(a, np.asarray(reference.labels)[3])
+    a = TileTask(source, s)(3)
+    assert a.plane == 3 and a.n_objects == stack[1][3]
+    np.testing.assert_array_equal(a.labels, np.asarray(reference.labels)[3])
     B.clear_model_cache()  # a fresh model (as in a new process) gives the same
-    np.testing.assert_array_equal(segment_slice(source, 3, s), a)
+    np.testing.assert_array_equal(TileTask(source, s)(3).labels, a.labels)
 
 
 # --------------------------------------------------------------------- progress
@@ -487,36 +494,78 @@ def test_the_next_slice_is_read_while_the_current_one_is_segmented(stack, refere
     (checked by events, not timing); labels are unchanged."""
     import threading
 
-    from napari_esam.core.runs import pipeline as B
     source = StackSource.create(stack[0])
     read_done = {i: threading.Event() for i in range(5)}
     readers: dict[int, str] = {}
     seen_during: dict[int, bool] = {}
-    original_read = StackSource.read_slice
-    original_segment = B.segment_slice
+    original_read = StackSource.read
+    original_call = TileTask.__call__
 
-    def read_slice(self, index):
+    def read(self, index, window=None):
         readers[index] = threading.current_thread().name
-        out = original_read(self, index)
+        out = original_read(self, index, window)
         read_done[index].set()
         return out
 
-    def segment_slice(src, index, settings, **kwargs):
+    def call(self, index, **kwargs):
         if index + 1 < 5:  # wait (bounded) for the next slice to be read meanwhile
             seen_during[index] = read_done[index + 1].wait(timeout=20)
-        return original_segment(src, index, settings, **kwargs)
+        return original_call(self, index, **kwargs)
 
-    monkeypatch.setattr(StackSource, "read_slice", read_slice)
-    monkeypatch.setattr(B, "segment_slice", segment_slice)
+    monkeypatch.setattr(StackSource, "read", read)
+    monkeypatch.setattr(TileTask, "__call__", call)
     result = run_batch(source, blob_settings())
     np.testing.assert_array_equal(result.labels, reference.labels)
     assert seen_during == {0: True, 1: True, 2: True, 3: True}
     assert all(name.startswith("napari-esam-read") for name in readers.values())
     assert sorted(readers) == [0, 1, 2, 3, 4]  # each slice read once
 
-    # without read-ahead every slice is read by the running thread, inline
+    # without read-ahead no slice is read in the background
     readers.clear()
-    monkeypatch.setattr(B, "segment_slice", original_segment)
-    out = run_batch(source, blob_settings(), executor=B.LocalExecutor(read_ahead=False))
+    monkeypatch.setattr(TileTask, "__call__", original_call)
+    out = run_batch(source, blob_settings(), executor=LocalExecutor(read_ahead=False))
     np.testing.assert_array_equal(out.labels, reference.labels)
-    assert set(readers.values()) == {threading.current_thread().name}
+    assert not any(name.startswith("napari-esam-read") for name in readers.values())
+
+
+# ------------------------------------------------------------- one pipeline, one rule
+
+
+def test_a_tile_as_large_as_the_plane_is_the_untiled_run(stack, reference):
+    on = run_batch(stack[0], blob_settings(tiling=TilingParams("on", 1024)))
+    np.testing.assert_array_equal(on.labels, reference.labels)
+    assert on.labels.dtype == reference.labels.dtype
+    assert on.details["grid"].n_tiles == 1
+
+
+def test_masks_to_labels_paints_like_a_one_tile_run(stack, reference):
+    from napari_esam.core.plane.everything import segment_everything
+    from napari_esam.core.plane.labels import masks_to_labels
+    from napari_esam.core.plane.predictor import Predictor
+
+    records = segment_everything(stack[0][4], Predictor(BlobModel()), **FAST)
+    labels = masks_to_labels(records, stack[0][4].shape)
+    ref = np.asarray(reference.labels)[4].astype(np.int64)
+    np.testing.assert_array_equal(np.where(ref > 0, ref - 4 * 1000, 0), labels)
+
+
+def test_outputs_of_earlier_versions_are_refused_with_what_to_do(tmp_path, stack):
+    for attr in ("napari-esam-batch", "napari-esam-tiled"):
+        old = tmp_path / f"{attr}.zarr"
+        group = zarr.open_group(old, mode="w", zarr_format=3)
+        group.create_array("0", shape=stack[0].shape, dtype="uint32")
+        group.attrs[attr] = {"format": 1, "slices": {"0": 3}}
+        with pytest.raises(ValueError, match="earlier napari-esam.*overwrite"):
+            run_batch(stack[0], blob_settings(), old)
+        assert zarr.open_group(old, mode="r").attrs[attr]["slices"] == {"0": 3}  # untouched
+        res = run_batch(stack[0], blob_settings(), old, overwrite=True)
+        assert res.complete
+
+
+def test_the_embedding_store_serves_an_untiled_run(tmp_path, stack, reference, monkeypatch):
+    store = tmp_path / "emb.zarr"
+    first = run_batch(stack[0], blob_settings(), embeddings=store)
+    assert first.details["encoder_calls"] == 5 and first.details["store_hits"] == 0
+    second = run_batch(stack[0], blob_settings(), embeddings=store)
+    assert second.details["encoder_calls"] == 0 and second.details["store_hits"] == 5
+    np.testing.assert_array_equal(second.labels, reference.labels)

@@ -1,6 +1,9 @@
-"""Tiled segment-everything: the seam rule (one label per object), stores, stacks, real model."""
+"""Tiled planes in the one pipeline: the seam rule (one label per object), stores, stacks,
+size filter, ids, crops per tile, resume from the scratch group, a real model."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +12,11 @@ from scipy import ndimage
 from skimage.draw import disk
 from torch import nn
 
+from napari_esam.core.runs.outputs import SCRATCH_SUFFIX, TileScratch
+from napari_esam.core.runs.pipeline import run_batch
+from napari_esam.core.runs.settings import BatchSettings, EverythingParams, ModelSpec, TilingParams
 from napari_esam.core.tiling.grid import TileGrid
-from napari_esam.core.tiling.merge import _PlaneMerger, segment_everything_tiled
-from napari_esam.core.tiling.predictor import TiledPredictor
+from napari_esam.core.tiling.merge import PlaneMerger, keep_tile_masks
 from napari_esam.core.tiling.store import EmbeddingStore, read_signature
 from napari_esam.models.base import PromptableModel
 
@@ -103,7 +108,18 @@ def scene(shape, grid: TileGrid, seed=1, r_small=48, n_random=40):
     return img, truth
 
 
-def assert_one_label_per_object(out, truth):
+def run(image, model, output=None, *, tile=512, halo=128, id_scope="stack", **kw):
+    """run_batch with ObjectsModel (given as the loaded model) on tiled planes."""
+    params = {k: kw.pop(k) for k in list(kw) if k in EverythingParams.__dataclass_fields__}
+    settings = BatchSettings(
+        ModelSpec("objects", device="cpu", factory="tests.test_tiled_everything:ObjectsModel"),
+        EverythingParams(**{"points_per_side": 8, **params}), id_scope,
+        TilingParams("on", tile, halo),
+    )
+    return run_batch(image, settings, output, model=model, **kw)
+
+
+def assert_one_label_per_object(out, truth, first=1):
     n = int(truth.max())
     fg = out > 0
     assert not fg[truth == 0].any(), "labels outside the objects"
@@ -113,7 +129,7 @@ def assert_one_label_per_object(out, truth):
         assert len(ids) == 1 and ids[0] != 0, f"object {i} has labels {ids}"
         assert ids[0] not in seen, f"label {ids[0]} covers two objects"
         seen.add(int(ids[0]))
-    assert sorted(seen) == list(range(1, n + 1))  # consecutive ids, no leftovers
+    assert sorted(seen) == list(range(first, first + n))  # consecutive ids, no leftovers
 
 
 # ----------------------------------------------------------------------- merge rule, by hand
@@ -122,12 +138,16 @@ def assert_one_label_per_object(out, truth):
 def plane_merger(shape=(400, 896), tile=512, halo=128):
     grid = TileGrid(shape, tile, halo)
     out = np.zeros(shape, np.uint32)
-    return grid, out, _PlaneMerger(out, (), grid, 0.5)
+    return grid, out, PlaneMerger(out, grid, 0.5)
 
 
 def masks_in(tile, *objects):
-    """Per-object masks as seen through ``tile``'s window (the part inside it)."""
-    return [o[tile.window.slices].copy() for o in objects]
+    """Per-object records as seen through ``tile``'s window (the part inside it)."""
+    return [{"segmentation": o[tile.window.slices].copy()} for o in objects]
+
+
+def add_tile(merger, tile, records):
+    merger.add(keep_tile_masks(merger.grid, tile, records))
 
 
 def disk_mask(shape, y, x, r):
@@ -147,7 +167,7 @@ def test_merge_rule_cases_by_hand():
     left, right = disk_mask(shape, 365, 415, 18), disk_mask(shape, 365, 458, 18)  # neighbours
     objects = [whole_in_both, cut_by_a, big, left, right]
     for t in (a, b):
-        merger.add_tile(t, masks_in(t, *objects))
+        add_tile(merger, t, masks_in(t, *objects))
     assert merger.stats["dropped"] == 4 and merger.stats["merged"] == 1
     merger.relabel(1)
     truth = np.zeros(shape, np.int32)
@@ -163,8 +183,8 @@ def test_pieces_that_disagree_in_the_overlap_stay_apart():
     piece_a[100:300, 300:512] = True
     piece_b = np.zeros(grid.shape, bool)
     piece_b[100:140, 384:700] = True  # overlaps piece_a in the strip, IoU < 0.5
-    merger.add_tile(a, [piece_a[a.window.slices]])
-    merger.add_tile(b, [piece_b[b.window.slices]])
+    add_tile(merger, a, [{"segmentation": piece_a[a.window.slices]}])
+    add_tile(merger, b, [{"segmentation": piece_b[b.window.slices]}])
     assert merger.relabel(1) == 2 and merger.stats["merged"] == 0
     assert out[200, 400] == 1 and out[120, 600] == 2
     assert out[120, 400] == 1  # b does not overwrite a's unrelated object
@@ -184,64 +204,86 @@ def test_seam_objects_get_exactly_one_label_each(seam_scene, tmp_path):
     grid, img, truth = seam_scene
     assert truth.max() > 60
     model = ObjectsModel()
-    details: dict = {}
     store = tmp_path / "emb.zarr"
-    out = segment_everything_tiled(
-        img, model, tmp_path / "labels.zarr", tile=512, halo=128, points_per_side=8,
-        embedding_store=store, details=details,
-    )
-    labels = np.asarray(out[:])
+    res = run(img, model, tmp_path / "labels.zarr", embeddings=store)
+    labels = np.asarray(res.labels[:])
+    # ids of one plane: 1.. (plane 0 of the stride rule); dtype: smallest holding the bound
     assert labels.dtype == np.uint32 and labels.shape == img.shape
     assert_one_label_per_object(labels, truth)
+    details = res.details
     assert details["encoder_calls"] == grid.n_tiles == model.encode_calls
-    assert details["merged"] > 0 and details["dropped"] > 0  # both rules were exercised
-    assert details["objects"] == truth.max()
+    assert details["merged"] > 0  # pieces cut by seams were merged
+    assert res.counts == {0: int(truth.max())}
     assert EmbeddingStore.open(store, read_signature(store), mode="r").n_done == grid.n_tiles
+    assert not Path(str(tmp_path / "labels.zarr") + SCRATCH_SUFFIX).exists()  # removed
 
 
-def test_stack_planes_and_id_scopes():
+def test_stack_planes_get_stride_ids_and_id_scopes():
     grid = TileGrid((880, 890), 512, 128)
     p0, t0 = scene((880, 890), grid, seed=2, n_random=4)
     p1, t1 = scene((880, 890), grid, seed=3, n_random=4)
     stack = np.stack([p0, p1])
     model = ObjectsModel()
-    out = segment_everything_tiled(stack, model, tile=512, halo=128, points_per_side=8)
+    res = run(stack, model)
+    out = res.labels
     assert out.shape == stack.shape
+    stride = 10 ** len(str(3 * 8 * 8 * grid.n_tiles))  # 4 tiles x 192 masks -> 1000
     assert_one_label_per_object(out[0], t0)
-    shifted = np.where(t1 > 0, t1 + t0.max(), 0)
-    ids1 = np.unique(out[1][t1 > 0])
-    assert ids1.min() == t0.max() + 1 and ids1.max() == shifted.max()  # unique over the stack
-    per_slice = segment_everything_tiled(
-        stack, model, tile=512, halo=128, points_per_side=8, id_scope="slice", planes=[(1,)]
-    )
-    assert not per_slice[0].any()
-    assert_one_label_per_object(per_slice[1], t1)
+    assert_one_label_per_object(out[1], t1, first=stride + 1)  # plane 1: S+1..
+    assert out.dtype == np.uint16  # largest possible id 2 * 1000 - 1
+    per_slice = run(stack, model, id_scope="slice", indices=[1])
+    assert not per_slice.labels[0].any()
+    assert_one_label_per_object(per_slice.labels[1], t1)
 
 
-def test_tiled_predictor_and_size_filters_are_accepted(tmp_path):
+def test_size_filter_judges_merged_objects():
     grid = TileGrid((880, 890), 512, 128)
     img, truth = scene((880, 890), grid, seed=4, n_random=6)
-    tp = TiledPredictor(ObjectsModel(), tile=512, halo=128)
     areas = np.bincount(truth.ravel())[1:]
     small = int(np.argmin(areas)) + 1
-    out = segment_everything_tiled(
-        img, tp, points_per_side=8, max_size=int(areas.max()) - 1, min_size=int(areas.min()) + 1
-    )
+    res = run(img, ObjectsModel(), max_size=int(areas.max()) - 1,
+              min_size=int(areas.min()) + 1)
+    out = res.labels
     # the largest object (cut in every tile) is judged by its merged area and dropped
     assert not out[truth == 1].any() and not out[truth == small].any()
     rest = np.where((truth == 1) | (truth == small), 0, truth)
     rest = np.unique(rest, return_inverse=True)[1].reshape(truth.shape)
     assert_one_label_per_object(out, rest)
-    with pytest.raises(ValueError, match="crops"):
-        segment_everything_tiled(img, tp, crop_n_layers=1)
-    (tmp_path / "exists.zarr").mkdir()
-    with pytest.raises(FileExistsError):
-        segment_everything_tiled(img, tp, tmp_path / "exists.zarr")
+
+
+def test_crops_run_per_tile():
+    grid = TileGrid((880, 890), 512, 128)
+    img, truth = scene((880, 890), grid, seed=6, n_random=4)
+    res = run(img, ObjectsModel(), crop_n_layers=1, crop_n_points_downscale_factor=2)
+    # crop 0 of every tile finds every object; the crop layer's masks are merged by NMS
+    assert_one_label_per_object(res.labels, truth)
+
+
+def test_cancel_keeps_finished_tiles_and_the_rerun_computes_only_the_others(tmp_path):
+    grid = TileGrid((880, 890), 512, 128)
+    img, truth = scene((880, 890), grid, seed=7, n_random=4)
+    stack = np.stack([img, img])
+    out = tmp_path / "o.zarr"
+    tiles_seen = []
+
+    def progress(ev):
+        if ev.kind == "tile":
+            tiles_seen.append(ev.tiles_done)
+
+    first = run(stack, ObjectsModel(), out, progress=progress,
+                cancel=lambda: len(tiles_seen) >= 5)  # plane 0 merged, plane 1 has 1 tile
+    assert first.cancelled and first.counts == {0: int(truth.max())}
+    assert TileScratch(str(out) + SCRATCH_SUFFIX).done() == {0, 1, 2, 3, 4}
+    model = ObjectsModel()
+    second = run(stack, model, out)
+    assert second.complete and model.encode_calls == 3  # tiles 5, 6, 7 only
+    assert second.details["skipped"] == 5
+    assert_one_label_per_object(np.asarray(second.labels[1]), truth, first=1001)
+    fresh = run(stack, ObjectsModel())
+    np.testing.assert_array_equal(np.asarray(second.labels[:]), fresh.labels)
 
 
 def test_cancel_stops_between_tiles():
-    from napari_esam.core.plane.everything import Cancelled
-
     img = np.zeros((1100, 1200), np.uint16)
     calls = []
 
@@ -249,9 +291,8 @@ def test_cancel_stops_between_tiles():
         calls.append(1)
         return len(calls) > 3
 
-    with pytest.raises(Cancelled):
-        segment_everything_tiled(img, ObjectsModel(), tile=512, halo=128, points_per_side=2,
-                                 cancel=cancel)
+    res = run(img, ObjectsModel(), points_per_side=2, cancel=cancel)
+    assert res.cancelled and res.counts == {}
 
 
 # ----------------------------------------------------------------------- real model, once
@@ -268,30 +309,17 @@ def test_end_to_end_with_mobilesam_synthetic_weights(tmp_path):
     rng = np.random.default_rng(0)
     img = ndimage.gaussian_filter(rng.standard_normal((1024, 1400)), 10)
     img = (1000 + (img - img.min()) / np.ptp(img) * 30000).astype(np.uint16)
-    kw = dict(tile=1024, halo=256, points_per_side=3, pred_iou_thresh=0.0,
-              stability_score_thresh=0.0, embedding_store=tmp_path / "emb.zarr")
-    first: dict = {}
-    out = segment_everything_tiled(img, model, tmp_path / "l.zarr", details=first, **kw)
-    labels = np.asarray(out[:])
-    assert first["tiles"] == 2 and first["encoder_calls"] == 2
-    ids = np.unique(labels[labels > 0])
-    assert ids.size == first["objects"] and (ids == np.arange(1, ids.size + 1)).all()
-    second: dict = {}
-    out2 = segment_everything_tiled(img, model, None, details=second, **kw)
-    assert second["encoder_calls"] == 0 and second["store_hits"] == 2
-    np.testing.assert_array_equal(out2, labels)
-
-
-def test_writing_into_an_existing_array_with_the_batch_id_scheme():
-    grid = TileGrid((880, 890), 512, 128)
-    p0, t0 = scene((880, 890), grid, seed=5, n_random=3)
-    stack = np.stack([p0, p0])
-    out = np.full(stack.shape, 7, np.uint32)  # stale content is cleared plane by plane
-    details: dict = {}
-    segment_everything_tiled(
-        stack, ObjectsModel(), out, tile=512, halo=128, points_per_side=8, planes=[(1,)],
-        id_stride=1000, details=details,
+    settings = BatchSettings(
+        ModelSpec("mobilesam", device="cpu"),
+        EverythingParams(points_per_side=3, pred_iou_thresh=0.0, stability_score_thresh=0.0),
+        tiling=TilingParams("on", 1024, 256),
     )
-    assert (out[0] == 7).all()
-    assert_one_label_per_object(np.where(out[1] > 0, out[1] - 1000, 0), t0)
-    assert details["objects_per_plane"] == {(1,): int(t0.max())}
+    store = tmp_path / "emb.zarr"
+    first = run_batch(img, settings, tmp_path / "l.zarr", model=model, embeddings=store)
+    labels = np.asarray(first.labels[:])
+    assert first.details["tiles"] == 2 and first.details["encoder_calls"] == 2
+    ids = np.unique(labels[labels > 0])
+    assert ids.size == first.counts[0] and (ids == np.arange(1, ids.size + 1)).all()
+    second = run_batch(img, settings, model=model, embeddings=store)
+    assert second.details["encoder_calls"] == 0 and second.details["store_hits"] == 2
+    np.testing.assert_array_equal(second.labels, labels)

@@ -45,6 +45,8 @@ class LocalExecutor:
     thread while the model works on the current one, so disk I/O overlaps model work.
     """
 
+    read_ahead: bool = True
+
     def __init__(self, read_ahead: bool = True) -> None:
         self.read_ahead = read_ahead
 
