@@ -3,7 +3,8 @@
 #  - Debian packages for headless Qt (Xvfb + two xcb libraries), when run as root with apt;
 #  - a virtual environment in .venv;
 #  - torch==2.13.0 FIRST (the CPU wheel; any other torch requirement pulls CUDA packages);
-#  - the project, editable, with its test extras (napari, PySide6-Essentials, pytest-qt, ...).
+#  - the project, editable, with its test extras (napari, PySide6-Essentials, pytest-qt, ...)
+#    and its docs extras (mkdocs, mkdocs-material, mkdocstrings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
@@ -17,5 +18,5 @@ PY="${PYTHON:-}"
 if [ -z "$PY" ]; then PY=$(command -v python3.11 || command -v python3); fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[testing]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[testing,docs]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, napari_esam; print('napari-esam ready, torch', torch.__version__)"
