@@ -33,6 +33,9 @@ class PromptableModel(nn.Module):
     max_points: int | None = None
     #: whether background (label 0) points have a learned embedding
     has_negative_point_embedding: bool = True
+    #: whether :meth:`decode` accepts ``mask_input=`` (SAM's mask prompt: (B or 1, 1, 256, 256)
+    #: low-res logits of a previous prediction)
+    supports_mask_input: bool = False
     #: autocast dtype used by the predictor on CUDA (``None`` = plain float32)
     compute_dtype: torch.dtype | None = None
 
