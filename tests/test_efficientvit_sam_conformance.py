@@ -22,7 +22,7 @@ from napari_esam.models.efficientvit_sam import EfficientViTSAM, build_efficient
 from napari_esam.models.synthetic import synth_state_dict_from_shapes
 from tests._conformance import load_npz, manifest
 
-VARIANTS = ("l0",)
+VARIANTS = ("l0", "l1", "l2", "xl0", "xl1")
 #: README section 1: SHA-256 of the synthesized tensors, concatenated in manifest order
 SHA256 = {
     "l0": "69916c3813432a3bd04995de9e07426040357d4dac529998b204824e9bbb6896",
@@ -188,11 +188,25 @@ def test_end_to_end(loaded: Loaded, fixture: str, case: str) -> None:
 # ------------------------------------------------------------ segment everything (L0)
 
 
+class CachingPredictor(Predictor):
+    """Memoises decoder calls: ``amg`` and ``amg_all`` share the image and the grid."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self._memo: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def decode_torch(self, coords, labels, multimask_output=True):
+        key = coords.numpy().tobytes() + labels.numpy().tobytes() + bytes([multimask_output])
+        if key not in self._memo:
+            self._memo[key] = super().decode_torch(coords, labels, multimask_output)
+        return self._memo[key]
+
+
 @pytest.fixture(scope="module")
 def l0_predictor() -> Predictor:
     model = build_efficientvit_sam("l0").eval()
     model.load_state_dict(synthetic_state_dict("l0"), strict=True)
-    return Predictor(model)
+    return CachingPredictor(model)
 
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
