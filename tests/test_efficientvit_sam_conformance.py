@@ -185,6 +185,47 @@ def test_end_to_end(loaded: Loaded, fixture: str, case: str) -> None:
     _check_case(loaded.model, loaded.embedding, loaded.encoder, ref, case)
 
 
+def test_mask_input(loaded: Loaded) -> None:
+    """SAM's mask prompt (refinement): rows with their own masks decode as one by one, the
+    mask changes the result, and bad shapes are refused."""
+    model = loaded.model
+    original_size = loaded.encoder["image"].shape[:2]
+    coords = torch.tensor([[[230.0, 140.0]], [[300.0, 110.0]]])
+    labels = torch.ones(2, 1, dtype=torch.int64)
+    with torch.inference_mode():
+        low_res, _ = model.decode(loaded.embedding, coords, labels, original_size)
+        masks = low_res[:, :1]
+        refined, iou = model.decode(
+            loaded.embedding, coords, labels, original_size, mask_input=masks
+        )
+        rows = [
+            model.decode(
+                loaded.embedding,
+                coords[i : i + 1],
+                labels[i : i + 1],
+                original_size,
+                mask_input=masks[i : i + 1],
+            )
+            for i in range(2)
+        ]
+    assert tuple(refined.shape) == (2, 3, 256, 256) and tuple(iou.shape) == (2, 3)
+    assert (refined - low_res).abs().max() > 1e-3
+    torch.testing.assert_close(torch.cat([r[0] for r in rows]), refined, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([r[1] for r in rows]), iou, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="mask_input"):
+        model.decode(
+            loaded.embedding, coords, labels, original_size, mask_input=torch.zeros(2, 256, 256)
+        )
+    with pytest.raises(ValueError, match="mask_input batch"):
+        model.decode(
+            loaded.embedding,
+            coords,
+            labels,
+            original_size,
+            mask_input=torch.zeros(3, 1, 256, 256),
+        )
+
+
 # ------------------------------------------------------------ segment everything (L0)
 
 
