@@ -286,3 +286,22 @@ def test_l0_automatic_mask_generator(l0_predictor: Predictor, fixture: str, expe
         assert abs(r["area"] - int(ref["area"][i])) <= flipped
         exact += flipped == 0
     assert exact >= 0.8 * len(records)
+
+
+def test_l0_through_the_predictor(l0_predictor: Predictor) -> None:
+    """``Predictor.set_image`` / ``predict`` (SAM's API) give the reference outputs: the
+    predictor keeps the 1024-frame ``input_size`` that ``preprocess`` returns."""
+    predictor = Predictor(l0_predictor.model)
+    encoder_ref = load_npz(_name("l0"), "encoder")
+    predictor.set_image(encoder_ref["image"])
+    assert predictor.input_size == tuple(int(v) for v in encoder_ref["input_size"])
+    ref = load_npz(_name("l0"), "box")
+    masks, scores, low_res = predictor.predict(
+        point_coords=ref["box_point__point_coords"],
+        point_labels=ref["box_point__point_labels"],
+        box=ref["box_point__box"],
+        return_logits=True,
+    )
+    np.testing.assert_allclose(low_res, ref["box_point__low_res_logits"], atol=ATOL_LOW_RES, rtol=0)
+    np.testing.assert_allclose(scores, ref["box_point__iou_predictions"], atol=ATOL_IOU, rtol=0)
+    np.testing.assert_allclose(masks, ref["box_point__logits"], atol=ATOL_LOGITS, rtol=0)
