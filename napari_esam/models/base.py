@@ -23,7 +23,7 @@ class PromptableModel(nn.Module):
 
     #: registry name, e.g. ``"mobilesam"``
     name: str = ""
-    #: side of the square model input
+    #: side of the square encoder input (512 for EfficientViT-SAM L0/L1/L2, else 1024)
     img_size: int = 1024
     #: True when the official pipeline thresholds masks with ``logits >= 0`` (EfficientSAM),
     #: False for ``logits > 0`` (MobileSAM / SAM)
@@ -33,6 +33,9 @@ class PromptableModel(nn.Module):
     max_points: int | None = None
     #: whether background (label 0) points have a learned embedding
     has_negative_point_embedding: bool = True
+    #: whether :meth:`decode` accepts ``mask_input=`` (SAM's mask prompt: (B or 1, 1, 256, 256)
+    #: low-res logits of a previous prediction)
+    supports_mask_input: bool = False
     #: autocast dtype used by the predictor on CUDA (``None`` = plain float32)
     compute_dtype: torch.dtype | None = None
 
@@ -41,14 +44,16 @@ class PromptableModel(nn.Module):
         return next(self.parameters()).device
 
     def preprocess(self, image: np.ndarray) -> tuple[Tensor, tuple[int, int]]:
-        """(H, W, 3) uint8 RGB -> ((1, 3, 1024, 1024) float32 on the model's device, input_size).
+        """(H, W, 3) uint8 RGB -> ((1, 3, S, S) float32 on the model's device, input_size).
 
-        ``input_size`` = (h, w) of the image content inside the 1024x1024 frame.
+        S = :attr:`img_size`. ``input_size`` = (h, w) of the image content inside the frame
+        that :meth:`postprocess_masks` crops, 1024x1024 for every model (for EfficientViT-SAM
+        L models this can differ by a pixel from twice the 512-frame size).
         """
         raise NotImplementedError
 
     def encode(self, x: Tensor) -> Tensor:
-        """(B, 3, 1024, 1024) normalised input -> (B, 256, 64, 64) image embedding."""
+        """(B, 3, S, S) normalised input (S = :attr:`img_size`) -> (B, 256, 64, 64) embedding."""
         raise NotImplementedError
 
     def decode(

@@ -42,17 +42,18 @@ class TwoWayAttentionBlockBase(nn.Module):
         mlp_dim: int = 2048,
         attention_downsample_rate: int = 2,
         skip_first_layer_pe: bool = False,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.self_attn = Attention(embedding_dim, num_heads)
-        self.norm1 = nn.LayerNorm(embedding_dim)
+        self.norm1 = nn.LayerNorm(embedding_dim, eps=norm_eps)
         self.cross_attn_token_to_image = Attention(
             embedding_dim, num_heads, downsample_rate=attention_downsample_rate
         )
-        self.norm2 = nn.LayerNorm(embedding_dim)
+        self.norm2 = nn.LayerNorm(embedding_dim, eps=norm_eps)
         self.mlp = self.make_mlp(embedding_dim, mlp_dim)
-        self.norm3 = nn.LayerNorm(embedding_dim)
-        self.norm4 = nn.LayerNorm(embedding_dim)
+        self.norm3 = nn.LayerNorm(embedding_dim, eps=norm_eps)
+        self.norm4 = nn.LayerNorm(embedding_dim, eps=norm_eps)
         self.cross_attn_image_to_token = Attention(
             embedding_dim, num_heads, downsample_rate=attention_downsample_rate
         )
@@ -73,7 +74,8 @@ class TwoWayAttentionBlockBase(nn.Module):
 
 class TwoWayTransformerBase(nn.Module):
     """Layers of a two-way transformer: ``depth`` blocks of type :attr:`block` and a final
-    token-to-image attention."""
+    token-to-image attention. ``norm_eps``: eps of all its LayerNorms (torch's default 1e-5;
+    EfficientViT-SAM uses 1e-6)."""
 
     block: type[TwoWayAttentionBlockBase] = TwoWayAttentionBlockBase
 
@@ -84,6 +86,7 @@ class TwoWayTransformerBase(nn.Module):
         num_heads: int = 8,
         mlp_dim: int = 2048,
         attention_downsample_rate: int = 2,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
@@ -93,13 +96,14 @@ class TwoWayTransformerBase(nn.Module):
                 mlp_dim,
                 attention_downsample_rate,
                 skip_first_layer_pe=(i == 0),
+                norm_eps=norm_eps,
             )
             for i in range(depth)
         )
         self.final_attn_token_to_image = Attention(
             embedding_dim, num_heads, downsample_rate=attention_downsample_rate
         )
-        self.norm_final_attn = nn.LayerNorm(embedding_dim)
+        self.norm_final_attn = nn.LayerNorm(embedding_dim, eps=norm_eps)
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:

@@ -283,7 +283,12 @@ class MaskOutput(NamedTuple):
 
 
 class MaskDecoder(nn.Module):
-    """SAM mask decoder: IoU and mask tokens through the transformer, hypernetwork masks."""
+    """SAM mask decoder: IoU and mask tokens through the transformer, hypernetwork masks.
+
+    ``transformer_norm_eps`` is the eps of the transformer's 9 LayerNorms: torch's default
+    1e-5 for SAM / MobileSAM, 1e-6 for EfficientViT-SAM (the upscaling's LayerNorm2d is
+    1e-6 in both).
+    """
 
     def __init__(
         self,
@@ -291,10 +296,13 @@ class MaskDecoder(nn.Module):
         num_multimask_outputs: int = 3,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
+        transformer_norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.transformer_dim = transformer_dim
-        self.transformer = TwoWayTransformer(embedding_dim=transformer_dim)
+        self.transformer = TwoWayTransformer(
+            embedding_dim=transformer_dim, norm_eps=transformer_norm_eps
+        )
         self.num_mask_tokens = num_multimask_outputs + 1
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)

@@ -1,7 +1,8 @@
 """Official checkpoint files: registry, download (pooch), integrity check, cache and safe loading.
 
 * Files are verified by their **git blob id** (SHA-1 of ``b"blob <size>\\0" + bytes``), the id
-  GitHub shows for the file, so a truncated or corrupt download is always detected.
+  GitHub shows for the file, or, for files on Hugging Face, by their **SHA-256** (the Git LFS
+  object id Hugging Face publishes), so a truncated or corrupt download is always detected.
 * The cache folder is ``$NAPARI_ESAM_CACHE`` or the per-user cache (``pooch.os_cache``).
   A verified file is never downloaded again; a bad download never stays in the cache.
 * Checkpoints are read with ``torch.load(..., weights_only=True)``: a file can't run code.
@@ -35,11 +36,18 @@ class CheckpointSpec:
     model: str
     url: str
     filename: str
-    git_blob_sha1: str
+    #: git blob id of the file (files on GitHub); ``None`` when ``sha256`` is given
+    git_blob_sha1: str | None = None
     #: member of a zip archive holding the torch file (``None`` = the file itself)
     zip_member: str | None = None
     #: key of the dict holding the state dict inside the torch file (``None`` = top level)
     state_dict_key: str | None = None
+    #: SHA-256 of the file (Hugging Face's Git LFS object id); checked instead of the blob id
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.git_blob_sha1 or self.sha256):
+            raise ValueError(f"{self.model}: a checkpoint needs a git blob id or a SHA-256")
 
 
 CHECKPOINTS: dict[str, CheckpointSpec] = {
@@ -66,6 +74,23 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
     ),
 }
 
+#: EfficientViT-SAM: the end-to-end trained checkpoints at the root of the official Hugging
+#: Face repository (the upstream README's links); plain state dicts. SHA-256 = the Git LFS
+#: object ids shown on the files' Hugging Face pages (unchanged by the October 2024 renames
+#: from ``l0.pt`` ... ``xl1.pt``).
+_EVIT_URL = "https://huggingface.co/mit-han-lab/efficientvit-sam/resolve/main/"
+_EVIT_SHA256 = {
+    "l0": "c4f994b01a16d48bcf2fbbb089448cfbf58fae5811edfa8113c953b8b8cc64b8",
+    "l1": "fa151df2b9b96896accd505470755cdd293a4c50cdabac95478f3fbd86d9152b",
+    "l2": "d4bfd842224cbb99de09acc3325e81ac5b7e8725c8fbdab152305e5d934bfe4a",
+    "xl0": "9bc2f87bd23d6e6d1f7b5beff910f98835c7c333fac73e695bac0bec685968f8",
+    "xl1": "10f42277679427c1183dcff19758e536aa86bcc4304e4b387ff48865784be05c",
+}
+CHECKPOINTS.update(
+    (name, CheckpointSpec(name, f"{_EVIT_URL}{name}.pt", f"{name}.pt", sha256=digest))
+    for name, digest in ((f"efficientvit_sam_{v}", d) for v, d in _EVIT_SHA256.items())
+)
+
 
 def cache_dir() -> Path:
     """The folder holding downloaded checkpoints (``$NAPARI_ESAM_CACHE`` overrides it)."""
@@ -87,6 +112,23 @@ def git_blob_sha1(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_id(path: str | os.PathLike, spec: CheckpointSpec) -> tuple[str, str, str]:
+    """(kind, found, expected) of the identity ``spec`` checks: SHA-256 when the spec has
+    one, else the git blob id."""
+    if spec.sha256:
+        return "SHA-256", sha256(path), spec.sha256
+    return "git blob id", git_blob_sha1(path), str(spec.git_blob_sha1)
+
+
 def _spec(model: str) -> CheckpointSpec:
     from napari_esam.models.registry import check_model_name
 
@@ -98,7 +140,8 @@ def checkpoint_path(model: str, *, download: bool = True, progressbar: bool = Tr
     spec = _spec(model)
     target = cache_dir() / spec.filename
     if target.is_file():
-        if git_blob_sha1(target) == spec.git_blob_sha1:
+        _, found, expected = file_id(target, spec)
+        if found == expected:
             return target
         target.unlink()  # corrupt or stale: never keep it
     if not download:
@@ -124,11 +167,11 @@ def checkpoint_path(model: str, *, download: bool = True, progressbar: bool = Tr
                 f"machine is offline, download the file elsewhere and put it at {target}, or "
                 f"pass checkpoint=PATH (CLI: --checkpoint PATH)"
             ) from exc
-        found = git_blob_sha1(fetched)
-        if found != spec.git_blob_sha1:
+        kind, found, expected = file_id(fetched, spec)
+        if found != expected:
             raise CheckpointError(
-                f"the downloaded {model} checkpoint is corrupt or truncated (git blob id {found}, "
-                f"expected {spec.git_blob_sha1}); it was deleted, try again"
+                f"the downloaded {model} checkpoint is corrupt or truncated ({kind} {found}, "
+                f"expected {expected}); it was deleted, try again"
             )
         os.replace(fetched, target)
     finally:
