@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import LayerNorm2d
+from napari_esam.models.common import LayerNorm2d
 
 #: eps of every norm in EfficientViT-SAM (the official zoo sets it on the whole model)
 NORM_EPS = 1e-6

@@ -23,11 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import PromptableModel
-from .common import host_to_device
-from .efficientvit import ENCODERS, NORM_EPS, EfficientViTSamImageEncoder
-from .mobilesam import _UPSAMPLE_CHUNK, _check_image, preprocess_shape, resize_longest_side
-from .sam_decoder import MaskDecoder, PromptEncoder
+from napari_esam.models.base import PromptableModel
+from napari_esam.models.common import host_to_device
+from napari_esam.models.efficientvit import ENCODERS, NORM_EPS, EfficientViTSamImageEncoder
+from napari_esam.models.mobilesam import (
+    _UPSAMPLE_CHUNK,
+    _check_image,
+    preprocess_shape,
+    resize_longest_side,
+)
+from napari_esam.models.sam_decoder import MaskDecoder, PromptEncoder
 
 #: side of the prompt / mask frame for every variant
 PROMPT_SIZE = 1024
