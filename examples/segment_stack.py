@@ -18,14 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_esam import BatchSettings, EverythingParams, ModelSpec, run_batch
 from napari_esam._sample_data import synthetic_nuclei
-from napari_esam.core.runs.pipeline import (
-    BatchSettings,
-    EverythingParams,
-    ModelSpec,
-    StackSource,
-    run_batch,
-)
+from napari_esam.core.runs.sources import StackSource
 
 
 def synthetic_stack(n_slices: int, size: int) -> np.ndarray:
@@ -88,8 +83,9 @@ def main() -> None:
             ids = ids[ids > 0]
             span = f"ids {ids.min()}..{ids.max()}" if ids.size else "no objects"
             print(f"  slice {index}: {count:3d}  ({span})")
+        stride = settings.id_stride(result.details["grid"])
         print(f"{sum(result.counts.values())} objects; ids are unique across the stack "
-              f"(slice i uses i*{settings.id_stride}+1 ...)")
+              f"(slice i uses i*{stride}+1 ...)")
 
 
 if __name__ == "__main__":

@@ -236,6 +236,13 @@ def test_existing_foreign_outputs_are_not_clobbered(tmp_path, stack):
     zarr.save_array(src, stack[0])
     with pytest.raises(ValueError, match="must not be the input"):
         run_batch(str(src), blob_settings(), src, overwrite=True)
+    # an output group that holds the input array: an overwrite would delete it
+    group = zarr.open_group(tmp_path / "p.zarr", mode="w")
+    group.create_array("raw", data=stack[0])
+    with pytest.raises(ValueError, match="nor hold it"):
+        run_batch(str(tmp_path / "p.zarr" / "raw"), blob_settings(), tmp_path / "p.zarr",
+                  overwrite=True)
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "p.zarr" / "raw")[:], stack[0])
 
 
 # ------------------------------------------------------------------- zarr layout

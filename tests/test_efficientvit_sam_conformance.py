@@ -14,9 +14,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from napari_esam.core.everything import segment_everything
-from napari_esam.core.predictor import Predictor
 
+from napari_esam.core.plane.everything import segment_everything
+from napari_esam.core.plane.predictor import Predictor
 from napari_esam.models.common import LayerNorm2d
 from napari_esam.models.efficientvit_sam import EfficientViTSAM, build_efficientvit_sam
 from napari_esam.models.synthetic import synth_state_dict_from_shapes

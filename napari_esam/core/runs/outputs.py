@@ -112,15 +112,16 @@ class ZarrOutput:
         scale: Sequence[float] | None = None,
         translate: Sequence[float] | None = None,
         name: str | None = None,
-    ) -> None:
-        """Create the store, or check that an existing one belongs to this run (resume)."""
+    ) -> bool:
+        """Create the store, or check that an existing one belongs to this run; returns
+        whether it is resumed (an existing store of this run)."""
         target = Path(self.path)
         record = self.run_record(source, settings, grid)
         if target.exists() or target.is_symlink():
             attrs = _root_attrs(target) or {}
             if not overwrite and RUN_ATTR in attrs:
                 self._check_resumable(record)
-                return
+                return True
             if not overwrite:
                 legacy = [a for a in LEGACY_ATTRS if a in attrs]
                 if legacy:
@@ -138,6 +139,7 @@ class ZarrOutput:
             raise FileNotFoundError(f"directory {str(target.parent)!r} does not exist")
         dtype = output_dtype(source.n_slices, settings, grid)
         self._create(source, dtype, record, axes, scale, translate, name)
+        return False
 
     @staticmethod
     def run_record(source: StackSource, settings: BatchSettings, grid: TileGrid) -> dict:

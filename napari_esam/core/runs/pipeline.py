@@ -130,6 +130,19 @@ def _open_store(path: str | os.PathLike, source: StackSource, settings: BatchSet
     return EmbeddingStore.open(target.resolve(), signature, "a")
 
 
+def _check_not_input(source: StackSource, out: Path) -> None:
+    """The output must be neither the input nor a folder that holds it or lies in it (an
+    overwrite would delete the input)."""
+    if not isinstance(source.data, str):
+        return
+    inp, out = Path(source.data).resolve(), out.resolve()
+    if inp == out or out in inp.parents or inp in out.parents:
+        raise ValueError(
+            f"the output {str(out)!r} must not be the input {str(inp)!r}, nor hold it or lie "
+            "inside it: choose an output elsewhere"
+        )
+
+
 def run_batch(
     source: StackSource | Any,
     settings: BatchSettings | None = None,
@@ -175,8 +188,7 @@ def run_batch(
         output = ZarrOutput(output)
     on_disk = isinstance(output, ZarrOutput)
     if on_disk:
-        if isinstance(source.data, str) and Path(source.data) == Path(output.path):
-            raise ValueError("the output must not be the input")
+        _check_not_input(source, Path(output.path))
     elif tuple(output.array.shape) != source.out_shape:
         raise ValueError(f"output shape {output.array.shape} != labels shape {source.out_shape}")
     wanted = list(range(source.n_slices)) if indices is None else sorted({int(i) for i in indices})
@@ -189,12 +201,12 @@ def run_batch(
         store = _open_store(embeddings, source, settings, grid, model)
     scratch = None
     if on_disk:
-        output.prepare(source, settings, grid, overwrite=overwrite, axes=axes, scale=scale,
-                       translate=translate, name=name)
-        if n_tiles > 1:
+        resumed = output.prepare(source, settings, grid, overwrite=overwrite, axes=axes,
+                                 scale=scale, translate=translate, name=name)
+        if n_tiles > 1:  # a new output starts a new scratch group
             scratch = TileScratch.open(output.path + SCRATCH_SUFFIX,
                                        output.run_record(source, settings, grid),
-                                       overwrite=overwrite)
+                                       overwrite=overwrite or not resumed)
     counts = output.done()
     todo = [i for i in wanted if i not in counts]
     ready: dict[int, set[int]] = {p: set() for p in todo}  # plane -> finished tiles

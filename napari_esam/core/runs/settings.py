@@ -86,8 +86,9 @@ class TilingParams:
     def grid(self, plane_shape: Sequence[int]) -> TileGrid:
         """The tile grid of a plane: tiles with halo, or the whole plane as one tile."""
         h, w = (int(s) for s in plane_shape)
-        if self.tiled((h, w)):
+        if self.tiled((h, w)) and max(h, w) > int(self.tile):
             return TileGrid((h, w), int(self.tile), self.halo_px)
+        # one tile: the same grid (so the same records and store signatures) however chosen
         return TileGrid((h, w), max(h, w, MIN_TILE), 0)
 
 
@@ -118,8 +119,8 @@ class EverythingParams:
     suit fluorescence and bright-field cells: a 32x32 grid, predicted IoU > 0.88, stability
     >= 0.95, box NMS at 0.7, no crops, no small-region clean-up. ``min_size``/``max_size``
     drop objects by area (pixels) when building the labels; ``max_size`` is the usual way to
-    drop a "background" mask. ``contrast_limits`` are applied to every slice (``None``:
-    each slice's own 0.5-99.5 percentiles).
+    drop a "background" mask. ``contrast_limits`` are applied to every plane (``None``:
+    each plane's own, ``docs/rules/tiling.md#contrast``).
     """
 
     points_per_side: int = 32

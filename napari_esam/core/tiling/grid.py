@@ -30,7 +30,7 @@ from napari_esam.core.plane.image import contrast_limits_of
 #: default tile side (the models' input size) and overlap
 TILE = 1024
 HALO = 256
-#: longest image side (pixels) above which the prompt widget switches to tiled mode
+#: longest plane side (pixels) above which tiled mode "auto" tiles (widgets, CLI, Python)
 TILING_THRESHOLD = 2048
 #: the lazy global sample (contrast limits and content hash): images up to this many pixels
 #: are read whole, larger ones through SAMPLE_GRID² patches of SAMPLE_PATCH² pixels
