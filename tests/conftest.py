@@ -9,3 +9,19 @@ os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
 os.environ.setdefault("QT_API", "pyqt6")
 os.environ.setdefault("NAPARI_CONFIG", os.path.join(tempfile.mkdtemp(), "settings.yaml"))
 os.environ.setdefault("NAPARI_ESAM_CACHE", os.path.join(tempfile.mkdtemp(), "esam-cache"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers from where a test lives: ``gui`` (tests/widgets), ``conformance`` (files named
+    *conformance*), ``cluster`` (files named *cluster*); ``slow`` is set on the tests
+    themselves."""
+    import pytest
+
+    for item in items:
+        path = item.path.as_posix()
+        if "/tests/widgets/" in path:
+            item.add_marker(pytest.mark.gui)
+        if "conformance" in item.path.name:
+            item.add_marker(pytest.mark.conformance)
+        if "cluster" in item.path.name:
+            item.add_marker(pytest.mark.cluster)

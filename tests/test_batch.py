@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -576,3 +577,25 @@ def test_the_embedding_store_serves_an_untiled_run(tmp_path, stack, reference, m
     second = run_batch(stack[0], blob_settings(), embeddings=store)
     assert second.details["encoder_calls"] == 0 and second.details["store_hits"] == 5
     np.testing.assert_array_equal(second.labels, reference.labels)
+
+
+def test_resume_refuses_another_image_or_other_weights(tmp_path, stack):
+    out = tmp_path / "mixed.zarr"
+    progress, cancel, _ = cancel_after(1)
+    run_batch(stack[0], blob_settings(), out, progress=progress, cancel=cancel)
+    other = stack[0].copy()
+    other[0] = other[0][::-1]  # same shape and dtype, other pixels
+    with pytest.raises(ValueError, match="content_hash"):
+        run_batch(other, blob_settings(), out)
+    a, b = tmp_path / "a.pt", tmp_path / "w" / "a.pt"
+    b.parent.mkdir()
+    a.write_bytes(b"weights one")
+    b.write_bytes(b"weights two")  # same file name, other weights
+    settings_a = BatchSettings(dataclasses.replace(blob_settings().model, checkpoint=str(a)),
+                               blob_settings().params)
+    settings_b = BatchSettings(dataclasses.replace(blob_settings().model, checkpoint=str(b)),
+                               blob_settings().params)
+    out2 = tmp_path / "weights.zarr"
+    run_batch(stack[0], settings_a, out2, indices=[0])
+    with pytest.raises(ValueError, match="checkpoint.digest"):
+        run_batch(stack[0], settings_b, out2)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dask.array as da
 import numpy as np
 import pytest
 import zarr
 
-from napari_esam.core.runs.pipeline import BATCH_ATTR, ZarrOutput
+from napari_esam.core.runs.outputs import RUN_ATTR, ZarrOutput
+from napari_esam.core.runs.pipeline import run_batch
+from napari_esam.core.runs.settings import BatchSettings, EverythingParams, ModelSpec, TilingParams
 from napari_esam.core.tiling.grid import TileGrid
-from napari_esam.core.tiling.merge import segment_everything_tiled
 from napari_esam.core.tiling.store import EmbeddingStore, read_signature
 from napari_esam.widgets.everything.controller import (
     EverythingController,
@@ -57,6 +59,10 @@ def test_widget_segments_a_stack_into_a_labels_layer(make_napari_viewer, qtbot):
     ids = [set(np.unique(labels[i]).tolist()) - {0} for i in range(3)]
     assert [len(s) for s in ids] == counts
     assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])
+    # stride ids: 8 x 8 points, one tile -> at most 192 masks a plane -> S = 1000 ids a plane;
+    # the largest possible id 2999 fits uint16
+    assert ids == [set(range(i * 1000 + 1, i * 1000 + n + 1)) for i, n in enumerate(counts)]
+    assert labels.dtype == np.uint16
     assert layer.metadata["napari-esam"]["counts"] == dict(enumerate(counts))
     # the progress bar and the per-slice counts
     assert [e.index for e in progress if e.kind == "slice"] == [0, 1, 2]
@@ -78,6 +84,14 @@ def test_widget_opens_from_the_plugin_menu(make_napari_viewer):
     assert widget.axis_combo.count() == 1 and widget.axis_combo.itemData(0) is None
     viewer.add_image(np.zeros((4, 16, 16), np.uint8), name="stack")
     assert widget.layer_combo.findText("stack") >= 0  # follows the layer list
+    # the tiled-mode note follows the layer and its stack axis (judged on the planes)
+    viewer.add_image(da.zeros((3000, 64, 100), dtype=np.uint16, chunks=1024), name="tall",
+                     contrast_limits=(0, 1))
+    widget.layer_combo.setCurrentText("tall")
+    assert widget.axis_combo.currentData() == 0
+    assert widget.tiled_note.text().startswith("this layer: whole planes")
+    widget.axis_combo.setCurrentIndex(widget.axis_combo.findData(2))  # planes of 3000 x 64
+    assert widget.tiled_note.text() == "this layer: tiled, full resolution"
 
 
 def test_widget_cancel_keeps_zarr_slices_and_a_rerun_resumes(make_napari_viewer, qtbot, tmp_path):
@@ -106,7 +120,7 @@ def test_widget_cancel_keeps_zarr_slices_and_a_rerun_resumes(make_napari_viewer,
     widget.controller.on_progress = widget._on_progress
     run_and_wait(qtbot, widget)
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=10_000)
-    rec = zarr.open_group(out, mode="r").attrs[BATCH_ATTR]
+    rec = zarr.open_group(out, mode="r").attrs[RUN_ATTR]
     assert rec["complete"] and [rec["slices"][str(i)] for i in range(4)] == counts
     final = viewer.layers["cells everything [1]"].data
     assert [len(np.unique(final[i])) - 1 for i in range(4)] == counts
@@ -164,7 +178,7 @@ def test_widget_tiled_mode_controls_reach_the_controller_and_a_run_completes(
     assert widget.tiled_note.text() == "this layer: tiled, full resolution"
     widget.tile_spin.setValue(TILE)
     widget.halo_spin.setValue(HALO)
-    widget.layer_contrast.setChecked(False)  # the global contrast rule, as the reference
+    widget.layer_contrast.setChecked(False)  # per-plane percentiles, as the reference
     store = tmp_path / "slide.emb.zarr"
     widget.embeddings_edit.setText(str(store))
     out = tmp_path / "slide_labels.zarr"
@@ -177,8 +191,9 @@ def test_widget_tiled_mode_controls_reach_the_controller_and_a_run_completes(
     run_and_wait(qtbot, widget)
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=10_000)
 
-    ref = segment_everything_tiled(image, BlobModel().eval(), tile=TILE, halo=HALO,
-                                   **FAST_TILED)
+    settings = BatchSettings(ModelSpec("blob", device="cpu", factory=BlobModel),
+                             EverythingParams(**FAST_TILED), tiling=TilingParams("on", TILE, HALO))
+    ref = run_batch(image, settings).labels
     n = int(ref.max())
     assert n > 5
     layer = viewer.layers["slide everything"]
@@ -187,7 +202,9 @@ def test_widget_tiled_mode_controls_reach_the_controller_and_a_run_completes(
     assert layer.metadata["napari-esam"]["tiled"]["tile"] == TILE
     n_tiles = TileGrid(image.shape, TILE, HALO).n_tiles
     assert EmbeddingStore.open(store, read_signature(store), mode="r").n_done == n_tiles
-    assert [e.done for e in progress if e.kind == "tile"][-1] == n_tiles
+    tiles = [e.tiles_done for e in progress if e.kind == "tile"]
+    assert tiles == list(range(1, n_tiles + 1))
+    assert all(e.tiles_total == n_tiles for e in progress)
     assert widget.status.text().startswith(f"Done: 1 / 1 slices, {n} objects")
     assert widget.progress.format() == "1 / 1 slices"
     assert [int(widget.counts_table.item(0, 1).text())] == [n]

@@ -9,6 +9,7 @@ import torch
 import zarr
 
 from napari_esam import cli
+from napari_esam.core.runs import settings as S
 from napari_esam.core.tiling.grid import TileGrid
 from napari_esam.core.tiling.predictor import TiledPredictor
 from napari_esam.core.tiling.store import read_signature
@@ -26,6 +27,7 @@ def fake_models(monkeypatch):
         return built[-1]
 
     monkeypatch.setattr("napari_esam.models.loading.build_model", build)
+    monkeypatch.setattr(S, "_MODELS", {})
     return built
 
 
@@ -41,6 +43,9 @@ def tiff(tmp_path):
 
 
 def embed(*args):
+    """One CLI call with a model of its own (as in a new process: the per-process model
+    cache is emptied), so each call's encoder runs are counted alone."""
+    S.clear_model_cache()
     return cli.main(["embed", *map(str, args), "--no-progress"])
 
 
@@ -68,11 +73,11 @@ def test_interrupted_embedding_resumes(tmp_path, tiff, fake_models, monkeypatch,
     original = TiledPredictor._encode_window
     calls = []
 
-    def flaky(self, window):
+    def flaky(self, window, *args, **kwargs):
         calls.append(window)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return original(self, window)
+        return original(self, window, *args, **kwargs)
 
     monkeypatch.setattr(TiledPredictor, "_encode_window", flaky)
     assert embed(tiff, "-o", store) == 1
@@ -108,22 +113,59 @@ def test_zarr_stack_and_png_inputs(tmp_path, fake_models):
     z = zarr.create_array(str(tmp_path / "stack.zarr"), shape=(2, 1100, 1200),
                           chunks=(1, 512, 512), dtype="uint16")
     z[:] = np.stack([image((1100, 1200), s) for s in range(2)])
-    assert embed(tmp_path / "stack.zarr", "-o", tmp_path / "s.zarr", "--tile", 1024) == 0
+    # planes of 1100 x 1200 are not tiled unless asked (--tiled auto tiles sides > 2048)
+    assert embed(tmp_path / "stack.zarr", "-o", tmp_path / "s.zarr", "--tiled", "on",
+                 "--tile", 1024) == 0
     sig = read_signature(tmp_path / "s.zarr")
-    assert sig.image_shape == (2, 1100, 1200)
+    assert sig.image_shape == (2, 1100, 1200) and (sig.tile, sig.halo) == (1024, 256)
     assert fake_models[-1].encode_calls == 2 * TileGrid((1100, 1200)).n_tiles
+    assert embed(tmp_path / "stack.zarr", "-o", tmp_path / "u.zarr", "--tile", 1024) == 0
+    sig = read_signature(tmp_path / "u.zarr")
+    assert (sig.tile, sig.halo) == (1200, 0)  # auto: each plane is one tile
+    assert fake_models[-1].encode_calls == 2
     rgb = np.random.default_rng(0).integers(0, 255, (300, 400, 3)).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "small.png")
     assert embed(tmp_path / "small.png", "-o", tmp_path / "p.zarr") == 0
     sig = read_signature(tmp_path / "p.zarr")
     assert sig.rgb and sig.contrast_limits is None and fake_models[-1].encode_calls == 1
+    assert (sig.tile, sig.halo) == (400, 0)
+    # --tiled on cuts even a small image: 2 x 2 tiles of 256 px with a 64 px halo
+    assert embed(tmp_path / "small.png", "-o", tmp_path / "t.zarr", "--tiled", "on",
+                 "--tile", 256, "--halo", 64) == 0
+    sig = read_signature(tmp_path / "t.zarr")
+    assert (sig.tile, sig.halo) == (256, 64)
+    assert fake_models[-1].encode_calls == TileGrid((300, 400), 256, 64).n_tiles == 4
 
 
-def test_the_subcommand_is_registered():
+def test_the_subcommand_is_registered(capsys):
     parser = cli.build_parser()
     args = parser.parse_args(["embed", "in.tif", "-o", "out.zarr", "--model", "mobilesam",
                               "--tile", "1024", "--halo", "256", "--device", "cpu"])
     assert args.command == "embed" and args.tile == 1024 and args.halo == 256
+    assert args.tiled == "auto" and args.channel_axis == "auto"
+    # the model, stack and tiling options of ``everything``
+    args = parser.parse_args(["embed", "in.tif", "-o", "out.zarr", "--tiled", "on",
+                              "--merge-iou", "0.3", "--axis", "0", "--channel-axis", "none",
+                              "--channel", "1", "--contrast-limits", "0", "100"])
+    assert (args.tiled, args.merge_iou, args.axis, args.channel_axis, args.channel) == (
+        "on", 0.3, [0], "none", 1)
+    assert args.contrast_limits == [0.0, 100.0]
+    with pytest.raises(SystemExit):  # gone: the channel axis says it
+        parser.parse_args(["embed", "in.tif", "-o", "out.zarr", "--rgb"])
+    assert "unrecognized arguments: --rgb" in capsys.readouterr().err
+
+
+def test_embed_and_everything_options_are_the_same():
+    """One definition of the shared options (cli/options.py) for both subcommands."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+
+    def flags(name):
+        return {s for a in sub[name]._actions for s in a.option_strings}
+
+    shared = {"--model", "--device", "--dtype", "--checkpoint", "--axis", "--channel-axis",
+              "--channel", "--contrast-limits", "--tiled", "--tile", "--halo", "--merge-iou"}
+    assert shared <= flags("embed") and shared <= flags("everything")
 
 
 def test_embed_with_the_real_mobilesam_classes(tmp_path, capsys):

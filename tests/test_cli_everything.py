@@ -13,8 +13,9 @@ import torch
 import zarr
 
 from napari_esam.cli import main
-from napari_esam.core.runs import pipeline as B
-from napari_esam.core.runs.pipeline import BATCH_ATTR, ZarrOutput
+from napari_esam.core.runs import settings as B
+from napari_esam.core.runs.outputs import RUN_ATTR, ZarrOutput
+from napari_esam.core.runs.pipeline import run_batch
 from tests.batch_fakes import BlobModel, blob_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,9 +78,10 @@ def test_cli_writes_a_readable_zarr_equal_to_its_tiff(tmp_path, mobilesam_ckpt,
     for i, n in enumerate(counts):
         assert f"slice {i}: {n} objects" in printed
     z = zarr.open_group(tmp_path / "a.zarr", mode="r")
-    assert z["0"].chunks[0] == 1 and z.attrs[BATCH_ATTR]["complete"]
+    assert z["0"].chunks[0] == 1 and z.attrs[RUN_ATTR]["complete"]
     assert z.attrs["napari-esam"]["axes"] == "tyx"  # the TIFF's axes carry over
     labels = z["0"][:]
+    assert labels.dtype == np.uint16  # 8x8 points -> stride 1000, largest id 2999
     assert [len(np.unique(labels[i])) - 1 for i in range(3)] == counts
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "a.tif"), labels)
     import dask.array as da
@@ -110,21 +112,48 @@ def test_cli_resumes_and_overwrite_starts_over(tmp_path, mobilesam_ckpt, blob_mo
         B.EverythingParams(points_per_side=8),
     )
     done: list[int] = []
-    B.run_batch(str(src), settings, out, progress=lambda e: e.kind == "slice" and done.append(1),
+    run_batch(str(src), settings, out, progress=lambda e: e.kind == "slice" and done.append(1),
                 cancel=lambda: len(done) >= 2)
     assert sorted(ZarrOutput(out).done()) == [0, 1]
 
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "2 of 4 slices already done" in captured.err
-    rec = zarr.open_group(out, mode="r").attrs[BATCH_ATTR]
+    assert "tiles segmented 2 (already done: 2); encoder runs 2" in captured.err
+    rec = zarr.open_group(out, mode="r").attrs[RUN_ATTR]
     assert rec["complete"] and [rec["slices"][str(i)] for i in range(4)] == counts
 
     # different settings: refused with a clear message and exit code 2
     assert main([*args[:-2], "6", "--no-progress"]) == 2
     assert "points_per_side" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
-    assert "already done" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming" not in err and "tiles segmented 4 (already done: 0)" in err
+
+
+@pytest.mark.parametrize("legacy", ["napari-esam-batch", "napari-esam-tiled"])
+def test_cli_refuses_an_output_of_an_earlier_version_until_overwrite(
+        tmp_path, mobilesam_ckpt, blob_model_as_mobilesam, capsys, legacy):
+    """Outputs of the old batch/tiled pipelines cannot be resumed (other ids and dtype)."""
+    stack, counts = blob_stack(2)
+    src = tmp_path / "s.tif"
+    tifffile.imwrite(src, stack, photometric="minisblack")
+    out = tmp_path / "old.zarr"
+    group = zarr.open_group(out, mode="w", zarr_format=3)
+    group.create_array("0", shape=stack.shape, dtype=np.uint32, chunks=(1, 64, 64))
+    group.attrs[legacy] = {"slices": {"0": 3}, "complete": False}
+    args = ["everything", str(src), "-o", str(out), "--device", "cpu",
+            "--checkpoint", str(mobilesam_ckpt), "--points-per-side", "8", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("napari-esam everything: error:")
+    assert "earlier napari-esam" in err and legacy in err and "--overwrite" in err
+    assert zarr.open_group(out, mode="r").attrs[legacy]  # left as it was
+    assert main([*args, "--overwrite"]) == 0
+    attrs = zarr.open_group(out, mode="r").attrs
+    assert legacy not in attrs and attrs[RUN_ATTR]["complete"]
+    labels = zarr.open_array(out / "0", mode="r")[:]
+    assert [len(np.unique(labels[i])) - 1 for i in range(2)] == counts
 
 
 def test_cli_tiff_output_refuses_to_replace_a_finished_export(tmp_path, mobilesam_ckpt,

@@ -22,16 +22,16 @@ import zarr
 pytest.importorskip("distributed")
 
 from napari_esam.core.runs import cluster as C  # noqa: E402
-from napari_esam.core.runs import pipeline as B  # noqa: E402
 from napari_esam.core.runs.cluster import DaskExecutor, worker_gpu  # noqa: E402
-from napari_esam.core.runs.pipeline import (  # noqa: E402
-    BATCH_ATTR,
+from napari_esam.core.runs.outputs import RUN_ATTR, ZarrOutput  # noqa: E402
+from napari_esam.core.runs.pipeline import run_batch  # noqa: E402
+from napari_esam.core.runs.settings import (  # noqa: E402
     BatchSettings,
     EverythingParams,
     ModelSpec,
-    ZarrOutput,
-    run_batch,
 )
+from napari_esam.core.runs.sources import StackSource  # noqa: E402
+from napari_esam.core.runs.tasks import TileTask  # noqa: E402
 from tests.batch_fakes import FAST, BlobModel, blob_stack  # noqa: E402
 
 N_SLICES = 6
@@ -137,7 +137,7 @@ def test_local_cluster_gives_exactly_the_in_process_labels(cluster, data, record
     assert res.complete and not res.cancelled
     np.testing.assert_array_equal(stored(out), ref)
     assert res.counts == dict(enumerate(counts))
-    rec = zarr.open_group(out, mode="r").attrs[BATCH_ATTR]
+    rec = zarr.open_group(out, mode="r").attrs[RUN_ATTR]
     assert rec["complete"] and rec["slices"] == {str(i): n for i, n in enumerate(counts)}
     # progress: slices done / total, one report per slice, in any order
     slices = [e for e in events if e.kind == "slice"]
@@ -224,34 +224,46 @@ def test_worker_gpu_follows_the_worker_name():
     assert worker_gpu("gpu-worker", 4) == 0 and worker_gpu(5, 1) == 0
 
 
-def test_tasks_pin_their_model_to_the_workers_gpu(monkeypatch, data):
+def test_tasks_pin_their_model_to_the_workers_gpu(monkeypatch):
     """Without a GPU here: CUDA is faked, the device choice and set_device are checked."""
     import torch
 
-    src, _, _ = data
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
     monkeypatch.setattr(C._distributed(), "get_worker",
                         lambda: type("W", (), {"name": "job-3"})())
-    s = dataclasses.replace(settings(), model=dataclasses.replace(settings().model, device="auto"))
-    task = B.SliceTask(B.StackSource.create(str(src)), s, None)
-    pinned = C._pinned(task, C.WorkerOptions())
-    assert pinned.settings.model.device == "cuda:1" and calls == [1]
-    assert C._pinned(task, C.WorkerOptions(pin_gpus=False)) is task
-    cpu = B.SliceTask(task.source, settings(), None)  # device "cpu" stays on the CPU
-    assert C._pinned(cpu, C.WorkerOptions()) is cpu
+    auto = dataclasses.replace(settings().model, device="auto")
+    pinned = C._pinned_spec(auto, C.WorkerOptions())
+    assert pinned.device == "cuda:1" and calls == [1]
+    assert C._pinned_spec(auto, C.WorkerOptions(pin_gpus=False)) is auto
+    cpu = settings().model  # device "cpu" stays on the CPU
+    assert C._pinned_spec(cpu, C.WorkerOptions()) is cpu
+    # run_task runs the task with the pinned model (a probe task: no model is built)
+
+    @dataclasses.dataclass(frozen=True)
+    class Probe:
+        settings: BatchSettings
+
+        def __call__(self, index, cancel=None):
+            return index, self.settings.model.device
+
+    s = dataclasses.replace(settings(), model=auto)
+    assert C.run_task(4, Probe(s), C.WorkerOptions(), None) == (4, "cuda:1")
+    assert C.run_task(4, Probe(settings()), C.WorkerOptions(), None) == (4, "cpu")
 
 
-def test_run_slice_stops_before_work_when_the_run_was_cancelled(monkeypatch, data):
+def test_run_task_stops_before_work_when_the_run_was_cancelled(monkeypatch, data):
     src, ref, _ = data
-    task = B.SliceTask(B.StackSource.create(str(src)), settings(), None)
+    task = TileTask(StackSource.create(str(src)), settings())
     monkeypatch.setattr(C._CancelEvent, "__call__", lambda self: True)
-    assert C.run_slice(1, task, C.WorkerOptions(), "some-event") is None
+    assert C.run_task(1, task, C.WorkerOptions(), "some-event") is None
     monkeypatch.undo()
-    res = C.run_slice(1, task, C.WorkerOptions(), None)
-    np.testing.assert_array_equal(res.labels, ref[1])
+    res = C.run_task(1, task, C.WorkerOptions(), None)
+    assert res.index == res.plane == 1 and res.n_objects == len(np.unique(ref[1])) - 1
+    np.testing.assert_array_equal(res.labels, ref[1])  # one-tile plane, no output: returned
+    assert res.labels.dtype == ref.dtype
 
 
 def test_bad_executor_arguments():

@@ -1,16 +1,17 @@
-"""Tiled segment-everything with one Dask task per tile on a LocalCluster (2 processes):
-the labels of the in-process run, one task per tile, stop and resume, the CLI.
+"""Tiled planes with one Dask task per tile on a LocalCluster (2 processes): the labels of
+the in-process run, one task per tile, stop and resume, the CLI.
 
 One cluster serves the module. The models are :class:`MarkingFactory` blob models that
 leave a marker file per tile task (with the process id and a phase) and per model build,
-so the tests count what ran where. The in-process map/merge path without a cluster
-(:class:`LocalTileExecutor`) is tested at the end.
+so the tests count what ran where. The same pipeline in this process
+(:class:`LocalExecutor` with the scratch group of a Zarr output) is tested at the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -21,15 +22,19 @@ import zarr
 
 pytest.importorskip("distributed")
 
-from napari_esam.core.plane.everything import Cancelled  # noqa: E402
 from napari_esam.core.runs.cluster import DaskExecutor  # noqa: E402
-from napari_esam.core.runs.pipeline import ModelSpec  # noqa: E402
-from napari_esam.core.tiling.grid import TileGrid  # noqa: E402
-from napari_esam.core.tiling.merge import (  # noqa: E402
-    LocalTileExecutor,
-    TileScratch,
-    segment_everything_tiled,
+from napari_esam.core.runs.executors import LocalExecutor  # noqa: E402
+from napari_esam.core.runs.outputs import RUN_ATTR, SCRATCH_SUFFIX, TileScratch  # noqa: E402
+from napari_esam.core.runs.pipeline import run_batch  # noqa: E402
+from napari_esam.core.runs.settings import (  # noqa: E402
+    BatchSettings,
+    EverythingParams,
+    ModelSpec,
+    TilingParams,
 )
+from napari_esam.core.runs.sources import StackSource  # noqa: E402
+from napari_esam.core.runs.tasks import TileTask  # noqa: E402
+from napari_esam.core.tiling.grid import TileGrid  # noqa: E402
 from napari_esam.core.tiling.store import EmbeddingStore, read_signature  # noqa: E402
 from tests.batch_fakes import BlobModel  # noqa: E402
 from tests.tiled_fakes import FAST_TILED, HALO, TILE, blob_image  # noqa: E402
@@ -90,19 +95,24 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """The 600 x 700 blob image as a TIFF (read by the workers) and its in-process labels."""
+    """The 600 x 700 blob image as a TIFF (read by the workers) and its in-process result."""
     path = tmp_path_factory.mktemp("input") / "slide.tif"
     tifffile.imwrite(path, blob_image(SHAPE), tile=(128, 128), photometric="minisblack")
-    details: dict = {}
-    labels = segment_everything_tiled(str(path), BlobModel().eval(), tile=TILE, halo=HALO,
-                                      details=details, **FAST_TILED)
-    assert details["merged"] > 0 and details["objects"] > 10
-    return path, labels, details
+    ref = run_batch(str(path), settings())
+    assert ref.complete and ref.details["grid"].n_tiles == N_TILES
+    assert ref.details["merged"] > 0 and ref.counts[0] > 10  # both seam rules at work
+    return path, np.asarray(ref.labels), ref
 
 
-def run(src, spec, out, executor, **kw):
-    return segment_everything_tiled(str(src), spec, out, tile=TILE, halo=HALO,
-                                    executor=executor, **FAST_TILED, **kw)
+def settings(spec: ModelSpec | None = None, **params) -> BatchSettings:
+    """Tiles of TILE px with a HALO px overlap (even for this 600 x 700 plane)."""
+    spec = spec or ModelSpec("blob", device="cpu", factory="tests.batch_fakes:BlobModel")
+    return BatchSettings(spec, EverythingParams(**{**FAST_TILED, **params}),
+                         tiling=TilingParams("on", TILE, HALO))
+
+
+def stored(out: Path) -> np.ndarray:
+    return zarr.open_array(out / "0", mode="r")[:]
 
 
 # ------------------------------------------------------------------------------ cluster
@@ -110,29 +120,38 @@ def run(src, spec, out, executor, **kw):
 
 def test_one_task_per_tile_gives_exactly_the_in_process_labels(cluster, data, recorder,
                                                                tmp_path):
-    src, ref, ref_details = data
+    src, ref, reference = data
     folder, spec = recorder
     assert len(cluster.client.scheduler_info()["workers"]) == 2
     out = tmp_path / "labels.zarr"
-    details: dict = {}
-    progress: list[tuple[int, int]] = []
-    labels = run(src, spec, out, cluster, details=details,
-                 progress=lambda d, t: progress.append((d, t)))
+    events = []
+    res = run_batch(str(src), settings(spec), out, executor=cluster, progress=events.append)
 
-    np.testing.assert_array_equal(np.asarray(labels[:]), ref)
-    np.testing.assert_array_equal(zarr.open_array(out, mode="r")[:], ref)
-    for key in ("objects", "owned", "piece", "dropped", "merged", "tiles"):
-        assert details[key] == ref_details[key], key
+    assert res.complete and not res.cancelled and res.counts == reference.counts
+    np.testing.assert_array_equal(np.asarray(res.labels[:]), ref)
+    np.testing.assert_array_equal(stored(out), ref)
+    assert stored(out).dtype == ref.dtype == np.uint16
+    for key in ("merged", "tiles", "skipped"):
+        assert res.details[key] == reference.details[key], key
+    rec = zarr.open_group(out, mode="r").attrs[RUN_ATTR]
+    assert rec["complete"] and rec["slices"] == {"0": reference.counts[0]}
     # one task per tile, each run once, in the worker processes; one model per worker
-    assert details["tasks"] == N_TILES and details["skipped"] == 0
+    assert res.details["tiles"] == N_TILES and res.details["skipped"] == 0
+    assert res.details["encoder_calls"] == N_TILES
     runs, builds = markers(folder, "run"), markers(folder, "build")
     assert len(runs) == N_TILES
     assert os.getpid() not in pids(runs)
     worker_pids = set(pids(runs))
-    assert set(pids(markers(folder, "build"))) >= worker_pids
+    assert set(pids(builds)) >= worker_pids
     assert all(pids(builds).count(p) == 1 for p in worker_pids)
-    assert progress == [(i, N_TILES) for i in range(1, N_TILES + 1)]
-    assert not Path(str(out) + ".tiles.zarr").exists()  # the scratch group is deleted
+    # progress: every tile, then the plane (merged when its last tile is done)
+    tiles = [e for e in events if e.kind == "tile"]
+    assert [e.tiles_done for e in tiles] == list(range(1, N_TILES + 1))
+    assert all(e.tiles_total == N_TILES and e.total == 1 for e in events)
+    assert [(e.kind, e.done) for e in events if e.kind in ("start", "slice")] == [
+        ("start", 0), ("slice", 1)]
+    assert events[-1].kind == "slice" and events[-1].n_objects == reference.counts[0]
+    assert not Path(str(out) + SCRATCH_SUFFIX).exists()  # the scratch group is deleted
 
 
 def test_a_stopped_run_resumes_and_recomputes_only_the_missing_tiles(cluster, data, recorder,
@@ -141,34 +160,43 @@ def test_a_stopped_run_resumes_and_recomputes_only_the_missing_tiles(cluster, da
     folder, spec = recorder
     out = tmp_path / "labels.zarr"
     seen: list[int] = []
-    with pytest.raises(Cancelled, match="run again to resume"):
-        run(src, spec, out, cluster, progress=lambda d, t: seen.append(d),
-            cancel=lambda: len(seen) >= 4)
-    scratch = TileScratch(str(out) + ".tiles.zarr")
+
+    def progress(ev):
+        if ev.kind == "tile":
+            seen.append(ev.tiles_done)
+
+    first = run_batch(str(src), settings(spec), out, executor=cluster, progress=progress,
+                      cancel=lambda: len(seen) >= 4)
+    assert first.cancelled and not first.complete and first.counts == {}
+    scratch = TileScratch(str(out) + SCRATCH_SUFFIX)
     finished = scratch.done()
     assert len(finished) == len(seen) >= 4 and len(finished) < N_TILES
     first_runs = len(markers(folder, "run-1"))
     assert first_runs >= len(finished)  # (a task running at the stop may have finished)
+    assert not stored(out).any()  # the plane is written only when all its tiles are done
 
     (folder / "phase").write_text("2")
-    details: dict = {}
-    labels = run(src, spec, out, cluster, details=details)
-    np.testing.assert_array_equal(np.asarray(labels[:]), ref)
+    events = []
+    second = run_batch(str(src), settings(spec), out, executor=cluster,
+                       progress=events.append)
+    assert second.complete
+    np.testing.assert_array_equal(stored(out), ref)
+    assert events[0].kind == "start" and events[0].tiles_done == len(finished)
     # the rerun ran exactly the tiles not recorded as finished
-    assert details["skipped"] == len(finished)
-    assert details["tasks"] == len(markers(folder, "run-2")) == N_TILES - len(finished)
+    assert second.details["skipped"] == len(finished)
+    assert second.details["tiles"] == len(markers(folder, "run-2")) == N_TILES - len(finished)
     assert not Path(scratch.path).exists()
 
 
 def test_the_cli_runs_tiles_on_the_cluster_and_fills_the_store(cluster, data, tmp_path,
                                                                monkeypatch, capsys):
-    """``--tile 256 --workers 2`` (the module's cluster stands in for the local one; the
-    blob model replaces MobileSAM); ``--embeddings``: the workers write the embeddings, the
-    client records them, and an in-process run then encodes nothing."""
+    """``--tiled on --tile 256 --workers 2`` (the module's cluster stands in for the local
+    one; the blob model replaces MobileSAM); ``--embeddings``: the workers write the
+    embeddings, the client records them, and an in-process run then encodes nothing."""
     from napari_esam.cli import everything as cli_everything
     from napari_esam.cli import main
     from napari_esam.core.runs import cluster as C
-    src, ref, ref_details = data
+    src, ref, reference = data
     made = []
 
     def fake_executor(**kwargs):
@@ -181,67 +209,91 @@ def test_the_cli_runs_tiles_on_the_cluster_and_fills_the_store(cluster, data, tm
     monkeypatch.setattr(cli_everything, "settings_from_args",
                         lambda args: dataclasses.replace(real(args), model=spec))
     out, store = tmp_path / "labels.tif", tmp_path / "emb.zarr"
-    assert main(["everything", str(src), "-o", str(out), "--tile", str(TILE), "--halo",
-                 str(HALO), "--points-per-side", "8", "--embeddings", str(store),
+    assert main(["everything", str(src), "-o", str(out), "--tiled", "on", "--tile", str(TILE),
+                 "--halo", str(HALO), "--points-per-side", "8", "--embeddings", str(store),
                  "--workers", "2", "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert made == [{"workers": 2, "scheduler": None, "retries": 2}]
     assert "running on a Dask cluster, 2 workers" in captured.err
-    assert f"tile tasks {N_TILES} (already done: 0)" in captured.err
-    assert f"1 of 1 slices, {ref_details['objects']} objects" in captured.out
+    assert f"tiles segmented {N_TILES} (already done: 0)" in captured.err
+    assert f"1 of 1 slices, {reference.counts[0]} objects" in captured.out
     np.testing.assert_array_equal(tifffile.imread(out), ref)
     assert not list(tmp_path.glob("*.partial.zarr*"))  # working store and scratch removed
 
     assert EmbeddingStore.open(store, read_signature(store), mode="r").n_done == N_TILES
-    details: dict = {}
-    again = segment_everything_tiled(str(src), BlobModel().eval(), tile=TILE, halo=HALO,
-                                     embedding_store=store, details=details, **FAST_TILED)
-    assert details["encoder_calls"] == 0 and details["store_hits"] == N_TILES
-    np.testing.assert_array_equal(again, ref)
+    again = run_batch(str(src), settings(), embeddings=store, model=BlobModel().eval())
+    assert again.details["encoder_calls"] == 0 and again.details["store_hits"] == N_TILES
+    np.testing.assert_array_equal(np.asarray(again.labels), ref)
 
 
-def test_a_distributed_run_needs_a_file_and_a_model_spec(cluster, data, tmp_path):
+def test_a_distributed_run_needs_a_file_input_and_a_zarr_output(cluster, data, tmp_path):
     src, _, _ = data
-    spec = ModelSpec("blob", device="cpu", factory="tests.batch_fakes:BlobModel")
     with pytest.raises(ValueError, match="from a file every worker can open"):
-        segment_everything_tiled(blob_image(SHAPE), spec, tmp_path / "a.zarr",
-                                 executor=cluster)
-    with pytest.raises(TypeError, match="ModelSpec"):
-        segment_everything_tiled(str(src), BlobModel(), tmp_path / "a.zarr", executor=cluster)
-    with pytest.raises(ValueError, match="give scratch="):
-        segment_everything_tiled(str(src), spec, None, executor=cluster)
+        run_batch(blob_image(SHAPE), settings(), tmp_path / "a.zarr", executor=cluster)
+    with pytest.raises(ValueError, match="Zarr store"):
+        run_batch(str(src), settings(), None, executor=cluster)
 
 
-# ------------------------------------------------------- map / merge without a cluster
+def test_a_refused_distributed_run_leaves_no_output(cluster, tmp_path):
+    out = tmp_path / "a.zarr"
+    with pytest.raises(ValueError, match="from a file every worker can open"):
+        run_batch(blob_image(SHAPE), settings(), out, executor=cluster)
+    assert not out.exists() and not Path(str(out) + SCRATCH_SUFFIX).exists()
 
 
-def test_local_tile_executor_scratch_round_trip_and_resume(data, tmp_path):
+# ------------------------------------------------------- the same tiles in this process
+
+
+def test_local_executor_scratch_round_trip_and_resume(data, tmp_path):
     src, ref, _ = data
-    spec = ModelSpec("blob", device="cpu", factory="tests.batch_fakes:BlobModel")
-    scratch = tmp_path / "scratch.zarr"
-    out = np.zeros(SHAPE, np.uint32)
+    out = tmp_path / "labels.zarr"
+    scratch = TileScratch(str(out) + SCRATCH_SUFFIX)
     n = []
-    with pytest.raises(Cancelled):
-        run(src, spec, out, LocalTileExecutor(), scratch=scratch,
-            progress=lambda d, t: n.append(d), cancel=lambda: len(n) >= 5)
-    assert TileScratch(scratch).done() == set(range(5))  # in order, in this process
-    details: dict = {}
-    labels = run(src, spec, out, LocalTileExecutor(), scratch=scratch, details=details,
-                 keep_scratch=True)
-    assert labels is out
-    np.testing.assert_array_equal(out, ref)
-    assert details["tasks"] == N_TILES - 5 and details["skipped"] == 5
-    # the kept scratch group holds every tile; its masks are the rule-1 crops
-    sc = TileScratch(scratch)
-    assert sc.done() == set(range(N_TILES))
+
+    def progress(ev):
+        if ev.kind == "tile":
+            n.append(ev.tiles_done)
+
+    first = run_batch(str(src), settings(), out, executor=LocalExecutor(), progress=progress,
+                      cancel=lambda: len(n) >= 5)
+    assert first.cancelled
+    assert scratch.done() == set(range(5))  # in order, in this process
+    # a scratch tile reads back as the task's own masks, in paint order, tightly cropped
     grid = TileGrid(SHAPE, TILE, HALO)
-    kept = sc.read(5, (), grid)
-    assert (kept.iy, kept.ix) == (1, 1)
+    kept = scratch.read(1, (), *divmod(1, grid.n_x))
+    assert (kept.iy, kept.ix) == (0, 1) and len(kept) > 0
+    direct = TileTask(StackSource.create(str(src)), settings())(1).masks
+    np.testing.assert_array_equal(kept.boxes, direct.boxes)
+    np.testing.assert_array_equal(kept.scores, direct.scores)
+    np.testing.assert_array_equal(kept.order, direct.order)
+    assert kept.stats == direct.stats
+    for a, b in zip(kept.masks, direct.masks, strict=True):
+        np.testing.assert_array_equal(a, b)
     areas = [int(m.sum()) for m in kept.masks]
     assert areas == sorted(areas, reverse=True) and all(a > 0 for a in areas)
     for (y0, x0, y1, x1), m in zip(kept.boxes.tolist(), kept.masks, strict=True):
-        assert m.shape == (y1 - y0, x1 - x0) and m[0].any() and m[:, -1].any()
-    # another run's settings do not reuse the tiles
-    with pytest.raises(ValueError, match="holds the tiles of another run"):
-        segment_everything_tiled(str(src), spec, out, tile=TILE, halo=HALO, scratch=scratch,
-                                 executor=LocalTileExecutor(), points_per_side=4)
+        assert m.shape == (y1 - y0, x1 - x0)
+        assert m[0].any() and m[-1].any() and m[:, 0].any() and m[:, -1].any()
+
+    second = run_batch(str(src), settings(), out, executor=LocalExecutor())
+    assert second.complete
+    np.testing.assert_array_equal(stored(out), ref)
+    assert second.details["tiles"] == N_TILES - 5 and second.details["skipped"] == 5
+    assert not Path(scratch.path).exists()
+
+
+def test_a_new_output_does_not_reuse_a_left_over_scratch_group(data, tmp_path):
+    """The scratch group belongs to its output: when the output is gone (deleted, or
+    replaced with --overwrite), a run starts a new scratch group, whatever the old held."""
+    src, ref, _ = data
+    out = tmp_path / "labels.zarr"
+    n = []
+    run_batch(str(src), settings(), out, cancel=lambda: len(n) >= 2,
+              progress=lambda ev: ev.kind == "tile" and n.append(1))
+    scratch = Path(str(out) + SCRATCH_SUFFIX)
+    assert TileScratch(scratch).done() == {0, 1}
+    shutil.rmtree(out)  # the output is gone, its scratch group is not
+    res = run_batch(str(src), settings(), out)
+    assert res.complete and res.details["skipped"] == 0 and res.details["tiles"] == N_TILES
+    np.testing.assert_array_equal(stored(out), ref)
+    assert not scratch.exists()

@@ -8,6 +8,8 @@ import torch
 
 from napari_esam.core.tiling.predictor import TiledPredictor
 from napari_esam.core.tiling.store import (
+    ATTR,
+    FORMAT_VERSION,
     EmbeddingStore,
     StaleEmbeddingStoreError,
     StoreSignature,
@@ -106,6 +108,35 @@ def test_overwrite_mode_recreates_a_stale_store(tmp_path, img):
     fresh = TiledPredictor(FakeModel().eval(), halo=128, store=path, store_mode="w")
     fresh.set_image(img)
     assert fresh.store.n_done == 0 and read_signature(path).halo == 128
+
+
+def test_signature_is_format_2_and_none_means_per_plane_automatic_contrast(tmp_path, img):
+    auto = TiledPredictor(FakeModel().eval(), store=tmp_path / "auto.zarr")
+    auto.set_image(img)
+    sig = read_signature(tmp_path / "auto.zarr")
+    assert sig.format == FORMAT_VERSION == 2
+    assert sig.contrast_limits is None  # each plane's own limits, computed when encoding
+    given = TiledPredictor(FakeModel().eval(), store=tmp_path / "given.zarr")
+    given.set_image(img, (0, 4000))
+    assert read_signature(tmp_path / "given.zarr").contrast_limits == (0.0, 4000.0)
+
+
+def test_a_version_1_store_is_stale_and_overwrite_recreates_it(tmp_path, img):
+    import zarr
+
+    path = tmp_path / "emb.zarr"
+    tp = TiledPredictor(FakeModel().eval(), store=path)
+    tp.set_image(img)
+    click(tp)
+    group = zarr.open_group(str(path), mode="r+")  # as written by an earlier version
+    group.attrs[ATTR] = {**dict(group.attrs[ATTR]), "format": 1}
+    other = TiledPredictor(FakeModel().eval(), store=path)
+    with pytest.raises(StaleEmbeddingStoreError, match="store format: store has 1, this input "
+                                                       "has 2"):
+        other.set_image(img)
+    fresh = TiledPredictor(FakeModel().eval(), store=path, store_mode="w")
+    fresh.set_image(img)
+    assert fresh.store.n_done == 0 and read_signature(path).format == 2
 
 
 def test_embedding_is_resumable(tmp_path, img):

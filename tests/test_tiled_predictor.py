@@ -78,7 +78,7 @@ def test_tile_mask_equals_the_untiled_mask_at_full_resolution(big):
     p = Predictor(FakeModel().eval())
     tp = TiledPredictor(FakeModel().eval(), tile=1024, halo=256)
     tp.set_image(big)
-    p.set_image(big[t.window.slices], tp.contrast_limits)
+    p.set_image(big[t.window.slices], tp.plane_limits())  # the plane's limits
     x, y = t.core.x0 + 100.0, t.core.y0 + 50.0
     want, s1, _ = p.predict(np.array([[x - t.window.x0, y - t.window.y0]]), np.array([1]))
     got, s2, _ = tp.predict(np.array([[x, y]]), np.array([1]))
@@ -210,10 +210,40 @@ def test_dask_20k_with_automatic_contrast_reads_a_bounded_sample():
     src = CountingSource((20000, 20000))
     tp = TiledPredictor(FakeModel().eval())
     tp.set_image(da.from_array(src, chunks=(1000, 1000)))
+    assert src.reads == []  # the plane's contrast is sampled when first needed
+    lo, hi = tp.plane_limits()
     n_sample = len(src.reads)
-    assert 0 < n_sample <= SAMPLE_MAX_CHUNKS
+    assert 0 < n_sample <= SAMPLE_MAX_CHUNKS and lo < hi
     tp.predict(np.array([[10500.0, 9500.0]]), np.array([1]))
-    assert len(src.reads) - n_sample <= 4
+    assert len(src.reads) - n_sample <= 4  # the sample is kept: only the tile is read
+    assert tp.plane_limits() == (lo, hi)
+
+
+def test_contrast_limits_are_per_plane_unless_given():
+    stack = np.stack([image((1000, 1000), seed=0), image((1000, 1000), seed=1) // 4])
+    stack[1, :200, :200] = 9000  # a bright corner: plane 1's limits are not its tiles'
+    tp = TiledPredictor(FakeModel().eval(), tile=512, halo=128)
+    tp.set_image(stack)
+    assert tp.contrast_limits is None
+    # each plane's own 0.5/99.5 percentiles (a plane up to 1 Mpx is sampled whole)
+    for i in range(2):
+        want = np.percentile(stack[i].astype(np.float64), (0.5, 99.5))
+        np.testing.assert_allclose(tp.plane_limits((i,)), want)
+    assert tp.plane_limits((0,))[1] < 4000 and tp.plane_limits((1,))[1] == 9000
+    # a tile of plane 1 is normalised with plane 1's limits (not the stack's, not the tile's)
+    t = tp.grid.tile_at(1, 1)
+    assert t.window.y0 >= 200 and t.window.x0 >= 200  # away from the bright corner
+    tp.set_index((1,))
+    emb, _ = tp.tile_embedding(t)
+    p = Predictor(FakeModel().eval())
+    p.set_image(stack[1][t.window.slices], tp.plane_limits((1,)))
+    np.testing.assert_array_equal(emb.numpy(), p.get_image_embedding().cpu().numpy())
+    p.set_image(stack[1][t.window.slices])  # the tile's own percentiles differ
+    assert not np.array_equal(emb.numpy(), p.get_image_embedding().cpu().numpy())
+    # given limits are used for every plane
+    given = TiledPredictor(FakeModel().eval(), tile=512, halo=128)
+    given.set_image(stack, (0, 4000))
+    assert given.plane_limits((0,)) == given.plane_limits((1,)) == (0.0, 4000.0)
 
 
 def test_zarr_input_and_multiscale_levels(tmp_path, big):

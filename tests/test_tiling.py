@@ -20,6 +20,8 @@ from napari_esam.core.tiling.grid import (
     iter_planes,
     leading_shape,
     needs_tiling,
+    plane_contrast_limits,
+    plane_sample,
     plane_shape,
     read_window,
 )
@@ -196,6 +198,21 @@ def test_contrast_of_a_stack_uses_every_plane():
     stack[0, :300] = 50
     lo, hi = global_contrast_limits(stack)
     assert lo <= 100 and hi >= 9000
+
+
+def test_contrast_of_a_stack_plane_uses_only_that_plane():
+    stack = np.stack([np.full((600, 600), 100, np.uint16), np.full((600, 600), 9000, np.uint16)])
+    stack[0, :300] = 50
+    stack[1, :300] = 8000
+    assert plane_contrast_limits(stack, (0,)) == (50.0, 100.0)
+    assert plane_contrast_limits(stack, (1,)) == (8000.0, 9000.0)
+    np.testing.assert_array_equal(plane_sample(stack, (1,)), stack[1].ravel())  # whole plane
+    assert plane_contrast_limits(stack.astype(np.uint8), (0,)) is None
+    # a large lazy plane: a bounded sample, read from that plane only
+    src = CountingSource((3, 20000, 20000))
+    lo, hi = plane_contrast_limits(da.from_array(src, chunks=(1, 1000, 1000)), (1,))
+    assert lo < hi and 0 < len(src.reads) <= SAMPLE_MAX_CHUNKS
+    assert {k[0].start for k in src.reads} == {1}
 
 
 def test_content_hash_sees_shape_dtype_and_sampled_pixels():

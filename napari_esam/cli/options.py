@@ -4,6 +4,7 @@ planes, and the tiling (one definition each, so ``everything`` and ``embed`` agr
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +99,20 @@ def model_spec(args: argparse.Namespace) -> Any:
 
 
 def tiling_params(args: argparse.Namespace) -> Any:
-    """The :class:`~napari_esam.core.runs.settings.TilingParams` of the tiling options."""
-    from napari_esam.core.runs.settings import TilingParams
+    """The :class:`~napari_esam.core.runs.settings.TilingParams` of the tiling options,
+    checked (the errors name the options)."""
+    from napari_esam.core.runs.settings import MIN_TILE, TilingParams
 
-    return TilingParams(args.tiled, args.tile, args.halo, args.merge_iou)
+    params = TilingParams(args.tiled, args.tile, args.halo, args.merge_iou)
+    if params.tile < MIN_TILE:
+        raise UserError(f"--tile must be at least {MIN_TILE} pixels, got {params.tile}")
+    if not 0 <= params.halo_px <= params.tile // 2:
+        raise UserError(f"--halo must be between 0 and tile/2 = {params.tile // 2}, got "
+                        f"{params.halo_px}")
+    if not (math.isfinite(params.merge_iou) and 0.0 < params.merge_iou <= 1.0):
+        raise UserError(f"--merge-iou must be in (0, 1], got {params.merge_iou}")
+    params.validate()
+    return params
 
 
 def stack_source(args: argparse.Namespace) -> Any:

@@ -320,6 +320,9 @@ class DaskExecutor:
         self.close()
 
     # ---------------------------------------------------------------------- run
+    #: the driver calls it before it creates anything (:func:`check_task`)
+    check = staticmethod(lambda task: check_task(task))
+
     def map(
         self,
         task: TileTask,

@@ -143,8 +143,13 @@ class ZarrOutput:
 
     @staticmethod
     def run_record(source: StackSource, settings: BatchSettings, grid: TileGrid) -> dict:
-        """What a resumed run must match: the input's geometry and the settings."""
-        return json.loads(json.dumps({"source": source.describe(),
+        """What a resumed run must match: the input's geometry and content hash (a lazy
+        sample, :func:`~napari_esam.core.tiling.grid.content_hash`) and the settings."""
+        from napari_esam.core.tiling.grid import content_hash
+
+        described = {**source.describe(),
+                     "content_hash": content_hash(source.planes(), source.rgb)}
+        return json.loads(json.dumps({"source": described,
                                       "settings": settings.record(grid)}))
 
     def _check_resumable(self, record: dict) -> None:
@@ -280,7 +285,7 @@ def _diff(old: Mapping, new: Mapping, prefix: str) -> list[str]:
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += _diff(a, b, prefix)
+            out += _diff(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} in the output, {b!r} now")
     return out

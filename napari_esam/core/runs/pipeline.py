@@ -17,6 +17,7 @@ resume) are written in ``docs/rules/``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -194,18 +195,26 @@ def run_batch(
     wanted = list(range(source.n_slices)) if indices is None else sorted({int(i) for i in indices})
     for i in wanted:
         source.coords(i)  # range check
+    scratch_path = output.path + SCRATCH_SUFFIX if on_disk and n_tiles > 1 else None
+    store_path = None if embeddings is None else str(Path(embeddings).expanduser().resolve())
+    task = TileTask(source, settings, output if on_disk else None, scratch_path, store_path,
+                    model=model)
+    executor = executor or LocalExecutor()
+    check = getattr(executor, "check", None)
+    if check is not None:  # before anything is created (e.g. a Dask run needs files)
+        check(task)
     store = None
-    if embeddings is not None:
+    if store_path is not None:
         if model is None:
             model = get_model(settings.model)
-        store = _open_store(embeddings, source, settings, grid, model)
+        store = _open_store(store_path, source, settings, grid, model)
+        task = dataclasses.replace(task, model=model)
     scratch = None
     if on_disk:
         resumed = output.prepare(source, settings, grid, overwrite=overwrite, axes=axes,
                                  scale=scale, translate=translate, name=name)
-        if n_tiles > 1:  # a new output starts a new scratch group
-            scratch = TileScratch.open(output.path + SCRATCH_SUFFIX,
-                                       output.run_record(source, settings, grid),
+        if scratch_path is not None:  # a new output starts a new scratch group
+            scratch = TileScratch.open(scratch_path, output.run_record(source, settings, grid),
                                        overwrite=overwrite or not resumed)
     counts = output.done()
     todo = [i for i in wanted if i not in counts]
@@ -221,10 +230,6 @@ def run_batch(
     total, skipped = len(wanted), len(wanted) - len(todo)
     clock = _Clock(len(tiles))
     cancel_fn = cancel or (lambda: False)
-    task = TileTask(source, settings, output if on_disk else None,
-                    None if scratch is None else scratch.path,
-                    None if store is None else str(store.path), model=model)
-    executor = executor or LocalExecutor()
     kept: dict[int, Any] = {}  # flat tile index -> TileMasks (several-tile planes in memory)
     details: dict[str, Any] = {"grid": grid, "tiles": len(tiles), "skipped": tiles_done,
                                "encoder_calls": 0, "store_hits": 0, "merged": 0}

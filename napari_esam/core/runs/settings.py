@@ -8,6 +8,7 @@ The rules these settings choose between (label ids, dtype, the tiling rule) are 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import math
 import threading
@@ -205,10 +206,10 @@ class BatchSettings:
         params.pop("points_per_batch")
         if params["contrast_limits"] is not None:
             params["contrast_limits"] = [float(v) for v in params["contrast_limits"]]
-        ckpt = self.model.checkpoint
         return {
             "model": self.model.name,
-            "checkpoint": None if ckpt is None else Path(ckpt).name,
+            "checkpoint": checkpoint_identity(self.model.checkpoint),
+            "dtype": self.model.dtype,
             "factory": _factory_name(self.model.factory),
             "params": params,
             "id_scope": self.id_scope,
@@ -216,6 +217,26 @@ class BatchSettings:
             "tiling": {"tile": grid.tile, "halo": grid.halo,
                        "merge_iou": float(self.tiling.merge_iou) if grid.n_tiles > 1 else None},
         }
+
+
+def checkpoint_identity(checkpoint: str | None) -> dict[str, Any] | None:
+    """What identifies a weights file in a run record: its name, size and a BLAKE2b digest of
+    its first and last MiB (cheap, and different for different weights); ``None`` for the
+    official weights (their download is verified)."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint)
+    try:
+        size = path.stat().st_size
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 1 << 20:
+                fh.seek(max(1 << 20, size - (1 << 20)))
+                h.update(fh.read(1 << 20))
+    except OSError:
+        return {"name": path.name}
+    return {"name": path.name, "size": size, "digest": h.hexdigest()}
 
 
 def max_objects_per_tile(params: EverythingParams) -> int:

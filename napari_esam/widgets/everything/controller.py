@@ -173,13 +173,21 @@ class EverythingController:
     def running(self) -> bool:
         return self.state is not None and self.state.worker is not None
 
-    def is_tiled(self, layer_name: str | None, mode: str) -> bool:
-        """Whether tiled mode ``mode`` tiles layer ``layer_name`` (level 0 of a multiscale
-        layer; ``False`` without a layer). See :func:`use_tiling`."""
+    def is_tiled(self, layer_name: str | None, mode: str,
+                 stack_axis: int | None = AUTO_AXIS) -> bool:
+        """Whether tiled mode ``mode`` tiles the planes of layer ``layer_name`` (level 0 of a
+        multiscale layer; ``False`` without a layer) cut along ``stack_axis`` (as
+        :meth:`source` does: a 3-D layer's planes are its other two axes). See
+        :func:`use_tiling`."""
         if not layer_name or layer_name not in self.viewer.layers:
             return False
         layer = self.viewer.layers[layer_name]
-        return use_tiling(mode, _layer_data(layer).shape, rgb=bool(layer.rgb))
+        shape = tuple(_layer_data(layer).shape)
+        if layer.rgb:
+            shape = shape[:-1]
+        if stack_axis is not None and len(shape) == 3:
+            shape = tuple(s for a, s in enumerate(shape) if a != stack_axis % 3)
+        return use_tiling(mode, shape[-2:])
 
     # --------------------------------------------------------------------- build
     def settings(self, form: EverythingForm, layer: Any) -> BatchSettings:
@@ -381,11 +389,18 @@ class EverythingController:
             raise exc
 
     def summary(self, result: BatchResult) -> str:
+        """``"Done: 3 / 3 slices, 42 objects (0:12)"``; a cancelled run with tiled planes
+        also says how many tiles it kept (a Zarr run resumes from them)."""
         n = sum(result.counts.values())
         done = len(result.counts)
         head = "Cancelled" if result.cancelled else "Done"
+        tiles = ""
+        grid = result.details.get("grid")
+        if result.cancelled and grid is not None and grid.n_tiles > 1:
+            tiles_total = (result.details.get("tiles", 0) + result.details.get("skipped", 0))
+            tiles = f" ({result.details.get('tiles_done', 0)} / {tiles_total} tiles)"
         return (
-            f"{head}: {done} / {result.total} slices, {n} objects "
+            f"{head}: {done} / {result.total} slices{tiles}, {n} objects "
             f"({format_seconds(result.elapsed)})"
         )
 

@@ -33,7 +33,8 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
-from napari_esam.core.runs.pipeline import BatchProgress, BatchResult, EverythingParams
+from napari_esam.core.runs.pipeline import BatchProgress, BatchResult
+from napari_esam.core.runs.settings import EverythingParams
 from napari_esam.core.tiling.grid import HALO, TILE, TILED_MODES, TILING_THRESHOLD
 from napari_esam.models.registry import MODEL_NAMES
 from napari_esam.widgets.everything.controller import (
@@ -275,6 +276,7 @@ class EverythingWidget(QWidget):
         layout.addStretch(1)
 
         self.layer_combo.currentTextChanged.connect(self._refresh_axes)
+        self.axis_combo.currentIndexChanged.connect(self._refresh_tiled)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_layers)
         self._refresh_layers()
@@ -312,7 +314,7 @@ class EverythingWidget(QWidget):
         if not name or name not in self.viewer.layers:
             self.tiled_note.setText("")
             return
-        tiled = self.controller.is_tiled(name, mode)
+        tiled = self.controller.is_tiled(name, mode, self.axis_combo.currentData())
         self.tiled_note.setText(
             "this layer: tiled, full resolution" if tiled
             else "this layer: whole planes (shrunk to 1024 px when larger)"
@@ -400,7 +402,8 @@ class EverythingWidget(QWidget):
             return None
 
     def cancel(self) -> None:
-        """Stop after the current point batch; finished slices (tiled: tiles) are kept."""
+        """Stop after the current point batch; finished slices are kept (with a Zarr path,
+        finished tiles of tiled planes too, so a rerun resumes)."""
         self.controller.cancel()
         self.cancel_button.setEnabled(False)
         self.status.setText("cancelling…")
