@@ -1,18 +1,31 @@
-"""A tiny deterministic stand-in for the models, for fast tests of geometry and plumbing.
+"""The tests' one fakes module: stand-in models, synthetic images and shared helpers.
 
-Masks are disks of radius ``RADIUS`` original pixels around positive points (or filled boxes),
-minus disks around negative points, so tests can check *where* an object lands. The three
-multimask candidates have radii 0.5, 1 and 1.5 × RADIUS with scores 0.5, 0.9, 0.7.
-Pipeline geometry (longest-side resize to 1024, pad, 256 low-res frame) follows MobileSAM.
+* :class:`FakeModel`: a tiny deterministic stand-in for the models, for fast tests of
+  geometry and plumbing. Masks are disks of radius ``RADIUS`` original pixels around positive
+  points (or filled boxes), minus disks around negative points, so tests can check *where* an
+  object lands. The three multimask candidates have radii 0.5, 1 and 1.5 × RADIUS with
+  scores 0.5, 0.9, 0.7. Pipeline geometry (longest-side resize to 1024, pad, 256 low-res
+  frame) follows MobileSAM.
+* :class:`BlobModel` (bright blobs), :class:`ObjectsModel` (exact connected components per
+  tile), :func:`blob_stack`, :func:`blob_image`, :func:`tiled_blob_stack`: image-aware
+  stand-ins and synthetic images for runs, tiling and the CLI.
+* Shared helpers of the widget, tiling and segment-everything tests (:class:`Factory`,
+  :func:`add_point`, :class:`CountingSource`, :func:`naive_sam`, ...).
 """
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
+from skimage.draw import disk
 from torch import nn
 
+from napari_esam.core.plane import amg_utils as U
+from napari_esam.core.plane.predictor import Predictor
 from napari_esam.models.base import PromptableModel
 
 RADIUS = 12.0
@@ -79,3 +92,434 @@ class FakeModel(PromptableModel):
         x = F.interpolate(low_res, (1024, 1024), mode="bilinear", align_corners=False)
         x = x[..., : input_size[0], : input_size[1]]
         return F.interpolate(x, original_size, mode="bilinear", align_corners=False)
+
+
+# --- image-aware stand-ins for batch runs (BlobModel) and synthetic cell stacks
+
+class BlobModel(FakeModel):
+    name = "blob"
+
+    def decode(self, embedding, coords, labels, original_size, multimask_output=True):
+        h, w = original_size
+        img = embedding[0, 0].detach().cpu().numpy()  # (64, 64) mean intensity, 0..255
+        comp, _ = ndimage.label(img > 100)
+        s = 1024 / max(h, w) / 16  # original px -> 64 grid
+        pts = coords[:, 0, :].detach().cpu().numpy() * s
+        ix = np.clip(pts[:, 0].astype(int), 0, 63)
+        iy = np.clip(pts[:, 1].astype(int), 0, 63)
+        ids = comp[iy, ix]
+        masks = (comp[None] == ids[:, None, None]) & (ids[:, None, None] > 0)
+        low = torch.from_numpy(masks.astype(np.float32) * 20 - 10)[:, None]
+        low = F.interpolate(low, (256, 256), mode="nearest").to(coords.device)
+        k = 3 if multimask_output else 1
+        low = low.expand(-1, k, -1, -1).contiguous()
+        scores = torch.tensor([0.95, 0.5, 0.5][:k] if multimask_output else [0.95])
+        iou = scores.expand(len(ids), -1).clone()
+        iou[torch.from_numpy(ids == 0)] = 0.1
+        return low, iou.to(coords.device)
+
+
+def blob_stack(n: int = 5, size: int = 64, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+    """(n, size, size) uint16 stack of bright disks on a dim noisy background.
+
+    Slice ``i`` has ``2 + i % 3`` well separated blobs; returns the stack and those counts.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    stack = rng.integers(50, 300, (n, size, size)).astype(np.uint16)
+    counts = []
+    centres = [(16, 16), (16, 48), (48, 16), (48, 48)]
+    for i in range(n):
+        k = 2 + i % 3
+        for cy, cx in centres[:k]:
+            cy, cx = cy + rng.integers(-2, 3), cx + rng.integers(-2, 3)
+            stack[i][(yy - cy) ** 2 + (xx - cx) ** 2 <= 7**2] = 4000
+        counts.append(k)
+    return stack, counts
+
+
+#: parameters that make segment-everything quick on a 64x64 blob stack
+FAST = {"points_per_side": 8, "points_per_batch": 64}
+
+
+# --- a large-ish image for the tiled CLI and cluster tests (with BlobModel)
+
+TILE, HALO = 256, 64  # the tiled tests' grid
+#: segment-everything parameters for BlobModel: 8x8 points per tile, one decoder batch
+FAST_TILED = {"points_per_side": 8, "points_per_batch": 64}
+
+
+def blob_image(shape=(600, 700), seed: int = 0, n_small: int = 30) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(50, 300, shape).astype(np.uint16)
+    taken = np.zeros(shape, bool)
+    h, w = shape
+    centres = [(214, 350, 90), (386, 202, 70)]  # on core junctions of the 256/64 grid
+    for _ in range(n_small):
+        centres.append((int(rng.integers(15, h - 15)), int(rng.integers(15, w - 15)),
+                        int(rng.integers(8, 15))))
+    for y, x, r in centres:
+        if y + r >= h or x + r >= w:
+            continue
+        if taken[disk((y, x), r + 6, shape=shape)].any():
+            continue
+        rr, cc = disk((y, x), r, shape=shape)
+        img[rr, cc] = 4000
+        taken[rr, cc] = True
+    return img
+
+
+def tiled_blob_stack(n: int = 2, shape=(300, 400)) -> np.ndarray:
+    return np.stack([blob_image(shape, seed=s, n_small=8) for s in range(n)])
+
+
+# --- shared helpers (were in test_prompt_controller.py)
+
+class CountingFake(FakeModel):
+    """FakeModel counting decoder calls and recording the encoded images."""
+
+    def __init__(self, max_points: int | None = None, negatives: bool = True) -> None:
+        super().__init__()
+        self.decode_calls = 0
+        self.max_points = max_points
+        self.has_negative_point_embedding = negatives
+
+    def decode(self, *args, **kwargs):
+        self.decode_calls += 1
+        return super().decode(*args, **kwargs)
+
+
+class Factory:
+    """Engine factory building CountingFake engines and remembering them."""
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs = kwargs
+        self.calls: list[tuple] = []
+        self.engines: list = []
+        self.embedded: list[np.ndarray] = []
+
+    def __call__(self, name, checkpoint, device):
+        self.calls.append((name, checkpoint, device))
+        from napari_esam.widgets.prompt.controller import SamEngine
+
+        engine = SamEngine(CountingFake(**self.kwargs).eval())
+        embed = engine.embed
+
+        def recording_embed(image, cl):
+            self.embedded.append(np.array(image))
+            return embed(image, cl)
+
+        engine.embed = recording_embed
+        self.engines.append(engine)
+        return engine
+
+    @property
+    def model(self) -> CountingFake:
+        return self.engines[-1].model
+
+
+def blobs(shape=(120, 160), dtype=np.uint16, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, 3000, shape).astype(dtype)
+
+
+def centre(mask: np.ndarray) -> tuple[float, float]:
+    rows, cols = np.nonzero(mask)
+    return rows.mean(), cols.mean()
+
+
+def add_point(ctrl, world_rc, polarity="positive"):
+    ctrl.set_polarity(polarity)
+    pts = ctrl.points_layer
+    pts.add(pts.world_to_data(np.asarray(world_rc, float)))
+
+
+def add_box(ctrl, world_r0c0, world_r1c1):
+    shp = ctrl.shapes_layer
+    a = shp.world_to_data(np.asarray(world_r0c0, float))
+    b = shp.world_to_data(np.asarray(world_r1c1, float))
+    rect = np.array([a, b])
+    shp.add_rectangles(rect)
+
+
+# --- shared helpers (were in test_tiling.py)
+
+class CountingSource:
+    """An array-like whose reads are counted (one call per dask chunk)."""
+
+    def __init__(self, shape, dtype=np.uint16, seed=0):
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+        self.reads: list[tuple] = []
+        self.seed = seed
+        self._lock = threading.Lock()
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        drop = tuple(i for i, k in enumerate(key) if isinstance(k, (int, np.integer)))
+        key = tuple(slice(k, k + 1) if i in drop else k for i, k in enumerate(key))
+        shape = tuple(len(range(*k.indices(n))) for k, n in zip(key, self.shape, strict=True))
+        if 0 not in shape:  # dask probes with empty slices for the meta: not a read
+            with self._lock:
+                self.reads.append(key)
+        y0 = key[-2].start or 0
+        x0 = key[-1].start or 0
+        yy, xx = np.ogrid[: shape[-2], : shape[-1]]
+        out = (((yy + y0) * 7 + (xx + x0) * 3 + self.seed) % 5000).astype(self.dtype)
+        out = out + np.zeros(shape, self.dtype)
+        return out.squeeze(drop) if drop else out
+
+
+# --- shared helpers (were in test_everything.py)
+
+def naive_sam(
+    image,
+    model,
+    *,
+    points_per_side,
+    points_per_batch=64,
+    pred_iou_thresh=0.88,
+    stability_score_thresh=0.95,
+    stability_score_offset=1.0,
+    box_nms_thresh=0.7,
+    crop_n_layers=0,
+    crop_nms_thresh=0.7,
+    crop_overlap_ratio=512 / 1500,
+    crop_n_points_downscale_factor=1,
+    min_mask_region_area=0,
+    predictor=None,
+):
+    """SamAutomaticMaskGenerator step by step: every candidate upsampled, then filtered.
+
+    ``predictor`` (optional) is used for the whole-image crop (its embedding is reused)."""
+    h_img, w_img = image.shape[:2]
+    crop_boxes, layers = U.generate_crop_boxes((h_img, w_img), crop_n_layers, crop_overlap_ratio)
+    grids = U.build_all_layer_point_grids(
+        points_per_side, crop_n_layers, crop_n_points_downscale_factor
+    )
+    everything = []
+    for cb, layer in zip(crop_boxes, layers, strict=True):
+        x0, y0, x1, y1 = cb
+        p = predictor if predictor is not None and layer == 0 else Predictor(model)
+        p.set_image(image[y0:y1, x0:x1])
+        h, w = p.original_size
+        pts = grids[layer] * np.array([[w, h]])
+        rows = []
+        for s in range(0, len(pts), points_per_batch):
+            b = pts[s : s + points_per_batch]
+            low, iou = p.decode_torch(
+                torch.from_numpy(b)[:, None], torch.ones(len(b), 1, dtype=torch.int64)
+            )
+            logits = p.upsample(low).flatten(0, 1)
+            iou = iou.flatten()
+            bp = np.repeat(b, low.shape[1], axis=0)
+            for i in range(len(iou)):
+                if pred_iou_thresh > 0 and not iou[i] > pred_iou_thresh:
+                    continue
+                st = U.stability_score(logits[i], 0.0, stability_score_offset)
+                if stability_score_thresh > 0 and not st >= stability_score_thresh:
+                    continue
+                m = model.threshold(logits[i])
+                box = U.masks_to_boxes(m)
+                if U.is_box_near_crop_edge(box[None], cb, [0, 0, w_img, h_img])[0]:
+                    continue
+                rows.append(
+                    dict(
+                        mask=U.uncrop_masks(m, cb, h_img, w_img).numpy(),
+                        cbox=box,
+                        box=U.uncrop_boxes_xyxy(box, cb),
+                        iou=float(iou[i]),
+                        st=float(st),
+                        pt=(bp[i] + [x0, y0]).tolist(),
+                        crop=cb,
+                    )
+                )
+        if rows:
+            keep = U.batched_nms(
+                torch.stack([r["cbox"] for r in rows]).float(),
+                torch.tensor([r["iou"] for r in rows]),
+                torch.zeros(len(rows)),
+                box_nms_thresh,
+            )
+            everything += [rows[i] for i in keep.tolist()]
+    if len(crop_boxes) > 1 and everything:
+        cbs = torch.tensor([r["crop"] for r in everything])
+        keep = U.batched_nms(
+            torch.stack([r["box"] for r in everything]).float(),
+            1 / ((cbs[:, 2] - cbs[:, 0]) * (cbs[:, 3] - cbs[:, 1])),
+            torch.zeros(len(everything)),
+            crop_nms_thresh,
+        )
+        everything = [everything[i] for i in keep.tolist()]
+    if min_mask_region_area > 0 and everything:
+        scores = []
+        for r in everything:
+            r["mask"], same = U.clean_mask(r["mask"], min_mask_region_area)
+            scores.append(float(same))
+        keep = U.batched_nms(
+            U.masks_to_boxes(torch.from_numpy(np.stack([r["mask"] for r in everything]))).float(),
+            torch.tensor(scores),
+            torch.zeros(len(everything)),
+            max(box_nms_thresh, crop_nms_thresh),
+        )
+        everything = [everything[i] for i in keep.tolist()]
+    out = []
+    for r in everything:
+        bx = U.masks_to_boxes(torch.from_numpy(r["mask"])).tolist()
+        c = r["crop"]
+        out.append(
+            dict(
+                segmentation=r["mask"],
+                area=int(r["mask"].sum()),
+                bbox=[bx[0], bx[1], bx[2] - bx[0], bx[3] - bx[1]],
+                predicted_iou=r["iou"],
+                point_coords=[r["pt"]],
+                stability_score=r["st"],
+                crop_box=[c[0], c[1], c[2] - c[0], c[3] - c[1]],
+            )
+        )
+    return out
+
+
+def naive_efficientsam(
+    image,
+    model,
+    grid_size,
+    iou_thresh,
+    stability_thresh,
+    offset,
+    min_area,
+    nms_thresh,
+    predictor=None,
+):
+    """The notebook procedure: all queries in one call, all candidates upsampled."""
+    p = predictor if predictor is not None else Predictor(model)
+    p.set_image(image)
+    h, w = p.original_size
+    xy = [
+        [0.5 + i / grid_size * w, 0.5 + j / grid_size * h]
+        for i in range(grid_size)
+        for j in range(grid_size)
+    ]
+    pts = torch.tensor(xy, dtype=torch.float64)
+    low, iou = p.decode_torch(pts[:, None], torch.ones(len(xy), 1, dtype=torch.int64))
+    logits = p.upsample(low)
+    order = torch.argsort(iou, dim=-1, descending=True)
+    iou = torch.take_along_dim(iou, order, dim=1)
+    logits = torch.take_along_dim(logits, order[..., None, None], dim=1)
+    keep = iou[:, 0] > iou_thresh
+    q = torch.nonzero(keep).flatten()
+    st = U.stability_score(logits[keep], 0.0, offset)[:, 0]
+    ok = st > stability_thresh
+    q, st = q[ok], st[ok]
+    masks = model.threshold(logits[keep][ok][:, 0]).numpy()
+    cleaned, scores = [], []
+    for m in masks:
+        m2, same = U.clean_mask(m, min_area)
+        cleaned.append(m2)
+        scores.append(float(same))
+    if not cleaned:
+        return []
+    boxes = U.masks_to_boxes(torch.from_numpy(np.stack(cleaned)))
+    keep = U.batched_nms(boxes.float(), torch.tensor(scores), torch.zeros(len(boxes)), nms_thresh)
+    return [
+        dict(
+            segmentation=cleaned[i],
+            query=int(q[i]),
+            predicted_iou=float(iou[q[i], 0]),
+            stability_score=float(st[i]),
+        )
+        for i in keep.tolist()
+    ]
+
+
+def assert_same_records(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):
+        assert set(rb) <= set(ra)
+        for k, v in rb.items():
+            if k == "segmentation":
+                np.testing.assert_array_equal(ra[k], v)
+            else:
+                assert ra[k] == v, k
+
+
+# --- shared helpers (were in test_tiled_everything.py)
+
+class ObjectsModel(PromptableModel):
+    """A stub whose "object" under a positive point is the bright connected component of the
+    tile, so the expected segmentation is known exactly.
+
+    ``encode`` records the tile (thresholded at 128 after contrast scaling) and returns an
+    embedding filled with the tile's id; ``decode`` puts (tile id, component id) in the
+    low-res logits (predicted IoU 0.95 on an object for the first candidate, else 0.1);
+    ``postprocess_masks`` rebuilds the exact component as +-10 logits at full resolution.
+    """
+
+    name = "objects-stub"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.tiles: dict[int, np.ndarray] = {}
+        self.encode_calls = 0
+        self._pending: np.ndarray | None = None
+
+    def preprocess(self, image):
+        h, w = image.shape[:2]
+        self._pending = ndimage.label(image[..., 0] > 127)[0]
+        s = 1024 / max(h, w)
+        return torch.zeros(1, 3, 8, 8), (int(h * s + 0.5), int(w * s + 0.5))
+
+    def encode(self, x):
+        self.encode_calls += 1
+        k = len(self.tiles) + 1
+        self.tiles[k] = self._pending
+        return torch.full((x.shape[0], 256, 64, 64), float(k))
+
+    def decode(self, embedding, coords, labels, original_size, multimask_output=True):
+        k = int(embedding.reshape(-1)[0].item())
+        comp = self.tiles[k]
+        assert comp.shape == tuple(original_size)
+        n = 3 if multimask_output else 1
+        low = torch.zeros(coords.shape[0], n, 256, 256)
+        iou = torch.full((coords.shape[0], n), 0.1)
+        for i in range(coords.shape[0]):
+            pos = coords[i][labels[i] == 1]
+            if len(pos):
+                x, y = (int(v) for v in pos[0].tolist())
+                c = int(comp[min(y, comp.shape[0] - 1), min(x, comp.shape[1] - 1)])
+                low[i, :, 0, 0], low[i, :, 0, 1] = k, c
+                iou[i, 0] = 0.95 if c else 0.1
+        return low, iou
+
+    def postprocess_masks(self, low_res, input_size, original_size):
+        k = int(low_res.reshape(-1, 256 * 256)[:, 0].max().item())
+        if k == 0:
+            return torch.full((*low_res.shape[:2], *original_size), -10.0)
+        comp = torch.from_numpy(self.tiles[k])
+        ids = low_res[:, :, 0, 1].round().int()
+        same = (comp[None, None] == ids[:, :, None, None]) & (ids[:, :, None, None] > 0)
+        return torch.where(same, 10.0, -10.0)
+
+
+# --- shared helpers (were in test_batch_widget.py)
+
+def make_widget(viewer):
+    """The 'Segment everything' widget with the blob model and a fast grid."""
+    from napari_esam.widgets.everything.view import EverythingWidget
+
+    widget = EverythingWidget(viewer)
+    widget.controller.model_factory = BlobModel
+    widget.points_per_side.setValue(FAST["points_per_side"])
+    widget.device_combo.setCurrentText("cpu")
+    return widget
+
+
+def run_and_wait(qtbot, widget, timeout=120_000):
+    """Start the widget's run and wait until its worker has finished."""
+    worker = widget.run(start=False)
+    assert worker is not None, widget.status.text()
+    with qtbot.waitSignal(worker.finished, timeout=timeout):
+        worker.start()
+    return worker

@@ -30,15 +30,15 @@ from napari_esam.core.runs.settings import (
 )
 from napari_esam.core.runs.sources import StackSource
 from napari_esam.core.runs.tasks import TileTask
-from tests.batch_fakes import FAST, BlobModel, blob_stack
+from tests.fakes import FAST, BlobModel, blob_stack
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def blob_settings(id_scope: str = "stack", tiling: TilingParams | None = None,
                   **params) -> BatchSettings:
     return BatchSettings(
-        ModelSpec("blob", device="cpu", factory="tests.batch_fakes:BlobModel"),
+        ModelSpec("blob", device="cpu", factory="tests.fakes:BlobModel"),
         EverythingParams(**{**FAST, **params}),
         id_scope,
         tiling or TilingParams(),
@@ -185,7 +185,7 @@ def test_a_killed_process_keeps_finished_slices(tmp_path, stack, reference):
         import os, signal
         from napari_esam.core.runs.pipeline import run_batch
         from napari_esam.core.runs.settings import BatchSettings, EverythingParams, ModelSpec
-        s = BatchSettings(ModelSpec("blob", device="cpu", factory="tests.batch_fakes:BlobModel"),
+        s = BatchSettings(ModelSpec("blob", device="cpu", factory="tests.fakes:BlobModel"),
                           EverythingParams(points_per_side=8, points_per_batch=64))
         def progress(ev):
             if ev.kind == "slice" and ev.index == 1:

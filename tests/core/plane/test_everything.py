@@ -17,8 +17,15 @@ from napari_esam.core.plane.everything import (
     segment_everything,
 )
 from napari_esam.core.plane.predictor import Predictor
-
-from .fakes import RADIUS, SCALES, SCORES, FakeModel
+from tests.fakes import (
+    RADIUS,
+    SCALES,
+    SCORES,
+    FakeModel,
+    assert_same_records,
+    naive_efficientsam,
+    naive_sam,
+)
 
 
 class VariedFake(FakeModel):
@@ -62,176 +69,10 @@ KW = dict(
 # ------------------------------------------------------------------ straightforward references
 
 
-def naive_sam(
-    image,
-    model,
-    *,
-    points_per_side,
-    points_per_batch=64,
-    pred_iou_thresh=0.88,
-    stability_score_thresh=0.95,
-    stability_score_offset=1.0,
-    box_nms_thresh=0.7,
-    crop_n_layers=0,
-    crop_nms_thresh=0.7,
-    crop_overlap_ratio=512 / 1500,
-    crop_n_points_downscale_factor=1,
-    min_mask_region_area=0,
-    predictor=None,
-):
-    """SamAutomaticMaskGenerator step by step: every candidate upsampled, then filtered.
-
-    ``predictor`` (optional) is used for the whole-image crop (its embedding is reused)."""
-    h_img, w_img = image.shape[:2]
-    crop_boxes, layers = U.generate_crop_boxes((h_img, w_img), crop_n_layers, crop_overlap_ratio)
-    grids = U.build_all_layer_point_grids(
-        points_per_side, crop_n_layers, crop_n_points_downscale_factor
-    )
-    everything = []
-    for cb, layer in zip(crop_boxes, layers, strict=True):
-        x0, y0, x1, y1 = cb
-        p = predictor if predictor is not None and layer == 0 else Predictor(model)
-        p.set_image(image[y0:y1, x0:x1])
-        h, w = p.original_size
-        pts = grids[layer] * np.array([[w, h]])
-        rows = []
-        for s in range(0, len(pts), points_per_batch):
-            b = pts[s : s + points_per_batch]
-            low, iou = p.decode_torch(
-                torch.from_numpy(b)[:, None], torch.ones(len(b), 1, dtype=torch.int64)
-            )
-            logits = p.upsample(low).flatten(0, 1)
-            iou = iou.flatten()
-            bp = np.repeat(b, low.shape[1], axis=0)
-            for i in range(len(iou)):
-                if pred_iou_thresh > 0 and not iou[i] > pred_iou_thresh:
-                    continue
-                st = U.stability_score(logits[i], 0.0, stability_score_offset)
-                if stability_score_thresh > 0 and not st >= stability_score_thresh:
-                    continue
-                m = model.threshold(logits[i])
-                box = U.masks_to_boxes(m)
-                if U.is_box_near_crop_edge(box[None], cb, [0, 0, w_img, h_img])[0]:
-                    continue
-                rows.append(
-                    dict(
-                        mask=U.uncrop_masks(m, cb, h_img, w_img).numpy(),
-                        cbox=box,
-                        box=U.uncrop_boxes_xyxy(box, cb),
-                        iou=float(iou[i]),
-                        st=float(st),
-                        pt=(bp[i] + [x0, y0]).tolist(),
-                        crop=cb,
-                    )
-                )
-        if rows:
-            keep = U.batched_nms(
-                torch.stack([r["cbox"] for r in rows]).float(),
-                torch.tensor([r["iou"] for r in rows]),
-                torch.zeros(len(rows)),
-                box_nms_thresh,
-            )
-            everything += [rows[i] for i in keep.tolist()]
-    if len(crop_boxes) > 1 and everything:
-        cbs = torch.tensor([r["crop"] for r in everything])
-        keep = U.batched_nms(
-            torch.stack([r["box"] for r in everything]).float(),
-            1 / ((cbs[:, 2] - cbs[:, 0]) * (cbs[:, 3] - cbs[:, 1])),
-            torch.zeros(len(everything)),
-            crop_nms_thresh,
-        )
-        everything = [everything[i] for i in keep.tolist()]
-    if min_mask_region_area > 0 and everything:
-        scores = []
-        for r in everything:
-            r["mask"], same = U.clean_mask(r["mask"], min_mask_region_area)
-            scores.append(float(same))
-        keep = U.batched_nms(
-            U.masks_to_boxes(torch.from_numpy(np.stack([r["mask"] for r in everything]))).float(),
-            torch.tensor(scores),
-            torch.zeros(len(everything)),
-            max(box_nms_thresh, crop_nms_thresh),
-        )
-        everything = [everything[i] for i in keep.tolist()]
-    out = []
-    for r in everything:
-        bx = U.masks_to_boxes(torch.from_numpy(r["mask"])).tolist()
-        c = r["crop"]
-        out.append(
-            dict(
-                segmentation=r["mask"],
-                area=int(r["mask"].sum()),
-                bbox=[bx[0], bx[1], bx[2] - bx[0], bx[3] - bx[1]],
-                predicted_iou=r["iou"],
-                point_coords=[r["pt"]],
-                stability_score=r["st"],
-                crop_box=[c[0], c[1], c[2] - c[0], c[3] - c[1]],
-            )
-        )
-    return out
 
 
-def naive_efficientsam(
-    image,
-    model,
-    grid_size,
-    iou_thresh,
-    stability_thresh,
-    offset,
-    min_area,
-    nms_thresh,
-    predictor=None,
-):
-    """The notebook procedure: all queries in one call, all candidates upsampled."""
-    p = predictor if predictor is not None else Predictor(model)
-    p.set_image(image)
-    h, w = p.original_size
-    xy = [
-        [0.5 + i / grid_size * w, 0.5 + j / grid_size * h]
-        for i in range(grid_size)
-        for j in range(grid_size)
-    ]
-    pts = torch.tensor(xy, dtype=torch.float64)
-    low, iou = p.decode_torch(pts[:, None], torch.ones(len(xy), 1, dtype=torch.int64))
-    logits = p.upsample(low)
-    order = torch.argsort(iou, dim=-1, descending=True)
-    iou = torch.take_along_dim(iou, order, dim=1)
-    logits = torch.take_along_dim(logits, order[..., None, None], dim=1)
-    keep = iou[:, 0] > iou_thresh
-    q = torch.nonzero(keep).flatten()
-    st = U.stability_score(logits[keep], 0.0, offset)[:, 0]
-    ok = st > stability_thresh
-    q, st = q[ok], st[ok]
-    masks = model.threshold(logits[keep][ok][:, 0]).numpy()
-    cleaned, scores = [], []
-    for m in masks:
-        m2, same = U.clean_mask(m, min_area)
-        cleaned.append(m2)
-        scores.append(float(same))
-    if not cleaned:
-        return []
-    boxes = U.masks_to_boxes(torch.from_numpy(np.stack(cleaned)))
-    keep = U.batched_nms(boxes.float(), torch.tensor(scores), torch.zeros(len(boxes)), nms_thresh)
-    return [
-        dict(
-            segmentation=cleaned[i],
-            query=int(q[i]),
-            predicted_iou=float(iou[q[i], 0]),
-            stability_score=float(st[i]),
-        )
-        for i in keep.tolist()
-    ]
 
 
-def assert_same_records(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for ra, rb in zip(a, b, strict=True):
-        assert set(rb) <= set(ra)
-        for k, v in rb.items():
-            if k == "segmentation":
-                np.testing.assert_array_equal(ra[k], v)
-            else:
-                assert ra[k] == v, k
 
 
 # ------------------------------------------------------------------ tests

@@ -32,7 +32,7 @@ from napari_esam.core.runs.settings import (  # noqa: E402
 )
 from napari_esam.core.runs.sources import StackSource  # noqa: E402
 from napari_esam.core.runs.tasks import TileTask  # noqa: E402
-from tests.batch_fakes import FAST, BlobModel, blob_stack  # noqa: E402
+from tests.fakes import FAST, BlobModel, blob_stack  # noqa: E402
 
 N_SLICES = 6
 
@@ -89,7 +89,7 @@ def pids(names: list[str]) -> list[int]:
 
 
 def settings(factory=None) -> BatchSettings:
-    spec = ModelSpec("blob", device="cpu", factory=factory or "tests.batch_fakes:BlobModel")
+    spec = ModelSpec("blob", device="cpu", factory=factory or "tests.fakes:BlobModel")
     return BatchSettings(spec, EverythingParams(**FAST))
 
 
@@ -382,7 +382,7 @@ def test_widget_runs_a_file_layer_on_a_dask_scheduler(make_napari_viewer, qtbot,
                                                       tmp_path):
     from napari.layers._source import layer_source
 
-    from tests.test_batch_widget import make_widget, run_and_wait
+    from tests.fakes import make_widget, run_and_wait
 
     src, ref, counts = data
     viewer = make_napari_viewer()
@@ -411,7 +411,7 @@ def test_widget_runs_a_file_layer_on_a_dask_scheduler(make_napari_viewer, qtbot,
 
 
 def test_widget_dask_choices_and_their_errors(make_napari_viewer, data, tmp_path):
-    from tests.test_batch_widget import make_widget
+    from tests.fakes import make_widget
 
     src, _, _ = data
     viewer = make_napari_viewer()

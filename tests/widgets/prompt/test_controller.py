@@ -20,54 +20,7 @@ from napari_esam.widgets.prompt.controller import (
     plane_of,
     read_plane,
 )
-
-from .fakes import RADIUS, FakeModel
-
-
-class CountingFake(FakeModel):
-    """FakeModel counting decoder calls and recording the encoded images."""
-
-    def __init__(self, max_points: int | None = None, negatives: bool = True) -> None:
-        super().__init__()
-        self.decode_calls = 0
-        self.max_points = max_points
-        self.has_negative_point_embedding = negatives
-
-    def decode(self, *args, **kwargs):
-        self.decode_calls += 1
-        return super().decode(*args, **kwargs)
-
-
-class Factory:
-    """Engine factory building CountingFake engines and remembering them."""
-
-    def __init__(self, **kwargs) -> None:
-        self.kwargs = kwargs
-        self.calls: list[tuple] = []
-        self.engines: list[SamEngine] = []
-        self.embedded: list[np.ndarray] = []
-
-    def __call__(self, name, checkpoint, device):
-        self.calls.append((name, checkpoint, device))
-        engine = SamEngine(CountingFake(**self.kwargs).eval())
-        embed = engine.embed
-
-        def recording_embed(image, cl):
-            self.embedded.append(np.array(image))
-            return embed(image, cl)
-
-        engine.embed = recording_embed
-        self.engines.append(engine)
-        return engine
-
-    @property
-    def model(self) -> CountingFake:
-        return self.engines[-1].model
-
-
-def blobs(shape=(120, 160), dtype=np.uint16, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(100, 3000, shape).astype(dtype)
+from tests.fakes import RADIUS, Factory, FakeModel, add_box, add_point, blobs, centre
 
 
 def make(image=None, **image_kwargs):
@@ -82,23 +35,10 @@ def make(image=None, **image_kwargs):
     return viewer, ctrl, factory, layer
 
 
-def centre(mask: np.ndarray) -> tuple[float, float]:
-    rows, cols = np.nonzero(mask)
-    return rows.mean(), cols.mean()
 
 
-def add_point(ctrl, world_rc, polarity=POSITIVE):
-    ctrl.set_polarity(polarity)
-    pts = ctrl.points_layer
-    pts.add(pts.world_to_data(np.asarray(world_rc, float)))
 
 
-def add_box(ctrl, world_r0c0, world_r1c1):
-    shp = ctrl.shapes_layer
-    a = shp.world_to_data(np.asarray(world_r0c0, float))
-    b = shp.world_to_data(np.asarray(world_r1c1, float))
-    rect = np.array([a, b])
-    shp.add_rectangles(rect)
 
 
 # ------------------------------------------------------------------------ basics

@@ -16,8 +16,7 @@ import torch
 from napari_esam.core.plane.everything import segment_everything
 from napari_esam.core.plane.predictor import Predictor
 from napari_esam.models.registry import create_model
-
-from ._conformance import load_npz, manifest_state_dict
+from tests._conformance import load_npz, manifest_state_dict
 
 
 class CachingPredictor(Predictor):
@@ -136,7 +135,7 @@ def test_efficientsam_segment_everything(efficientsam_ti, fixture, expected):
 def test_either_method_with_either_model(request, model_name):
     """Each procedure with the other family's model equals its step-by-step transcription
     (binarising with that model's own rule)."""
-    from .test_everything import assert_same_records, naive_efficientsam, naive_sam
+    from tests.fakes import assert_same_records, naive_efficientsam, naive_sam
 
     predictor = request.getfixturevalue(model_name)
     image = load_npz("mobilesam", "amg")["image"][::2, ::2]  # 256 x 256

@@ -19,9 +19,7 @@ from napari_esam.widgets.prompt.controller import (
     plane_of,
     tiled_source,
 )
-
-from .fakes import RADIUS, FakeModel
-from .test_prompt_controller import Factory, add_box, add_point, blobs, centre
+from tests.fakes import RADIUS, Factory, FakeModel, add_box, add_point, blobs, centre
 
 
 def make_large(shape=(2600, 3000), **kwargs):

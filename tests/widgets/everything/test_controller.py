@@ -33,9 +33,8 @@ from napari_esam.widgets.everything.controller import (
     progress_text,
 )
 from napari_esam.widgets.workers import run_sync
-from tests.batch_fakes import FAST, BlobModel
-from tests.batch_fakes import blob_stack as small_stack
-from tests.tiled_fakes import FAST_TILED, HALO, TILE, blob_image, blob_stack
+from tests.fakes import FAST, FAST_TILED, HALO, TILE, BlobModel, blob_image, blob_stack
+from tests.fakes import blob_stack as small_stack
 
 SHAPE = (600, 700)
 N_TILES = TileGrid(SHAPE, TILE, HALO).n_tiles  # 3 x 4

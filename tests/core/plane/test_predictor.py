@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from napari_esam.core.plane.predictor import Predictor
-
-from .fakes import RADIUS, FakeModel
+from tests.fakes import RADIUS, FakeModel
 
 
 @pytest.fixture

@@ -20,24 +20,17 @@ from napari_esam.widgets.everything.controller import (
 )
 from napari_esam.widgets.everything.view import EverythingWidget
 from napari_esam.widgets.workers import run_sync
-from tests.batch_fakes import FAST, BlobModel, blob_stack
-from tests.tiled_fakes import FAST_TILED, HALO, TILE, blob_image
-
-
-def make_widget(viewer) -> EverythingWidget:
-    widget = EverythingWidget(viewer)
-    widget.controller.model_factory = BlobModel
-    widget.points_per_side.setValue(FAST["points_per_side"])
-    widget.device_combo.setCurrentText("cpu")
-    return widget
-
-
-def run_and_wait(qtbot, widget, timeout=120_000):
-    worker = widget.run(start=False)
-    assert worker is not None, widget.status.text()
-    with qtbot.waitSignal(worker.finished, timeout=timeout):
-        worker.start()
-    return worker
+from tests.fakes import (
+    FAST,
+    FAST_TILED,
+    HALO,
+    TILE,
+    BlobModel,
+    blob_image,
+    blob_stack,
+    make_widget,
+    run_and_wait,
+)
 
 
 def test_widget_segments_a_stack_into_a_labels_layer(make_napari_viewer, qtbot):

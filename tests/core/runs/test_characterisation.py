@@ -21,12 +21,10 @@ from napari_esam.core.runs.settings import (
     ModelSpec,
     TilingParams,
 )
-from tests.batch_fakes import FAST, BlobModel, blob_stack
-from tests.fakes import FakeModel
-from tests.tiled_fakes import FAST_TILED, HALO, TILE, blob_image
-from tests.tiled_fakes import blob_stack as tiled_blob_stack
+from tests.fakes import FAST, FAST_TILED, HALO, TILE, BlobModel, FakeModel, blob_image, blob_stack
+from tests.fakes import blob_stack as tiled_blob_stack
 
-PINS = Path(__file__).parent / "data" / "characterisation.npz"
+PINS = Path(__file__).resolve().parents[2] / "data" / "characterisation.npz"
 
 
 def settings(tiling: TilingParams | None = None, scope: str = "stack", **params):

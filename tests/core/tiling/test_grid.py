@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import dask.array as da
 import numpy as np
 import pytest
@@ -25,32 +23,7 @@ from napari_esam.core.tiling.grid import (
     plane_shape,
     read_window,
 )
-
-
-class CountingSource:
-    """An array-like whose reads are counted (one call per dask chunk)."""
-
-    def __init__(self, shape, dtype=np.uint16, seed=0):
-        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
-        self.reads: list[tuple] = []
-        self.seed = seed
-        self._lock = threading.Lock()
-
-    def __getitem__(self, key):
-        key = key if isinstance(key, tuple) else (key,)
-        key = key + (slice(None),) * (self.ndim - len(key))
-        drop = tuple(i for i, k in enumerate(key) if isinstance(k, (int, np.integer)))
-        key = tuple(slice(k, k + 1) if i in drop else k for i, k in enumerate(key))
-        shape = tuple(len(range(*k.indices(n))) for k, n in zip(key, self.shape, strict=True))
-        if 0 not in shape:  # dask probes with empty slices for the meta: not a read
-            with self._lock:
-                self.reads.append(key)
-        y0 = key[-2].start or 0
-        x0 = key[-1].start or 0
-        yy, xx = np.ogrid[: shape[-2], : shape[-1]]
-        out = (((yy + y0) * 7 + (xx + x0) * 3 + self.seed) % 5000).astype(self.dtype)
-        out = out + np.zeros(shape, self.dtype)
-        return out.squeeze(drop) if drop else out
+from tests.fakes import CountingSource
 
 
 @pytest.mark.parametrize(

@@ -36,8 +36,13 @@ from napari_esam.core.runs.sources import StackSource  # noqa: E402
 from napari_esam.core.runs.tasks import TileTask  # noqa: E402
 from napari_esam.core.tiling.grid import TileGrid  # noqa: E402
 from napari_esam.core.tiling.store import EmbeddingStore, read_signature  # noqa: E402
-from tests.batch_fakes import BlobModel  # noqa: E402
-from tests.tiled_fakes import FAST_TILED, HALO, TILE, blob_image  # noqa: E402
+from tests.fakes import (  # noqa: E402
+    FAST_TILED,
+    HALO,
+    TILE,
+    BlobModel,  # noqa: E402
+    blob_image,
+)
 
 SHAPE = (600, 700)
 N_TILES = TileGrid(SHAPE, TILE, HALO).n_tiles  # 3 x 4 = 12
@@ -106,7 +111,7 @@ def data(tmp_path_factory):
 
 def settings(spec: ModelSpec | None = None, **params) -> BatchSettings:
     """Tiles of TILE px with a HALO px overlap (even for this 600 x 700 plane)."""
-    spec = spec or ModelSpec("blob", device="cpu", factory="tests.batch_fakes:BlobModel")
+    spec = spec or ModelSpec("blob", device="cpu", factory="tests.fakes:BlobModel")
     return BatchSettings(spec, EverythingParams(**{**FAST_TILED, **params}),
                          tiling=TilingParams("on", TILE, HALO))
 
@@ -204,7 +209,7 @@ def test_the_cli_runs_tiles_on_the_cluster_and_fills_the_store(cluster, data, tm
         return DaskExecutor(client=cluster.client)
 
     monkeypatch.setattr(C, "DaskExecutor", fake_executor)
-    spec = ModelSpec("blob", device="cpu", factory="tests.batch_fakes:BlobModel")
+    spec = ModelSpec("blob", device="cpu", factory="tests.fakes:BlobModel")
     real = cli_everything.settings_from_args
     monkeypatch.setattr(cli_everything, "settings_from_args",
                         lambda args: dataclasses.replace(real(args), model=spec))

@@ -10,7 +10,6 @@ import pytest
 import torch
 from scipy import ndimage
 from skimage.draw import disk
-from torch import nn
 
 from napari_esam.core.runs.outputs import SCRATCH_SUFFIX, TileScratch
 from napari_esam.core.runs.pipeline import run_batch
@@ -18,64 +17,7 @@ from napari_esam.core.runs.settings import BatchSettings, EverythingParams, Mode
 from napari_esam.core.tiling.grid import TileGrid
 from napari_esam.core.tiling.merge import PlaneMerger, keep_tile_masks
 from napari_esam.core.tiling.store import EmbeddingStore, read_signature
-from napari_esam.models.base import PromptableModel
-
-
-class ObjectsModel(PromptableModel):
-    """A stub whose "object" under a positive point is the bright connected component of the
-    tile, so the expected segmentation is known exactly.
-
-    ``encode`` records the tile (thresholded at 128 after contrast scaling) and returns an
-    embedding filled with the tile's id; ``decode`` puts (tile id, component id) in the
-    low-res logits (predicted IoU 0.95 on an object for the first candidate, else 0.1);
-    ``postprocess_masks`` rebuilds the exact component as +-10 logits at full resolution.
-    """
-
-    name = "objects-stub"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(1))
-        self.tiles: dict[int, np.ndarray] = {}
-        self.encode_calls = 0
-        self._pending: np.ndarray | None = None
-
-    def preprocess(self, image):
-        h, w = image.shape[:2]
-        self._pending = ndimage.label(image[..., 0] > 127)[0]
-        s = 1024 / max(h, w)
-        return torch.zeros(1, 3, 8, 8), (int(h * s + 0.5), int(w * s + 0.5))
-
-    def encode(self, x):
-        self.encode_calls += 1
-        k = len(self.tiles) + 1
-        self.tiles[k] = self._pending
-        return torch.full((x.shape[0], 256, 64, 64), float(k))
-
-    def decode(self, embedding, coords, labels, original_size, multimask_output=True):
-        k = int(embedding.reshape(-1)[0].item())
-        comp = self.tiles[k]
-        assert comp.shape == tuple(original_size)
-        n = 3 if multimask_output else 1
-        low = torch.zeros(coords.shape[0], n, 256, 256)
-        iou = torch.full((coords.shape[0], n), 0.1)
-        for i in range(coords.shape[0]):
-            pos = coords[i][labels[i] == 1]
-            if len(pos):
-                x, y = (int(v) for v in pos[0].tolist())
-                c = int(comp[min(y, comp.shape[0] - 1), min(x, comp.shape[1] - 1)])
-                low[i, :, 0, 0], low[i, :, 0, 1] = k, c
-                iou[i, 0] = 0.95 if c else 0.1
-        return low, iou
-
-    def postprocess_masks(self, low_res, input_size, original_size):
-        k = int(low_res.reshape(-1, 256 * 256)[:, 0].max().item())
-        if k == 0:
-            return torch.full((*low_res.shape[:2], *original_size), -10.0)
-        comp = torch.from_numpy(self.tiles[k])
-        ids = low_res[:, :, 0, 1].round().int()
-        same = (comp[None, None] == ids[:, :, None, None]) & (ids[:, :, None, None] > 0)
-        return torch.where(same, 10.0, -10.0)
+from tests.fakes import ObjectsModel
 
 
 def scene(shape, grid: TileGrid, seed=1, r_small=48, n_random=40):
@@ -112,7 +54,7 @@ def run(image, model, output=None, *, tile=512, halo=128, id_scope="stack", **kw
     """run_batch with ObjectsModel (given as the loaded model) on tiled planes."""
     params = {k: kw.pop(k) for k in list(kw) if k in EverythingParams.__dataclass_fields__}
     settings = BatchSettings(
-        ModelSpec("objects", device="cpu", factory="tests.test_tiled_everything:ObjectsModel"),
+        ModelSpec("objects", device="cpu", factory="tests.fakes:ObjectsModel"),
         EverythingParams(**{"points_per_side": 8, **params}), id_scope,
         TilingParams("on", tile, halo),
     )

@@ -11,9 +11,7 @@ from qtpy.QtCore import QTimer
 from napari_esam.widgets.prompt.controller import KEYS, NEGATIVE, POSITIVE, SamEngine
 from napari_esam.widgets.prompt.view import PromptWidget
 from napari_esam.widgets.workers import Progress, start_worker
-
-from .fakes import FakeModel
-from .test_prompt_controller import Factory, add_box, add_point, blobs, centre
+from tests.fakes import Factory, FakeModel, add_box, add_point, blobs, centre
 
 PLUGIN, WIDGET = "napari-esam", "Segment with prompts"
 

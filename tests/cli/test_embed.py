@@ -13,8 +13,7 @@ from napari_esam.core.runs import settings as S
 from napari_esam.core.tiling.grid import TileGrid
 from napari_esam.core.tiling.predictor import TiledPredictor
 from napari_esam.core.tiling.store import read_signature
-
-from .fakes import FakeModel
+from tests.fakes import FakeModel
 
 
 @pytest.fixture

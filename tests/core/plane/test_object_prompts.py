@@ -14,8 +14,7 @@ from napari_esam.core.plane.object_prompts import (
     segment_everything_objects,
 )
 from napari_esam.core.plane.predictor import Predictor
-
-from .batch_fakes import BlobModel, blob_stack
+from tests.fakes import BlobModel, blob_stack
 
 GRID_32 = 32 * 32
 

@@ -10,10 +10,8 @@ import zarr
 from napari_esam.core.plane.predictor import Predictor
 from napari_esam.core.tiling.grid import SAMPLE_MAX_CHUNKS, TileGrid, Window
 from napari_esam.core.tiling.predictor import TiledPredictor, paste_mask
-
-from . import fakes
-from .fakes import RADIUS, FakeModel
-from .test_tiling import CountingSource
+from tests import fakes
+from tests.fakes import RADIUS, CountingSource, FakeModel
 
 
 def image(shape=(3000, 3000), seed=0):

@@ -24,9 +24,8 @@ from napari_esam.core.runs.settings import (
 )
 from napari_esam.core.tiling.grid import TileGrid
 from napari_esam.core.tiling.store import EmbeddingStore, read_signature
-from tests.batch_fakes import BlobModel
-from tests.batch_fakes import blob_stack as small_stack
-from tests.tiled_fakes import FAST_TILED, HALO, TILE, blob_image, blob_stack
+from tests.fakes import FAST_TILED, HALO, TILE, BlobModel, blob_image, blob_stack
+from tests.fakes import blob_stack as small_stack
 
 N_TILES = TileGrid((600, 700), TILE, HALO).n_tiles  # 3 x 4
 #: planes cut into two tiles (1 x 2) by the TILE/HALO grid
@@ -48,7 +47,7 @@ def blob_settings(id_scope: str = "stack", tiling: TilingParams | None = None,
                   **params) -> BatchSettings:
     """The CLI's settings for ``TILED`` (and ``--points-per-side 8``), with the blob model."""
     return BatchSettings(
-        ModelSpec("blob", device="cpu", factory="tests.batch_fakes:BlobModel"),
+        ModelSpec("blob", device="cpu", factory="tests.fakes:BlobModel"),
         EverythingParams(**{**FAST_TILED, **params}),
         id_scope,
         tiling or TilingParams("on", TILE, HALO),

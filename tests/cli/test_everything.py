@@ -16,9 +16,9 @@ from napari_esam.cli import main
 from napari_esam.core.runs import settings as B
 from napari_esam.core.runs.outputs import RUN_ATTR, ZarrOutput
 from napari_esam.core.runs.pipeline import run_batch
-from tests.batch_fakes import BlobModel, blob_stack
+from tests.fakes import BlobModel, blob_stack
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ from napari_esam.core.tiling.store import (
     model_fingerprint,
     read_signature,
 )
-
-from .fakes import FakeModel
+from tests.fakes import FakeModel
 
 
 def image(shape=(2500, 2300), seed=0):
