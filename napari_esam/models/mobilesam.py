@@ -16,14 +16,11 @@ from torch import Tensor
 
 from napari_esam.models.base import PromptableModel
 from napari_esam.models.common import host_to_device
-from napari_esam.models.sam_decoder import MaskDecoder, PromptEncoder
+from napari_esam.models.sam_decoder import MaskDecoder, PromptEncoder, SamDecoding
 from napari_esam.models.tiny_vit import TinyViT
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
-
-#: most (mask, 1024 x 1024) intermediates upsampled at once in ``postprocess_masks``
-_UPSAMPLE_CHUNK = 16
 
 
 def preprocess_shape(h: int, w: int, long_side: int = 1024) -> tuple[int, int]:
@@ -42,7 +39,7 @@ def resize_longest_side(image: np.ndarray, long_side: int = 1024) -> np.ndarray:
     return np.array(pil.resize((neww, newh), Image.BILINEAR))
 
 
-class MobileSAM(PromptableModel):
+class MobileSAM(SamDecoding, PromptableModel):
     """MobileSAM with SAM's prompt encoder and mask decoder (see :class:`PromptableModel`)."""
 
     name = "mobilesam"
@@ -104,64 +101,6 @@ class MobileSAM(PromptableModel):
         c = coords.to(device, torch.float64)
         scale = torch.tensor([neww / w, newh / h], dtype=torch.float64, device=device)
         return (c * scale).to(self.device, torch.float32)
-
-    def decode(
-        self,
-        embedding: Tensor,
-        coords: Tensor,
-        labels: Tensor,
-        original_size: tuple[int, int],
-        multimask_output: bool = True,
-    ) -> tuple[Tensor, Tensor]:
-        """See :meth:`PromptableModel.decode`; outputs are in the model's dtype.
-
-        Without a box corner (label 2/3) in any row, one padding point is appended to every
-        row, as SAM does for point-only prompts.
-        """
-        if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
-            raise ValueError("coords must be (B, N, 2) and labels (B, N)")
-        b = coords.shape[0]
-        if embedding.shape[0] not in (1, b):
-            raise ValueError(f"embedding batch {embedding.shape[0]} is neither 1 nor {b}")
-        device, dtype = self.device, self.dtype
-        labels = labels.to(device, torch.long)
-        if labels.numel() and bool(((labels < -1) | (labels > 3)).any()):
-            raise ValueError("labels must be -1 (padding), 0, 1 (points) or 2, 3 (box corners)")
-        pts = self.transform_coords(coords, original_size)
-        if not bool(((labels == 2) | (labels == 3)).any()):
-            pts = torch.cat([pts, pts.new_zeros(b, 1, 2)], dim=1)
-            labels = torch.cat([labels, labels.new_full((b, 1), -1)], dim=1)
-        sparse = self.prompt_encoder.embed_points(pts, labels).to(dtype)
-        masks, iou = self.mask_decoder(
-            embedding.to(device, dtype),
-            self.prompt_encoder.get_dense_pe().to(dtype),
-            sparse,
-            self.prompt_encoder.no_mask_dense(),
-            multimask_output,
-        )
-        return masks, iou
-
-    def postprocess_masks(
-        self, low_res_logits: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
-    ) -> Tensor:
-        """(B, K, 256, 256) -> (B, K, H, W): bilinear to 1024, crop ``input_size``, bilinear."""
-        b, k = low_res_logits.shape[:2]
-        flat = low_res_logits.reshape(b * k, 1, *low_res_logits.shape[-2:])
-        newh, neww = int(input_size[0]), int(input_size[1])
-        original_size = (int(original_size[0]), int(original_size[1]))
-        out = flat.new_empty(b * k, 1, *original_size)
-        for i in range(0, b * k, _UPSAMPLE_CHUNK):
-            x = F.interpolate(
-                flat[i : i + _UPSAMPLE_CHUNK],
-                (self.img_size, self.img_size),
-                mode="bilinear",
-                align_corners=False,
-            )
-            x = x[..., :newh, :neww]
-            out[i : i + _UPSAMPLE_CHUNK] = F.interpolate(
-                x, original_size, mode="bilinear", align_corners=False
-            )
-        return out.view(b, k, *original_size)
 
 
 def _check_image(image: np.ndarray) -> None:

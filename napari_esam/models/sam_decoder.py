@@ -376,3 +376,90 @@ class MaskDecoder(nn.Module):
         y = _gelu_(F.linear(y, *conv_transpose_2x2_linear(up2))).view(b, -1, c2)
         m = hyper_in @ y.transpose(1, 2)  # (B, K, h*w*16) ordered (i, j, di, dj, ei, ej)
         subpixel_to_image(m, h, w, 2, out)
+
+
+#: SAM's prompt frame: prompts and mask crops live in a 1024-px frame whatever the encoder input
+PROMPT_SIZE = 1024
+#: most (mask, 1024 x 1024) intermediates upsampled at once in ``postprocess_masks``
+_UPSAMPLE_CHUNK = 16
+
+
+class SamDecoding:
+    """``decode`` and ``postprocess_masks`` of the models with SAM's prompt encoder and mask
+    decoder (MobileSAM, EfficientViT-SAM): point/box prompts, an optional mask input, and
+    the upsampling through SAM's 1024-px frame. The model provides ``prompt_encoder``,
+    ``mask_decoder``, ``transform_coords``, ``device`` and ``dtype``."""
+
+    #: SAM's prompt encoder takes a previous low-res mask as a prompt
+    supports_mask_input = True
+
+    def decode(
+        self,
+        embedding: Tensor,
+        coords: Tensor,
+        labels: Tensor,
+        original_size: tuple[int, int],
+        multimask_output: bool = True,
+        mask_input: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """See :meth:`PromptableModel.decode`; outputs are in the model's dtype.
+
+        Without a box corner (label 2/3) in any row, one padding point is appended to every
+        row, as SAM does for point-only prompts. ``mask_input``: optional (B or 1, 1, 256, 256)
+        mask logits from a previous prediction (SAM's mask prompt).
+        """
+        if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
+            raise ValueError("coords must be (B, N, 2) and labels (B, N)")
+        b = coords.shape[0]
+        if embedding.shape[0] not in (1, b):
+            raise ValueError(f"embedding batch {embedding.shape[0]} is neither 1 nor {b}")
+        device, dtype = self.device, self.dtype
+        labels = labels.to(device, torch.long)
+        if labels.numel() and bool(((labels < -1) | (labels > 3)).any()):
+            raise ValueError("labels must be -1 (padding), 0, 1 (points) or 2, 3 (box corners)")
+        pts = self.transform_coords(coords, original_size)
+        if not bool(((labels == 2) | (labels == 3)).any()):
+            pts = torch.cat([pts, pts.new_zeros(b, 1, 2)], dim=1)
+            labels = torch.cat([labels, labels.new_full((b, 1), -1)], dim=1)
+        sparse = self.prompt_encoder.embed_points(pts, labels).to(dtype)
+        if mask_input is None:
+            dense = self.prompt_encoder.no_mask_dense()
+        else:
+            if mask_input.ndim != 4 or tuple(mask_input.shape[1:]) != (1, 256, 256):
+                raise ValueError(
+                    f"mask_input must be (B, 1, 256, 256) logits, got {tuple(mask_input.shape)}"
+                )
+            if mask_input.shape[0] not in (1, b):
+                raise ValueError(f"mask_input batch {mask_input.shape[0]} is neither 1 nor {b}")
+            dense = self.prompt_encoder.embed_masks(mask_input.to(device, dtype))
+        masks, iou = self.mask_decoder(
+            embedding.to(device, dtype),
+            self.prompt_encoder.get_dense_pe().to(dtype),
+            sparse,
+            dense,
+            multimask_output,
+        )
+        return masks, iou
+
+    def postprocess_masks(
+        self, low_res_logits: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> Tensor:
+        """(B, K, 256, 256) -> (B, K, H, W): bilinear to 1024, crop ``input_size`` (the
+        1024-frame size from :meth:`preprocess`), bilinear to the original size."""
+        b, k = low_res_logits.shape[:2]
+        flat = low_res_logits.reshape(b * k, 1, *low_res_logits.shape[-2:])
+        newh, neww = int(input_size[0]), int(input_size[1])
+        original_size = (int(original_size[0]), int(original_size[1]))
+        out = flat.new_empty(b * k, 1, *original_size)
+        for i in range(0, b * k, _UPSAMPLE_CHUNK):
+            x = F.interpolate(
+                flat[i : i + _UPSAMPLE_CHUNK],
+                (PROMPT_SIZE, PROMPT_SIZE),
+                mode="bilinear",
+                align_corners=False,
+            )
+            x = x[..., :newh, :neww]
+            out[i : i + _UPSAMPLE_CHUNK] = F.interpolate(
+                x, original_size, mode="bilinear", align_corners=False
+            )
+        return out.view(b, k, *original_size)
