@@ -15,7 +15,6 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -23,9 +22,7 @@ from qtpy.QtWidgets import (
     QHeaderView,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -36,7 +33,6 @@ from superqt import QCollapsible
 from napari_esam.core.runs.pipeline import BatchProgress, BatchResult
 from napari_esam.core.runs.settings import EverythingParams
 from napari_esam.core.tiling.grid import HALO, TILE, TILED_MODES, TILING_THRESHOLD
-from napari_esam.models.registry import MODEL_NAMES
 from napari_esam.widgets.everything.controller import (
     EXECUTORS,
     EverythingController,
@@ -45,27 +41,7 @@ from napari_esam.widgets.everything.controller import (
     progress_text,
 )
 from napari_esam.widgets.export.view import ExportSection
-
-#: progress bar resolution (the bar shows fractions of slices)
-BAR_MAX = 1000
-
-
-def _spin(lo: int, hi: int, value: int, tip: str = "") -> QSpinBox:
-    w = QSpinBox()
-    w.setRange(lo, hi)
-    w.setValue(value)
-    w.setToolTip(tip)
-    return w
-
-
-def _dspin(lo: float, hi: float, value: float, step: float = 0.01, tip: str = "") -> QDoubleSpinBox:
-    w = QDoubleSpinBox()
-    w.setDecimals(3)
-    w.setRange(lo, hi)
-    w.setSingleStep(step)
-    w.setValue(value)
-    w.setToolTip(tip)
-    return w
+from napari_esam.widgets.forms import BAR_MAX, RunRows, dspin, model_combo, spin
 
 
 class EverythingWidget(QWidget):
@@ -96,9 +72,7 @@ class EverythingWidget(QWidget):
         # model
         box = QGroupBox("Model")
         form = QFormLayout(box)
-        self.model_combo = QComboBox()
-        self.model_combo.addItems(MODEL_NAMES)
-        self.model_combo.setCurrentText("mobilesam")
+        self.model_combo = model_combo("mobilesam")
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda"])
         self.checkpoint_edit = QLineEdit()
@@ -117,12 +91,12 @@ class EverythingWidget(QWidget):
         # parameters
         box = QGroupBox("Parameters")
         form = QFormLayout(box)
-        self.points_per_side = _spin(1, 256, d.points_per_side, "grid of N x N prompt points")
-        self.pred_iou_thresh = _dspin(0, 1, d.pred_iou_thresh, tip="keep masks above this IoU")
-        self.stability_thresh = _dspin(0, 1, d.stability_score_thresh, tip="keep stable masks")
-        self.box_nms_thresh = _dspin(0, 1, d.box_nms_thresh, tip="overlap that removes a mask")
-        self.min_size = _spin(0, 10**8, d.min_size, "drop objects smaller than this (pixels)")
-        self.max_size = _spin(0, 10**9, 0, "drop objects larger than this (pixels; 0 = keep)")
+        self.points_per_side = spin(1, 256, d.points_per_side, "grid of N x N prompt points")
+        self.pred_iou_thresh = dspin(0, 1, d.pred_iou_thresh, tip="keep masks above this IoU")
+        self.stability_thresh = dspin(0, 1, d.stability_score_thresh, tip="keep stable masks")
+        self.box_nms_thresh = dspin(0, 1, d.box_nms_thresh, tip="overlap that removes a mask")
+        self.min_size = spin(0, 10**8, d.min_size, "drop objects smaller than this (pixels)")
+        self.max_size = spin(0, 10**9, 0, "drop objects larger than this (pixels; 0 = keep)")
         self.layer_contrast = QCheckBox("use the layer's contrast limits")
         self.layer_contrast.setChecked(True)
         self.unique_ids = QCheckBox("label ids unique across the stack")
@@ -140,14 +114,14 @@ class EverythingWidget(QWidget):
         adv_form = QFormLayout(adv_widget)
         self.method_combo = QComboBox()
         self.method_combo.addItems(["sam", "efficientsam"])
-        self.points_per_batch = _spin(1, 1024, d.points_per_batch or 64, "points per model call")
-        self.stability_offset = _dspin(0, 10, d.stability_score_offset, 0.1)
-        self.min_region_area = _spin(0, 10**6, d.min_mask_region_area,
+        self.points_per_batch = spin(1, 1024, d.points_per_batch or 64, "points per model call")
+        self.stability_offset = dspin(0, 10, d.stability_score_offset, 0.1)
+        self.min_region_area = spin(0, 10**6, d.min_mask_region_area,
                                      "remove holes/islands smaller than this in each mask")
-        self.crop_n_layers = _spin(0, 4, d.crop_n_layers, "extra passes on zoomed crops")
-        self.crop_nms_thresh = _dspin(0, 1, d.crop_nms_thresh)
-        self.crop_overlap = _dspin(0, 0.99, d.crop_overlap_ratio)
-        self.crop_downscale = _spin(1, 8, d.crop_n_points_downscale_factor)
+        self.crop_n_layers = spin(0, 4, d.crop_n_layers, "extra passes on zoomed crops")
+        self.crop_nms_thresh = dspin(0, 1, d.crop_nms_thresh)
+        self.crop_overlap = dspin(0, 0.99, d.crop_overlap_ratio)
+        self.crop_downscale = spin(1, 8, d.crop_n_points_downscale_factor)
         adv_form.addRow("Method", self.method_combo)
         adv_form.addRow("Points per batch", self.points_per_batch)
         adv_form.addRow("Stability offset", self.stability_offset)
@@ -174,9 +148,9 @@ class EverythingWidget(QWidget):
             "Tiled mode segments every plane tile by tile at full resolution and merges the "
             "objects across the seams; off: a plane is shrunk to the model's 1024 px"
         )
-        self.tile_spin = _spin(16, 16384, TILE, "tile side in pixels (the model input: 1024)")
+        self.tile_spin = spin(16, 16384, TILE, "tile side in pixels (the model input: 1024)")
         self.tile_spin.setSingleStep(256)
-        self.halo_spin = _spin(0, 8192, HALO, "overlap of neighbouring tiles, at most tile/2")
+        self.halo_spin = spin(0, 8192, HALO, "overlap of neighbouring tiles, at most tile/2")
         self.halo_spin.setSingleStep(64)
         self.embeddings_edit = QLineEdit()
         self.embeddings_edit.setPlaceholderText("optional: embeddings.zarr (napari-esam embed)")
@@ -232,7 +206,7 @@ class EverythingWidget(QWidget):
             "a Dask cluster runs one task per slice in other processes or machines; they read "
             "the layer's file and write the Zarr output themselves (shared filesystem)"
         )
-        self.workers_spin = _spin(1, 1024, 2, "worker processes of the local Dask cluster")
+        self.workers_spin = spin(1, 1024, 2, "worker processes of the local Dask cluster")
         self.scheduler_edit = QLineEdit()
         self.scheduler_edit.setPlaceholderText("tcp://host:8786")
         form.addRow("Executor", self.executor_combo)
@@ -243,23 +217,11 @@ class EverythingWidget(QWidget):
         layout.addWidget(box)
 
         # run
-        row = QHBoxLayout()
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.run_button.clicked.connect(self._run_clicked)
-        self.cancel_button.clicked.connect(self.cancel)
-        row.addWidget(self.run_button)
-        row.addWidget(self.cancel_button)
-        layout.addLayout(row)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, BAR_MAX)
-        self.progress.setValue(0)
-        self.progress.setTextVisible(True)
-        self.progress.setFormat("idle")
+        self.run_rows = RunRows("Run", self._run_clicked, self.cancel, idle_text="idle")
+        self.run_button, self.cancel_button = self.run_rows.run_button, self.run_rows.cancel_button
+        self.progress, self.status = self.run_rows.progress, self.run_rows.status
+        layout.addLayout(self.run_rows.buttons)
         layout.addWidget(self.progress)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
         layout.addWidget(self.status)
         self.counts_table = QTableWidget(0, 2)
         self.counts_table.setHorizontalHeaderLabels(["slice", "objects"])
@@ -387,8 +349,7 @@ class EverythingWidget(QWidget):
 
     def run(self, start: bool = True) -> Any:
         """Start a run with the current choices; returns the worker (None on a bad input)."""
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self.run_rows.running(True)
         self.counts_table.setVisible(False)
         self.progress.setValue(0)
         in_process = self.executor_combo.currentData() == "in-process"
@@ -417,8 +378,7 @@ class EverythingWidget(QWidget):
             self.status.setText(f"slice {ev.index}: {ev.n_objects} objects")
 
     def _on_finished(self, result: BatchResult) -> None:
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        self.run_rows.running(False)
         done, total, unit = len(result.counts), result.total, "slices"
         self.progress.setValue(int(round(BAR_MAX * done / total)) if total else 0)
         self.progress.setFormat(f"{done} / {total} {unit}")
@@ -434,8 +394,7 @@ class EverythingWidget(QWidget):
         self.counts_table.setVisible(bool(rows))
 
     def _on_error(self, exc: BaseException) -> None:
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        self.run_rows.running(False)
         self.progress.setFormat("error")
         self.status.setText(f"Error: {exc}")
         from napari.utils.notifications import show_error

@@ -17,10 +17,8 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QMessageBox,
-    QProgressBar,
     QPushButton,
     QWidget,
 )
@@ -35,10 +33,8 @@ from napari_esam.widgets.export.controller import (
     format_of,
     with_format,
 )
+from napari_esam.widgets.forms import BAR_MAX, RunRows
 from napari_esam.widgets.workers import Progress
-
-#: progress bar resolution
-BAR_MAX = 1000
 
 
 class ExportSection(QCollapsible):
@@ -76,22 +72,12 @@ class ExportSection(QCollapsible):
         form.addRow("Format", self.format_combo)
         form.addRow("Path", row)
         form.addRow("Compression", self.compression_combo)
-        buttons = QHBoxLayout()
-        self.export_button = QPushButton("Export")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.export_button.clicked.connect(self._export_clicked)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons.addWidget(self.export_button)
-        buttons.addWidget(self.cancel_button)
-        form.addRow(buttons)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, BAR_MAX)
-        self.progress.setValue(0)
-        form.addRow(self.progress)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        form.addRow(self.status)
+        self.run_rows = RunRows("Export", self._export_clicked, self.cancel)
+        self.export_button, self.cancel_button = (self.run_rows.run_button,
+                                                  self.run_rows.cancel_button)
+        self.progress, self.status = self.run_rows.progress, self.run_rows.status
+        for row in self.run_rows.layout_rows():
+            form.addRow(row)
         self.addWidget(body)
 
         self.format_combo.currentIndexChanged.connect(self._format_changed)
@@ -173,8 +159,7 @@ class ExportSection(QCollapsible):
                     return None
                 overwrite = True
             self.path_edit.setText(str(target))
-            self.export_button.setEnabled(False)
-            self.cancel_button.setEnabled(True)
+            self.run_rows.running(True)
             self.progress.setValue(0)
             self.status.setText(f"exporting to {target.name}…")
             return self.controller.start(form, overwrite=overwrite, start=start)
@@ -192,8 +177,7 @@ class ExportSection(QCollapsible):
         self.progress.setValue(int(round(step.fraction * BAR_MAX)))
 
     def _on_finished(self, path: Path | None) -> None:
-        self.export_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        self.run_rows.running(False)
         if path is None:
             self.progress.setValue(0)
             self.status.setText("Export cancelled; nothing was written")
@@ -202,8 +186,7 @@ class ExportSection(QCollapsible):
             self.status.setText(f"Exported to {path}")
 
     def _on_error(self, exc: BaseException) -> None:
-        self.export_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        self.run_rows.running(False)
         self.status.setText(f"Error: {exc}")
         from napari.utils.notifications import show_error
 

@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_esam.core.tiling.grid import use_tiling
-from napari_esam.models.registry import MODEL_NAMES
+from napari_esam.widgets.forms import model_combo
 from napari_esam.widgets.prompt.controller import (
     DEVICES,
     KEYS,
@@ -155,9 +155,7 @@ class PromptWidget(QWidget):
         form.addRow(self.contrast_check)
 
         # -- model
-        self.model_combo = QComboBox()
-        self.model_combo.addItems(MODEL_NAMES)
-        self.model_combo.setCurrentText(ctrl.model_name)
+        self.model_combo = model_combo(ctrl.model_name)
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         self.checkpoint_edit = QLineEdit()
