@@ -12,14 +12,15 @@ os.environ.setdefault("NAPARI_ESAM_CACHE", os.path.join(tempfile.mkdtemp(), "esa
 
 
 def pytest_collection_modifyitems(config, items):
-    """Markers from where a test lives: ``gui`` (tests/widgets), ``conformance`` (files named
-    *conformance*), ``cluster`` (files named *cluster*); ``slow`` is set on the tests
-    themselves."""
+    """Markers from where a test lives and what it uses: ``gui`` (tests/widgets, or a test that
+    uses a napari viewer or qtbot), ``conformance`` (files named *conformance*), ``cluster``
+    (files named *cluster*); ``slow`` is set on the tests themselves."""
     import pytest
 
     for item in items:
         path = item.path.as_posix()
-        if "/tests/widgets/" in path:
+        fixtures = getattr(item, "fixturenames", ())
+        if "/tests/widgets/" in path or {"make_napari_viewer", "qtbot"} & set(fixtures):
             item.add_marker(pytest.mark.gui)
         if "conformance" in item.path.name:
             item.add_marker(pytest.mark.conformance)

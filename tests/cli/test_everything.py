@@ -40,6 +40,7 @@ def small_tiff(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cli_runs_real_mobilesam_on_a_small_tiff_to_a_tiff(tmp_path, small_tiff,
                                                             mobilesam_ckpt, capsys):
     """End to end with the real MobileSAM code (synthetic weights, a 3x3 grid, filters off)."""

@@ -24,7 +24,7 @@ from napari_esam.core.runs.settings import (
 )
 from napari_esam.core.tiling.grid import TileGrid
 from napari_esam.core.tiling.store import EmbeddingStore, read_signature
-from tests.fakes import FAST_TILED, HALO, TILE, BlobModel, blob_image, blob_stack
+from tests.fakes import FAST_TILED, HALO, TILE, BlobModel, blob_image, tiled_blob_stack
 from tests.fakes import blob_stack as small_stack
 
 N_TILES = TileGrid((600, 700), TILE, HALO).n_tiles  # 3 x 4
@@ -107,6 +107,7 @@ def plane_ids(labels, i) -> set[int]:
     return set(np.unique(labels[i]).tolist()) - {0}
 
 
+@pytest.mark.slow
 def test_tiled_cli_gives_the_labels_of_run_batch(tmp_path, image_file, reference, models,
                                                  capsys):
     ref, n_objects = reference
@@ -170,6 +171,7 @@ def test_a_store_from_embed_is_reused_with_zero_encoder_calls(tmp_path, image_fi
     np.testing.assert_array_equal(stored(out), ref)
 
 
+@pytest.mark.slow
 def test_a_missing_store_is_filled_for_the_next_run(tmp_path, image_file, reference, models):
     ref, _ = reference
     store = tmp_path / "new.zarr"
@@ -231,7 +233,7 @@ def test_tiled_choices_are_checked_by_argparse(tmp_path, image_file, capsys):
 
 
 def test_stacks_are_tiled_plane_by_plane(tmp_path, models):
-    stack = blob_stack(2)
+    stack = tiled_blob_stack(2)
     src = tmp_path / "stack.tif"
     tifffile.imwrite(src, stack, photometric="minisblack", metadata={"axes": "ZYX"})
     ref = run_batch(str(src), blob_settings("slice"))
@@ -384,6 +386,7 @@ def test_an_untiled_run_reuses_its_embedding_store(tmp_path, models, capsys):
     np.testing.assert_array_equal(stored(tmp_path / "b.zarr"), first)
 
 
+@pytest.mark.slow
 def test_crops_run_per_tile(tmp_path, two_tile_file, models, capsys):
     """(d) ``--crop-n-layers 1`` with planes of two tiles: accepted, every tile cropped."""
     out = tmp_path / "labels.zarr"

@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tests.batch_fakes import FAST, BlobModel, blob_stack
+from tests.tiled_fakes import FAST_TILED, HALO, TILE, blob_image
+from tests.tiled_fakes import blob_stack as tiled_blob_stack
 
-from tests.fakes import FAST, FAST_TILED, HALO, TILE, BlobModel, FakeModel, blob_image, blob_stack
-from tests.fakes import blob_stack as tiled_blob_stack
+from tests.fakes import FakeModel
 
 OUT = Path(__file__).with_name("characterisation.npz")
 

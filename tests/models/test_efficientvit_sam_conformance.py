@@ -255,6 +255,7 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fixture", "expected"), [("amg", 1), ("amg_all", 115)])
 def test_l0_automatic_mask_generator(l0_predictor: Predictor, fixture: str, expected: int):
     """``EfficientViTSamAutomaticMaskGenerator`` records through our segment-everything

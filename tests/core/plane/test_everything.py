@@ -126,6 +126,7 @@ def test_sam_matches_naive_reference(extra):
             assert not outside.any()
 
 
+@pytest.mark.slow
 def test_points_per_batch_does_not_change_results():
     img = _image()
     model = VariedFake()

@@ -55,6 +55,7 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture,expected", [("amg", 2), ("amg_all", 149), ("amg_cleanup", 38)])
 def test_mobilesam_automatic_mask_generator(mobilesam, fixture, expected):
     ref = load_npz("mobilesam", fixture)
@@ -89,6 +90,7 @@ def test_mobilesam_automatic_mask_generator(mobilesam, fixture, expected):
     np.testing.assert_array_equal([records[i]["area"] for i in exact], ref["area"][exact])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture,expected", [("everything", 1), ("everything_all", 196)])
 def test_efficientsam_segment_everything(efficientsam_ti, fixture, expected):
     ref = load_npz("efficientsam_ti", fixture)
@@ -131,6 +133,7 @@ def test_efficientsam_segment_everything(efficientsam_ti, fixture, expected):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["mobilesam", "efficientsam_ti"])
 def test_either_method_with_either_model(request, model_name):
     """Each procedure with the other family's model equals its step-by-step transcription

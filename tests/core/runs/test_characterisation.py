@@ -21,8 +21,17 @@ from napari_esam.core.runs.settings import (
     ModelSpec,
     TilingParams,
 )
-from tests.fakes import FAST, FAST_TILED, HALO, TILE, BlobModel, FakeModel, blob_image, blob_stack
-from tests.fakes import blob_stack as tiled_blob_stack
+from tests.fakes import (
+    FAST,
+    FAST_TILED,
+    HALO,
+    TILE,
+    BlobModel,
+    FakeModel,
+    blob_image,
+    blob_stack,
+    tiled_blob_stack,
+)
 
 PINS = Path(__file__).resolve().parents[2] / "data" / "characterisation.npz"
 

@@ -142,6 +142,7 @@ def seam_scene():
     return grid, img, truth
 
 
+@pytest.mark.slow
 def test_seam_objects_get_exactly_one_label_each(seam_scene, tmp_path):
     grid, img, truth = seam_scene
     assert truth.max() > 60
@@ -240,6 +241,7 @@ def test_cancel_stops_between_tiles():
 # ----------------------------------------------------------------------- real model, once
 
 
+@pytest.mark.slow
 def test_end_to_end_with_mobilesam_synthetic_weights(tmp_path):
     from napari_esam.models.loading import build_model
     from napari_esam.models.synthetic import synthetic_state_dict

@@ -33,7 +33,7 @@ from napari_esam.widgets.everything.controller import (
     progress_text,
 )
 from napari_esam.widgets.workers import run_sync
-from tests.fakes import FAST, FAST_TILED, HALO, TILE, BlobModel, blob_image, blob_stack
+from tests.fakes import FAST, FAST_TILED, HALO, TILE, BlobModel, blob_image, tiled_blob_stack
 from tests.fakes import blob_stack as small_stack
 
 SHAPE = (600, 700)
@@ -267,7 +267,7 @@ def test_a_cancelled_tiled_run_keeps_its_tiles_and_a_rerun_resumes(tmp_path, ref
 
 def test_tiled_controller_refuses_bad_tiling_choices(tmp_path, counting):
     viewer = ViewerModel()
-    stack = blob_stack(2)
+    stack = tiled_blob_stack(2)
     viewer.add_image(stack, name="stack")
     ctl = make_controller(viewer)
     with pytest.raises(ValueError, match="the halo must be between 0 and tile/2 = 128"):
@@ -287,7 +287,7 @@ def test_tiled_controller_refuses_bad_tiling_choices(tmp_path, counting):
 def test_run_batch_with_tiled_planes_on_a_stack_resumes_and_refuses_other_settings(
     tmp_path, counting
 ):
-    stack = blob_stack(2)
+    stack = tiled_blob_stack(2)
     settings = tiled_settings(factory=CountingBlobModel, id_scope="slice")
     grid = settings.tiling.grid(stack.shape[1:])
     n_tiles = 2 * grid.n_tiles
