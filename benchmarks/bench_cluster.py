@@ -52,7 +52,7 @@ def save_checkpoint(path: Path) -> None:
 
 def _warm(spec) -> int:
     """Import and build the model in a worker (before timing)."""
-    from napari_esam.core.runs.pipeline import get_model
+    from napari_esam.core.runs.settings import get_model
 
     get_model(spec)
     return os.getpid()
@@ -88,7 +88,12 @@ def main() -> None:
     import torch
 
     from napari_esam.core.runs.cluster import DaskExecutor
-    from napari_esam.core.runs.pipeline import BatchSettings, EverythingParams, ModelSpec
+    from napari_esam.core.runs.settings import (
+        BatchSettings,
+        EverythingParams,
+        ModelSpec,
+        get_model,
+    )
 
     cores = os.cpu_count() or 1
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-cluster-"))
@@ -105,8 +110,6 @@ def main() -> None:
     rows = []
     differ: list[str] = []
     torch.set_num_threads(cores)
-    from napari_esam.core.runs.pipeline import get_model
-
     get_model(spec)
     secs, reference = time_runs(src, settings, workdir, "inprocess", args.repeats)
     rows.append(("in-process", 0, cores, secs))

@@ -539,7 +539,8 @@ def job_batch(args: argparse.Namespace) -> dict:
     from napari_esam.core.plane.everything import segment_everything
     from napari_esam.core.plane.labels import masks_to_labels
     from napari_esam.core.plane.predictor import Predictor
-    from napari_esam.core.runs.pipeline import BatchSettings, EverythingParams, ModelSpec, run_batch
+    from napari_esam.core.runs.pipeline import run_batch
+    from napari_esam.core.runs.settings import BatchSettings, EverythingParams, ModelSpec
 
     torch.set_num_threads(args.threads)
     stack = np.stack([synthetic_nuclei(seed=s)[0] for s in range(5)])

@@ -2,11 +2,12 @@
 
 Each run is a fresh subprocess (so peak RSS is per run): MobileSAM with synthetic weights
 (the conformance recipe), CPU float32, ``points_per_side=8`` per tile (64 points, one decoder
-batch), tile 1024 / halo 256, labels written to a Zarr array. By default the quality filters
-are off (``pred_iou_thresh=0``, ``stability_score_thresh=0``) so that every candidate mask is
-upsampled, scored and NMS'd: the worst case for time and memory (synthetic weights give
-meaningless masks anyway). A last pair of runs fills an embedding store and then reuses it,
-showing that the second run never calls the encoder. Prints one table.
+batch), tile 1024 / halo 256 (``run_batch`` with ``TilingParams("on", tile, halo)``), labels
+written to a Zarr array. By default the quality filters are off (``pred_iou_thresh=0``,
+``stability_score_thresh=0``) so that every candidate mask is upsampled, scored and NMS'd:
+the worst case for time and memory (synthetic weights give meaningless masks anyway). A last
+pair of runs fills an embedding store and then reuses it, showing that the second run never
+calls the encoder. Prints one table.
 
     .venv/bin/python benchmarks/bench_tiled.py [--sizes 2048 4096 8192] [--threads 2]
 """
@@ -72,7 +73,13 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
     import zarr
 
-    from napari_esam.core.tiling.merge import segment_everything_tiled
+    from napari_esam.core.runs.pipeline import run_batch
+    from napari_esam.core.runs.settings import (
+        BatchSettings,
+        EverythingParams,
+        ModelSpec,
+        TilingParams,
+    )
     from napari_esam.models.loading import build_model
     from napari_esam.models.synthetic import synthetic_state_dict
 
@@ -89,25 +96,35 @@ def worker(args: argparse.Namespace) -> dict:
     gc.collect()
     rss_model = rss_now()
     data = zarr.open_array(str(src), mode="r")
-    details: dict = {}
+    settings = BatchSettings(
+        ModelSpec(args.model, device=args.device),
+        EverythingParams(
+            points_per_side=args.points_per_side, points_per_batch=64,
+            pred_iou_thresh=args.pred_iou_thresh,
+            stability_score_thresh=args.stability_score_thresh,
+        ),
+        tiling=TilingParams("on", args.tile, args.halo),
+    )
     cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     last = [t0]
 
-    def progress(done: int, total: int) -> None:
+    def progress(p) -> None:  # BatchProgress
+        if p.kind not in ("tile", "slice"):
+            return
         now = time.perf_counter()
-        if now - last[0] > 30 or done == total:
+        if now - last[0] > 30 or p.tiles_done == p.tiles_total:
             last[0] = now
-            print(f"  {args.size}²: {done}/{total} tiles, {now - t0:.0f} s", file=sys.stderr)
+            print(f"  {args.size}²: {p.tiles_done}/{p.tiles_total} tiles, {now - t0:.0f} s",
+                  file=sys.stderr)
 
     store = str(work / args.store) if args.store else None
-    segment_everything_tiled(
-        data, model, str(work / f"labels_{args.size}.zarr"), overwrite=True,
-        tile=args.tile, halo=args.halo, embedding_store=store,
-        points_per_side=args.points_per_side, points_per_batch=64,
-        pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
-        progress=progress, details=details,
+    result = run_batch(
+        data, settings, str(work / f"labels_{args.size}.zarr"), overwrite=True,
+        model=model, embeddings=store, progress=progress,
     )
+    assert result.complete, "incomplete run"
+    details = result.details
     elapsed = time.perf_counter() - t0
     cpu = cpu_seconds() - cpu0
     peak = peak_rss()
@@ -124,7 +141,8 @@ def worker(args: argparse.Namespace) -> dict:
         "above_model": peak - rss_model,
         "encoder_calls": details["encoder_calls"],
         "store_hits": details["store_hits"],
-        "objects": details["objects"],
+        "merged": details["merged"],
+        "objects": sum(result.counts.values()),
         "store": args.store,
     }
 
@@ -152,10 +170,10 @@ def gb(x: float) -> str:
 
 def table(rows: list[dict], store_rows: list[dict]) -> str:
     lines = [
-        "| image | tiles | time (s) | tiles/s | s per Mpx | CPU s per tile | peak RSS (GB) | "
-        "RSS after model (GB) | peak above model (GB) | growth vs previous: area / tiles / "
-        "time / CPU time / peak above model |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| image | tiles | seam merges | time (s) | tiles/s | s per Mpx | CPU s per tile | "
+        "peak RSS (GB) | RSS after model (GB) | peak above model (GB) | growth vs previous: "
+        "area / tiles / time / CPU time / peak above model |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     prev = None
     for r in rows:
@@ -167,8 +185,9 @@ def table(rows: list[dict], store_rows: list[dict]) -> str:
                 f"×{r['above_model'] / max(prev['above_model'], 1):.2f}"
             )
         lines.append(
-            f"| {r['size']}² | {r['tiles']} | {r['time_s']:.1f} | {r['tiles_per_s']:.3f} | "
-            f"{r['s_per_mpx']:.2f} | {r['cpu_s'] / r['tiles']:.1f} | {gb(r['peak_rss'])} | "
+            f"| {r['size']}² | {r['tiles']} | {r['merged']} | {r['time_s']:.1f} | "
+            f"{r['tiles_per_s']:.3f} | {r['s_per_mpx']:.2f} | {r['cpu_s'] / r['tiles']:.1f} | "
+            f"{gb(r['peak_rss'])} | "
             f"{gb(r['rss_model'])} | {gb(r['above_model'])} | {growth} |"
         )
         prev = r
