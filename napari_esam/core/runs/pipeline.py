@@ -261,6 +261,23 @@ def run_batch(
         details["merged"] += stats["merged"]
         finish_plane(plane, n)
 
+    def take(res: TaskResult) -> None:
+        """A one-tile plane is written and recorded; a tile of a several-tile plane is
+        recorded, and its plane merged once all its tiles are done."""
+        if n_tiles == 1:
+            if res.labels is not None:
+                output.write(source.out_region(res.plane), res.labels)
+            finish_plane(res.plane, int(res.n_objects or 0))
+            return
+        if res.masks is not None:
+            kept[res.index] = res.masks
+        if scratch is not None:
+            scratch.record([res.index])
+        ready[res.plane].add(res.index % n_tiles)
+        report("tile", index=res.plane, eta=clock.eta())
+        if len(ready[res.plane]) == n_tiles:
+            merge(res.plane)
+
     report("start", eta=None)
     for plane in todo:  # planes whose tiles were all done by an earlier run
         if n_tiles > 1 and len(ready[plane]) == n_tiles:
@@ -275,8 +292,7 @@ def run_batch(
             if store is not None and res.embedding is not None:
                 plane_t, tile = task.locate(res.index)
                 store.record(source.coords(plane_t), tile.iy, tile.ix, *res.embedding)
-            _take(res, n_tiles, output, source, kept, scratch, ready, finish_plane, merge,
-                  report, clock)
+            take(res)
             if cancel_fn():
                 break
     except Cancelled:
@@ -296,27 +312,6 @@ def run_batch(
     details["tiles_done"] = tiles_done
     return BatchResult(labels, counts, source.n_slices, cancelled, clock.elapsed(), output,
                        details)
-
-
-def _take(res: TaskResult, n_tiles: int, output: Any, source: StackSource,
-          kept: dict[int, Any], scratch: TileScratch | None, ready: dict[int, set[int]],
-          finish_plane: Callable[[int, int], None], merge: Callable[[int], None],
-          report: Callable[..., None], clock: _Clock) -> None:
-    """Take one task's result: a one-tile plane is written and recorded; a tile of a
-    several-tile plane is recorded, and its plane merged once all its tiles are done."""
-    if n_tiles == 1:
-        if res.labels is not None:
-            output.write(source.out_region(res.plane), res.labels)
-        finish_plane(res.plane, int(res.n_objects or 0))
-        return
-    if res.masks is not None:
-        kept[res.index] = res.masks
-    if scratch is not None:
-        scratch.record([res.index])
-    ready[res.plane].add(res.index % n_tiles)
-    report("tile", index=res.plane, eta=clock.eta())
-    if len(ready[res.plane]) == n_tiles:
-        merge(res.plane)
 
 
 def iter_batch(
