@@ -1,7 +1,13 @@
-"""Per-model speed: encoder (1024² input), decoder for 1 and 64 prompts, peak memory.
+"""Per-model speed: encoder (the model's own input: 1024², 512² for EfficientViT-SAM L),
+decoder for 1 and 64 prompts, peak memory.
 
 Each model runs in its own subprocess so that peak RSS is per model. Synthetic weights (the
 conformance recipe), float32 on the CPU unless ``--device cuda``. Prints one table.
+
+The reference timings (``shared/benchmarks/reference_cpu.md``) of EfficientViT-SAM were taken
+on a day the machine ran about 2x slower (its MobileSAM encoder took 2.73 s there, 1.21 s in
+the first table): the table therefore also compares each encoder with MobileSAM's *of the same
+run* on both sides (``enc/mobilesam``), which does not depend on the machine's day.
 
     .venv/bin/python benchmarks/bench_models.py [--device auto] [--threads 2] [--repeats 5]
 """
@@ -16,11 +22,20 @@ import subprocess
 import sys
 import time
 
-MODELS = ("efficientsam_ti", "efficientsam_s", "mobilesam")
-REFERENCE_CPU = {  # shared/benchmarks/reference_cpu.md (2 cores, float32)
-    "efficientsam_ti": (3.87, 0.071, 6.29),
-    "efficientsam_s": (7.52, 0.062, 5.90),
-    "mobilesam": (1.21, 0.059, 5.67),
+MODELS = ("mobilesam", "efficientsam_ti", "efficientsam_s", "efficientvit_sam_l0",
+          "efficientvit_sam_l1", "efficientvit_sam_l2", "efficientvit_sam_xl0",
+          "efficientvit_sam_xl1")
+#: shared/benchmarks/reference_cpu.md (2 cores, float32): encoder, decoder 1, decoder 64, and
+#: the reference MobileSAM encoder of the same session (for the same-run ratio)
+REFERENCE_CPU = {
+    "efficientsam_ti": (3.87, 0.071, 6.29, 1.21),
+    "efficientsam_s": (7.52, 0.062, 5.90, 1.21),
+    "mobilesam": (1.21, 0.059, 5.67, 1.21),
+    "efficientvit_sam_l0": (0.89, 0.120, 10.49, 2.73),
+    "efficientvit_sam_l1": (1.00, 0.102, 11.56, 2.73),
+    "efficientvit_sam_l2": (1.74, 0.137, 12.29, 2.73),
+    "efficientvit_sam_xl0": (5.56, 0.124, 11.48, 2.73),
+    "efficientvit_sam_xl1": (6.35, 0.096, 10.64, 2.73),
 }
 
 
@@ -55,7 +70,8 @@ def run_one(name: str, device: str, threads: int, repeats: int, dtype: str | Non
         else torch.autocast("cpu", enabled=False)
     )
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.standard_normal((1, 3, 1024, 1024)).astype(np.float32)).to(dev)
+    s = int(model.img_size)
+    x = torch.from_numpy(rng.standard_normal((1, 3, s, s)).astype(np.float32)).to(dev)
     with torch.inference_mode(), autocast:
         emb = model.encode(x)
         enc = _timeit(lambda: model.encode(x), repeats, sync)
@@ -106,14 +122,17 @@ def main() -> None:
     print(f"\ndevice: {first['device']}  torch {first['torch']}  threads {first['threads']}  "
           f"dtype {args.dtype or 'float32'}  python {platform.python_version()}")
     print(f"median of {args.repeats} after 1 warm-up; ref = shared/benchmarks/reference_cpu.md")
-    head = (f"| {'model':16} | {'encoder':>9} | {'ref enc':>7} | {'speed-up':>8} | {'dec 1':>8} "
+    head = (f"| {'model':20} | {'encoder':>9} | {'ref enc':>7} | {'speed-up':>8} "
+            f"| {'enc/mobilesam (ref)':>19} | {'dec 1':>8} "
             f"| {'dec 64':>8} | {'ref dec64':>9} | {'speed-up':>8} | {'peak RSS':>8} |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    mobile = next((r["encoder_s"] for r in rows if r["model"] == "mobilesam"), None)
     for r in rows:
         ref = REFERENCE_CPU[r["model"]]
-        print(f"| {r['model']:16} | {r['encoder_s']:8.3f}s | {ref[0]:6.2f}s | "
-              f"{ref[0] / r['encoder_s']:7.2f}x | {r['decoder1_s'] * 1e3:6.1f}ms | "
+        rel = (f"{r['encoder_s'] / mobile:.2f} ({ref[0] / ref[3]:.2f})" if mobile else "-")
+        print(f"| {r['model']:20} | {r['encoder_s']:8.3f}s | {ref[0]:6.2f}s | "
+              f"{ref[0] / r['encoder_s']:7.2f}x | {rel:>19} | {r['decoder1_s'] * 1e3:6.1f}ms | "
               f"{r['decoder64_s']:7.3f}s | {ref[2]:8.2f}s | {ref[2] / r['decoder64_s']:7.2f}x | "
               f"{r['peak_rss_gb']:6.2f}GB |")
         if "peak_gpu_gb" in r:
