@@ -173,6 +173,24 @@ class EverythingParams:
             lo, hi = self.contrast_limits
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ValueError(f"contrast_limits must be finite, got {self.contrast_limits}")
+            if not lo < hi:
+                raise ValueError(
+                    f"contrast_limits must be (low, high) with low < high, got "
+                    f"{self.contrast_limits}: every pixel would map to one grey value"
+                )
+        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh",
+                     "crop_nms_thresh"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be a number in [0, 1], got {value}")
+        if not (math.isfinite(self.stability_score_offset) and self.stability_score_offset >= 0):
+            raise ValueError(
+                f"stability_score_offset must be >= 0, got {self.stability_score_offset}")
+        if not (math.isfinite(self.crop_overlap_ratio) and 0.0 <= self.crop_overlap_ratio < 1.0):
+            raise ValueError(f"crop_overlap_ratio must be in [0, 1), got {self.crop_overlap_ratio}")
+        if self.min_mask_region_area < 0:
+            raise ValueError(
+                f"min_mask_region_area must be >= 0, got {self.min_mask_region_area}")
 
 
 @dataclass(frozen=True)

@@ -474,17 +474,28 @@ def test_rgb_and_lazy_tiff_inputs_give_the_same_labels(tmp_path, stack, referenc
     np.testing.assert_array_equal(a.labels, b.labels)
 
 
-def test_bad_settings_are_rejected(stack):
+def test_bad_settings_are_rejected(stack, tmp_path):
     for params, match in [
         ({"points_per_side": 0}, "points_per_side"),
         ({"method": "magic"}, "method"),
         ({"min_size": 10, "max_size": 5}, "max_size"),
         ({"crop_n_layers": 1, "method": "efficientsam"}, "crops"),
+        ({"contrast_limits": (5000, 100)}, "low < high"),
+        ({"contrast_limits": (10, 10)}, "low < high"),
+        ({"pred_iou_thresh": float("nan")}, "pred_iou_thresh must be a number in"),
+        ({"box_nms_thresh": 5.0}, "box_nms_thresh must be a number in"),
+        ({"stability_score_offset": -1.0}, "stability_score_offset"),
+        ({"crop_overlap_ratio": 1.5}, "crop_overlap_ratio"),
+        ({"min_mask_region_area": -1}, "min_mask_region_area"),
     ]:
         with pytest.raises(ValueError, match=match):
             run_batch(stack[0], blob_settings(**params))
     with pytest.raises(ValueError, match="id_scope"):
         run_batch(stack[0], blob_settings("volume"))
+    # refused before anything is created: no output is left behind
+    with pytest.raises(ValueError, match="pred_iou_thresh"):
+        run_batch(stack[0], blob_settings(pred_iou_thresh=float("nan")), tmp_path / "p.zarr")
+    assert not (tmp_path / "p.zarr").exists()
     with pytest.raises(ValueError, match="unknown model"):
         run_batch(stack[0], BatchSettings(ModelSpec("sam-huge")))
 
