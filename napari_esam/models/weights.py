@@ -263,6 +263,11 @@ def load_state_dict(model: str, checkpoint: Any = None) -> dict[str, Any]:
             value = torch.from_numpy(value)
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{source}: entry {key!r} is not a tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"{source}: entry {key!r} holds NaN or infinite values: the checkpoint is "
+                "corrupt (or a bad conversion); use the official weights or another file"
+            )
         out[str(key)] = value
     return out
 

@@ -225,3 +225,14 @@ def test_git_blob_sha1_matches_git(tmp_path):
     path.write_bytes(b"hello\n")
     # `printf 'hello\n' | git hash-object --stdin`
     assert git_blob_sha1(path) == "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_with_nan_or_inf_are_refused(tmp_path, bad):
+    state = {k: torch.from_numpy(v.copy()) for k, v in synthetic_state_dict("mobilesam").items()}
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 2)
+    state[key][0, 0] = bad
+    path = tmp_path / "broken.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=f"{key}.*NaN or infinite"):
+        build_model("mobilesam", checkpoint=path, device="cpu")
