@@ -182,3 +182,20 @@ def test_embed_with_the_real_mobilesam_classes(tmp_path, capsys):
     assert sig.model == "mobilesam" and sig.image_shape == (900, 1000)
     emb = zarr.open_group(str(store), mode="r")["embeddings"]
     assert emb.shape == (1, 1, 256, 64, 64) and np.abs(np.asarray(emb[0, 0])).sum() > 0
+
+
+def test_rgba_is_read_as_everything_reads_it_and_the_store_serves_everything(
+        tmp_path, fake_models, capsys):
+    """An RGBA TIFF is one RGB plane for embed as for everything (its first three channels),
+    so the store embed makes is the one everything uses (no encoder run)."""
+    rgba = np.random.default_rng(3).integers(0, 255, (128, 160, 4)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    assert embed(tmp_path / "rgba.tif", "-o", tmp_path / "e.zarr") == 0
+    sig = read_signature(tmp_path / "e.zarr")
+    assert sig.rgb and sig.image_shape == (128, 160, 4) and (sig.tile, sig.halo) == (160, 0)
+    assert fake_models[-1].encode_calls == 1
+    S.clear_model_cache()
+    assert cli.main(["everything", str(tmp_path / "rgba.tif"), "-o", str(tmp_path / "l.zarr"),
+                     "--embeddings", str(tmp_path / "e.zarr"), "--points-per-side", "2",
+                     "--no-progress"]) == 0
+    assert "encoder runs 0; embeddings from the store 1" in capsys.readouterr().err
