@@ -150,8 +150,10 @@ class EverythingWidget(QWidget):
         )
         self.tile_spin = spin(16, 16384, TILE, "tile side in pixels (the model input: 1024)")
         self.tile_spin.setSingleStep(256)
-        self.halo_spin = spin(0, 8192, HALO, "overlap of neighbouring tiles, at most tile/2")
+        self.halo_spin = spin(0, TILE // 2, HALO, "overlap of neighbouring tiles, at most tile/2")
         self.halo_spin.setSingleStep(64)
+        # the halo can never exceed half the tile: a smaller tile clamps it
+        self.tile_spin.valueChanged.connect(lambda v: self.halo_spin.setMaximum(int(v) // 2))
         self.embeddings_edit = QLineEdit()
         self.embeddings_edit.setPlaceholderText("optional: embeddings.zarr (napari-esam embed)")
         self.embeddings_edit.setToolTip(

@@ -170,6 +170,9 @@ def test_widget_tiled_mode_controls_reach_the_controller_and_a_run_completes(
     widget.tiled_combo.setCurrentIndex(widget.tiled_combo.findData("on"))
     assert widget.tiled_note.text() == "this layer: tiled, full resolution"
     widget.tile_spin.setValue(TILE)
+    assert widget.halo_spin.value() == TILE // 2  # the 256 px halo is clamped to half the tile
+    widget.halo_spin.setValue(TILE)
+    assert widget.halo_spin.value() == TILE // 2  # never more than half the tile
     widget.halo_spin.setValue(HALO)
     widget.layer_contrast.setChecked(False)  # per-plane percentiles, as the reference
     store = tmp_path / "slide.emb.zarr"
