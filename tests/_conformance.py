@@ -62,3 +62,19 @@ def manifest_state_dict(model: str) -> dict[str, np.ndarray]:
         assert digest.hexdigest() == SHA256[model], "synthetic weight recipe mismatch"
         _CACHE[model] = sd
     return _CACHE[model]
+
+
+def assert_amg_records(records: list[dict], ref: dict[str, np.ndarray], expected: int) -> None:
+    """The automatic mask generator's records against a reference fixture (``amg*.npz``):
+    ``expected`` records with the same boxes, crop boxes and points, and predicted IoU and
+    stability within 1e-4 (the masks are compared by the caller)."""
+    assert len(records) == len(ref["area"]) == expected
+    np.testing.assert_array_equal([r["bbox"] for r in records], ref["bbox"])
+    np.testing.assert_array_equal([r["crop_box"] for r in records], ref["crop_box"])
+    np.testing.assert_array_equal([r["point_coords"][0] for r in records], ref["point_coords"])
+    np.testing.assert_allclose(
+        [r["predicted_iou"] for r in records], ref["predicted_iou"], rtol=0, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        [r["stability_score"] for r in records], ref["stability_score"], rtol=0, atol=1e-4
+    )

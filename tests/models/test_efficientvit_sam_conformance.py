@@ -20,7 +20,7 @@ from napari_esam.core.plane.predictor import Predictor
 from napari_esam.models.common import LayerNorm2d
 from napari_esam.models.efficientvit_sam import EfficientViTSAM, build_efficientvit_sam
 from napari_esam.models.synthetic import synth_state_dict_from_shapes
-from tests._conformance import load_npz, manifest
+from tests._conformance import assert_amg_records, load_npz, manifest
 
 VARIANTS = ("l0", "l1", "l2", "xl0", "xl1")
 #: README section 1: SHA-256 of the synthesized tensors, concatenated in manifest order
@@ -265,16 +265,7 @@ def test_l0_automatic_mask_generator(l0_predictor: Predictor, fixture: str, expe
     assert settings.pop("output_mode") == "binary_mask"
     records = segment_everything(ref["image"], l0_predictor, **settings)
 
-    assert len(records) == len(ref["area"]) == expected
-    np.testing.assert_array_equal([r["bbox"] for r in records], ref["bbox"])
-    np.testing.assert_array_equal([r["crop_box"] for r in records], ref["crop_box"])
-    np.testing.assert_array_equal([r["point_coords"][0] for r in records], ref["point_coords"])
-    np.testing.assert_allclose(
-        [r["predicted_iou"] for r in records], ref["predicted_iou"], rtol=0, atol=1e-4
-    )
-    np.testing.assert_allclose(
-        [r["stability_score"] for r in records], ref["stability_score"], rtol=0, atol=1e-4
-    )
+    assert_amg_records(records, ref, expected)
     n_px = ref["image"].shape[0] * ref["image"].shape[1]
     exact = 0
     for i, r in enumerate(records):

@@ -16,7 +16,7 @@ import torch
 from napari_esam.core.plane.everything import segment_everything
 from napari_esam.core.plane.predictor import Predictor
 from napari_esam.models.registry import create_model
-from tests._conformance import load_npz, manifest_state_dict
+from tests._conformance import assert_amg_records, load_npz, manifest_state_dict
 
 
 class CachingPredictor(Predictor):
@@ -63,16 +63,7 @@ def test_mobilesam_automatic_mask_generator(mobilesam, fixture, expected):
     assert settings.pop("output_mode") == "binary_mask"
     records = segment_everything(ref["image"], mobilesam, **settings)
 
-    assert len(records) == len(ref["area"]) == expected
-    np.testing.assert_array_equal([r["bbox"] for r in records], ref["bbox"])
-    np.testing.assert_array_equal([r["crop_box"] for r in records], ref["crop_box"])
-    np.testing.assert_array_equal([r["point_coords"][0] for r in records], ref["point_coords"])
-    np.testing.assert_allclose(
-        [r["predicted_iou"] for r in records], ref["predicted_iou"], rtol=0, atol=1e-4
-    )
-    np.testing.assert_allclose(
-        [r["stability_score"] for r in records], ref["stability_score"], rtol=0, atol=1e-4
-    )
+    assert_amg_records(records, ref, expected)
     n_px = ref["image"].shape[0] * ref["image"].shape[1]
     for i, r in enumerate(records):
         seg, want = r["segmentation"], ref["segmentation"][i]
