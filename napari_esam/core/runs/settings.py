@@ -19,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from napari_esam.core.tiling.grid import HALO, TILE, TILED_MODES, TileGrid, use_tiling
+from napari_esam.core.tiling.grid import (
+    HALO,
+    MIN_TILE,
+    TILE,
+    TILED_MODES,
+    TileGrid,
+    plane_grid,
+    use_tiling,
+)
 
 __all__ = [
     "MERGE_IOU",
@@ -37,8 +45,6 @@ __all__ = [
 
 #: default IoU inside the tiles' overlap from which two tiles' masks are one object
 MERGE_IOU = 0.5
-#: smallest tile side accepted
-MIN_TILE = 16
 
 
 def default_halo(tile: int) -> int:
@@ -86,11 +92,7 @@ class TilingParams:
 
     def grid(self, plane_shape: Sequence[int]) -> TileGrid:
         """The tile grid of a plane: tiles with halo, or the whole plane as one tile."""
-        h, w = (int(s) for s in plane_shape)
-        if self.tiled((h, w)) and max(h, w) > int(self.tile):
-            return TileGrid((h, w), int(self.tile), self.halo_px)
-        # one tile: the same grid (so the same records and store signatures) however chosen
-        return TileGrid((h, w), max(h, w, MIN_TILE), 0)
+        return plane_grid(plane_shape, self.mode, int(self.tile), self.halo_px)
 
 
 @dataclass(frozen=True)

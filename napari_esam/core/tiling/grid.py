@@ -32,6 +32,8 @@ TILE = 1024
 HALO = 256
 #: longest plane side (pixels) above which tiled mode "auto" tiles (widgets, CLI, Python)
 TILING_THRESHOLD = 2048
+#: smallest tile side accepted
+MIN_TILE = 16
 #: the lazy global sample (contrast limits and content hash): images up to this many pixels
 #: are read whole, larger ones through SAMPLE_GRID² patches of SAMPLE_PATCH² pixels
 SAMPLE_MAX_VALUES = 1 << 20
@@ -114,6 +116,20 @@ def use_tiling(
     if mode == "auto":
         return needs_tiling(tuple(shape), threshold, rgb)
     return mode == "on"
+
+
+def plane_grid(
+    shape: Sequence[int], mode: str, tile: int = TILE, halo: int = HALO,
+    threshold: int = TILING_THRESHOLD,
+) -> TileGrid:
+    """The tile grid of an (H, W) plane under tiled mode ``mode`` (``docs/rules/tiling.md``):
+    tiles of ``tile`` px with ``halo`` overlap when the mode tiles the plane and it is larger
+    than one tile; otherwise the whole plane as one tile (side ``max(H, W)``, no halo), so a
+    tile as large as the plane gives the same grid as ``"off"``."""
+    h, w = (int(s) for s in shape[:2])
+    if use_tiling(mode, (h, w), threshold=threshold) and max(h, w) > int(tile):
+        return TileGrid((h, w), int(tile), int(halo))
+    return TileGrid((h, w), max(h, w, MIN_TILE), 0)
 
 
 def read_window(
@@ -221,8 +237,8 @@ class TileGrid:
         tile, halo = int(tile), int(halo)
         if h < 2 or w < 2:
             raise ValueError(f"the image is too small to tile (shape {(h, w)})")
-        if tile < 16:
-            raise ValueError(f"tile must be at least 16 pixels, got {tile}")
+        if tile < MIN_TILE:
+            raise ValueError(f"tile must be at least {MIN_TILE} pixels, got {tile}")
         if not 0 <= halo <= tile // 2:
             raise ValueError(
                 f"halo (the overlap between tiles) must be in 0..{tile // 2} for tile {tile}, "
