@@ -8,8 +8,8 @@ then saves the window to ``docs/images/prompt_widget.png``.
 
 Model: MobileSAM with ``--checkpoint``, or with the official weights if they are already in
 the napari-esam cache. Otherwise (an offline machine has no weights) the masks come from a
-small *classical* stand-in engine (local Otsu threshold + connected component around the
-click) plugged into the same engine hook the tiled mode uses; a text overlay then says so.
+small *classical* stand-in model (local Otsu threshold + connected component around the
+click) plugged into the widget's model factory; a text overlay then says so.
 Without a display it starts a virtual X server (Xvfb, via ``pyvirtualdisplay``).
 """
 
@@ -27,62 +27,81 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "docs" / "images" / "prompt_widget.png"
 
 
-class ClassicalDemoEngine:
-    """A model-free engine for offline screenshots: Otsu threshold + connected component.
+def classical_demo_model() -> Any:
+    """A model-free stand-in for offline screenshots: Otsu threshold + connected component.
 
-    Implements the controller's engine interface (``embed``/``predict``); candidate masks are
-    the component around each positive click at three thresholds (score = contrast).
+    It implements the model interface the prompt widget drives (``preprocess``, ``encode``,
+    ``decode``, ``postprocess_masks``): the "embedding" is the smoothed grey image at the
+    decoder's 256-px resolution (packed into the embedding's channels), and the candidate masks
+    are the component around the positive clicks (or the box's centre) at three thresholds.
     """
+    import torch
+    import torch.nn.functional as F
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+    from torch import nn
 
-    name = "classical demo (no model weights)"
-    max_points = None
-    has_negative_point_embedding = True
+    from napari_esam.models.base import PromptableModel
 
-    def __init__(self) -> None:
-        self.encoder_calls = 0
+    class ClassicalDemoModel(PromptableModel):
+        name = "classical demo (no model weights)"
+        max_points = None
+        has_negative_point_embedding = True
 
-    def embed(self, image: np.ndarray, contrast_limits: Any) -> np.ndarray:
-        from scipy import ndimage as ndi
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
 
-        from napari_esam.core.plane.image import to_model_rgb
+        def preprocess(self, image: np.ndarray):
+            h, w = image.shape[:2]
+            s = 1024 / max(h, w)
+            nh, nw = int(h * s + 0.5), int(w * s + 0.5)
+            x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+            x = F.interpolate(x, (nh, nw), mode="bilinear", align_corners=False)
+            return F.pad(x, (0, 1024 - nw, 0, 1024 - nh)), (nh, nw)
 
-        self.encoder_calls += 1
-        gray = to_model_rgb(image, contrast_limits).mean(axis=2)
-        return ndi.gaussian_filter(gray, 1.0)
+        def encode(self, x):
+            grey = F.avg_pool2d(x.mean(1, keepdim=True), 4)  # (1, 1, 256, 256)
+            grey = torch.from_numpy(ndi.gaussian_filter(grey[0, 0].numpy(), 1.0))[None, None]
+            packed = F.pixel_unshuffle(grey, 4)  # (1, 16, 64, 64)
+            return F.pad(packed, (0, 0, 0, 0, 0, 256 - 16))
 
-    def predict(self, embedding, point_coords, point_labels, boxes):
-        from scipy import ndimage as ndi
-        from skimage.filters import threshold_otsu
+        def decode(self, embedding, coords, labels, original_size, multimask_output=True):
+            img = F.pixel_shuffle(embedding[:1, :16], 4)[0, 0].numpy()  # (256, 256)
+            s = 1024 / max(original_size) / 4  # original px -> 256 frame
+            n_obj = coords.shape[0]
+            low = np.full((n_obj, 3, 256, 256), -10.0, dtype=np.float32)
+            for b in range(n_obj):
+                pts = (coords[b].numpy() * s).astype(int).clip(0, 255)
+                lab = labels[b].numpy()
+                pos = [(y, x) for (x, y), v in zip(pts, lab, strict=True) if v == 1]
+                neg = [(y, x) for (x, y), v in zip(pts, lab, strict=True) if v == 0]
+                corners = pts[(lab == 2) | (lab == 3)]
+                if len(corners) == 2:
+                    (x0, y0), (x1, y1) = corners
+                    window = (slice(y0, y1 + 1), slice(x0, x1 + 1))
+                    pos.append(((y0 + y1) // 2, (x0 + x1) // 2))
+                else:
+                    cy, cx = pos[0] if pos else (128, 128)
+                    window = (slice(max(0, cy - 20), cy + 20), slice(max(0, cx - 20), cx + 20))
+                local = img[window]
+                otsu = threshold_otsu(local) if np.ptp(local) > 0 else local.max()
+                for k, factor in enumerate((1.0, 0.7, 1.3)):
+                    fg = np.zeros(img.shape, dtype=bool)
+                    fg[window] = local > otsu * factor
+                    comp, _ = ndi.label(ndi.binary_fill_holes(fg))
+                    ids = {comp[p] for p in pos if comp[p] > 0} - {comp[p] for p in neg}
+                    low[b, k][np.isin(comp, list(ids)) & (comp > 0)] = 10.0
+            scores = torch.tensor([[0.95, 0.85, 0.75]]).expand(n_obj, -1)
+            k = 3 if multimask_output else 1
+            return torch.from_numpy(low[:, :k]), scores[:, :k].clone()
 
-        img = embedding
-        h, w = img.shape
-        n_obj = len(boxes) if boxes is not None else 1
-        masks = np.zeros((n_obj, 3, h, w), dtype=bool)
-        scores = np.zeros((n_obj, 3), dtype=np.float32)
-        for b in range(n_obj):
-            pts = [] if point_coords is None else point_coords[b]
-            lbl = [] if point_labels is None else point_labels[b]
-            pos = [(int(y), int(x)) for (x, y), v in zip(pts, lbl, strict=True) if v == 1]
-            neg = [(int(y), int(x)) for (x, y), v in zip(pts, lbl, strict=True) if v == 0]
-            if boxes is not None:
-                x0, y0, x1, y1 = (int(round(v)) for v in boxes[b])
-                window = (slice(y0, y1 + 1), slice(x0, x1 + 1))
-                pos.append(((y0 + y1) // 2, (x0 + x1) // 2))
-            else:
-                r = 40
-                cy, cx = pos[0] if pos else (h // 2, w // 2)
-                window = (slice(max(0, cy - r), cy + r), slice(max(0, cx - r), cx + r))
-            local = img[window]
-            otsu = threshold_otsu(local) if np.ptp(local) > 0 else local.max()
-            for k, factor in enumerate((1.0, 0.7, 1.3)):
-                fg = np.zeros((h, w), dtype=bool)
-                fg[window] = local > otsu * factor
-                fg = ndi.binary_fill_holes(ndi.binary_opening(fg, iterations=1))
-                comp, _ = ndi.label(fg)
-                ids = {comp[p] for p in pos if comp[p] > 0} - {comp[p] for p in neg}
-                masks[b, k] = np.isin(comp, list(ids)) if ids else False
-                scores[b, k] = 0.95 - 0.1 * k
-        return masks, scores
+        def postprocess_masks(self, low_res, input_size, original_size):
+            x = F.interpolate(low_res, (1024, 1024), mode="bilinear", align_corners=False)
+            x = x[..., : input_size[0], : input_size[1]]
+            return F.interpolate(x, original_size, mode="bilinear", align_corners=False)
+
+    return ClassicalDemoModel().eval()
 
 
 def _ensure_display(width: int, height: int) -> Any:
@@ -148,8 +167,8 @@ def main(argv: list[str] | None = None) -> Path:
             widget._on_checkpoint()
             title = "MobileSAM"
         else:
-            ctrl.engine_factory = lambda *key: ClassicalDemoEngine()
-            title = "classical stand-in engine (no weights offline)"
+            ctrl.model_factory = lambda *key: classical_demo_model()
+            title = "classical stand-in model (no weights offline)"
         for _ in range(5):
             QApplication.processEvents()
         if ctrl.points_layer is None:
@@ -173,7 +192,7 @@ def main(argv: list[str] | None = None) -> Path:
             overlay.position = "top_center"
             overlay.font_size = 11
             overlay.text = (
-                "offline screenshot: masks from a classical stand-in engine, not a SAM model"
+                "offline screenshot: masks from a classical stand-in model, not a SAM model"
             )
         viewer.layers.selection.active = points
         viewer.reset_view()

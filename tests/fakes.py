@@ -176,46 +176,56 @@ def tiled_blob_stack(n: int = 2, shape=(300, 400)) -> np.ndarray:
 # --- shared helpers (were in test_prompt_controller.py)
 
 class CountingFake(FakeModel):
-    """FakeModel counting decoder calls and recording the encoded images."""
+    """FakeModel counting decoder calls and recording the images it encodes (the model's
+    (H, W, 3) uint8 input before resizing, see :func:`model_input`)."""
 
     def __init__(self, max_points: int | None = None, negatives: bool = True) -> None:
         super().__init__()
         self.decode_calls = 0
         self.max_points = max_points
         self.has_negative_point_embedding = negatives
+        self.seen: list[np.ndarray] = []
+
+    def preprocess(self, image: np.ndarray):
+        self.seen.append(np.array(image))
+        return super().preprocess(image)
 
     def decode(self, *args, **kwargs):
         self.decode_calls += 1
         return super().decode(*args, **kwargs)
 
 
+def model_input(pixels: np.ndarray, rgb: bool = False) -> np.ndarray:
+    """What the model sees of a plane's raw ``pixels``: (H, W, 3) uint8 under the plane's own
+    contrast rule (``docs/rules/tiling.md#contrast``)."""
+    from napari_esam.core.plane.image import to_model_rgb
+    from napari_esam.core.tiling.grid import plane_contrast_limits
+
+    return to_model_rgb(pixels, plane_contrast_limits(pixels, rgb=rgb))
+
+
 class Factory:
-    """Engine factory building CountingFake engines and remembering them."""
+    """Model factory of the prompt widget building CountingFake models and remembering them."""
 
     def __init__(self, **kwargs) -> None:
         self.kwargs = kwargs
         self.calls: list[tuple] = []
-        self.engines: list = []
-        self.embedded: list[np.ndarray] = []
+        self.models: list[CountingFake] = []
 
     def __call__(self, name, checkpoint, device):
         self.calls.append((name, checkpoint, device))
-        from napari_esam.widgets.prompt.controller import SamEngine
-
-        engine = SamEngine(CountingFake(**self.kwargs).eval())
-        embed = engine.embed
-
-        def recording_embed(image, cl):
-            self.embedded.append(np.array(image))
-            return embed(image, cl)
-
-        engine.embed = recording_embed
-        self.engines.append(engine)
-        return engine
+        model = CountingFake(**self.kwargs).eval()
+        self.models.append(model)
+        return model
 
     @property
     def model(self) -> CountingFake:
-        return self.engines[-1].model
+        return self.models[-1]
+
+    @property
+    def embedded(self) -> list[np.ndarray]:
+        """The images every model of this factory encoded (model inputs, oldest first)."""
+        return [img for m in self.models for img in m.seen]
 
 
 def blobs(shape=(120, 160), dtype=np.uint16, seed=0) -> np.ndarray:

@@ -35,7 +35,6 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from napari_esam.core.plane.engine import ModelInfoMixin
 from napari_esam.core.plane.predictor import Predictor
 from napari_esam.core.tiling.grid import (
     HALO,
@@ -55,7 +54,7 @@ from napari_esam.core.tiling.grid import (
 from napari_esam.core.tiling.store import EmbeddingStore, StaleEmbeddingStoreError, StoreSignature
 from napari_esam.models.base import PromptableModel
 
-__all__ = ["TiledPredictor", "TiledMask", "TiledEngine", "paste_mask"]
+__all__ = ["PlaneEmbedding", "PromptEngine", "TiledMask", "TiledPredictor", "paste_mask"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -273,6 +272,10 @@ class TiledPredictor:
         self._cache.move_to_end(key)
         while len(self._cache) > max(1, self.cache_size):
             self._cache.popitem(last=False)
+
+    def remember_tile(self, tile: Tile, value: tuple[torch.Tensor, tuple[int, int]]) -> None:
+        """Keep ``value`` (embedding, input size) as tile ``tile`` of the current plane."""
+        self._remember(("tile", self.index, tile.iy, tile.ix), value)
 
     def plane_limits(self, index: tuple[int, ...] | None = None) -> tuple[float, float] | None:
         """The contrast limits of plane ``index`` (default: the current one): the given
@@ -597,34 +600,51 @@ class TiledPredictor:
         return encoded
 
 
-# ---------------------------------------------------------------------- widget adapter
+# ---------------------------------------------------------------------- the prompt engine
 
 
 @dataclass(frozen=True, eq=False)
-class TiledEmbedding:
-    """The opaque "embedding" :class:`TiledEngine` hands to the prompt widget: the source
-    array and plane (tiles are embedded lazily, on the first prompt that needs them)."""
+class PlaneEmbedding:
+    """What :meth:`PromptEngine.embed` hands to the prompt widget for one plane.
+
+    The source array and plane, and for a plane that is **one tile** the tile's embedding
+    itself (computed by ``embed``, so every click decodes at once and the widget's LRU cache
+    owns it); the tiles of a larger grid are embedded on the first prompt that needs them.
+    """
 
     data: Any
     index: tuple[int, ...]
     contrast_limits: tuple[float, float] | None
     rgb: bool | None
     shape: tuple[int, int]
+    n_tiles: int
+    features: tuple[torch.Tensor, tuple[int, int]] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether decoding needs no encoder run (the plane is one tile, already embedded)."""
+        return self.features is not None
 
 
-class TiledEngine(ModelInfoMixin):
-    """The prompt widget's ``Engine`` (see ``widgets/prompt/controller.py``) for large images.
+class PromptEngine:
+    """The prompt widget's one engine: prompts on a plane of any size, through a tile grid.
 
-    Same protocol as ``SamEngine``: ``embed(image, contrast_limits)`` in a worker thread (here
-    it only reads the global sample and opens the store: tiles are encoded when a prompt
-    needs them, or ahead of time with :meth:`prefetch`), ``predict(embedding, coords, labels,
-    boxes)`` → masks (B, K, H, W) for the whole plane and scores (B, K). ``embed`` also
-    accepts the whole lazy layer array with ``index=`` (the plane's leading indices), so the
-    plane is never read whole; :meth:`predict_windowed` returns per-object windows instead of
-    whole-plane masks, for planes too large to hold B x K full masks.
+    A plane that fits the grid's one tile (the widget's whole-plane mode: ``tile`` = the
+    plane's longer side, ``halo`` 0) is embedded by :meth:`embed` (in a worker) and decoded
+    on the GUI thread at each click; a plane of several tiles (tiled mode) is opened by
+    :meth:`embed` without encoding, and its prompts are decoded in a worker after
+    :meth:`prefetch` has encoded the tiles under them (routing rules: module doc). Either way
+    :meth:`predict_windowed` returns one :class:`TiledMask` per object, at full resolution
+    in its window.
+
+    Args:
+        model: the promptable model.
+        tile, halo: the grid (``docs/rules/tiling.md``).
+        cache_size: tile embeddings kept in memory.
+        store: an embedding store (path or :class:`EmbeddingStore`) or ``None``.
+        store_mode: how the store is opened (``"a"``, ``"r"``).
+        refine: re-decode objects that leave their tile (module doc).
     """
-
-    tiled = True
 
     def __init__(
         self,
@@ -644,6 +664,18 @@ class TiledEngine(ModelInfoMixin):
         )
 
     @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def max_points(self) -> int | None:
+        return self.model.max_points
+
+    @property
+    def has_negative_point_embedding(self) -> bool:
+        return bool(self.model.has_negative_point_embedding)
+
+    @property
     def encoder_calls(self) -> int:
         return self.predictor.encoder_calls
 
@@ -654,54 +686,80 @@ class TiledEngine(ModelInfoMixin):
         *,
         index: tuple[int, ...] | None = None,
         rgb: bool | None = None,
-    ) -> TiledEmbedding:
-        """Set the image (a 2-D plane, or a lazy stack with ``index``); encodes nothing."""
+    ) -> PlaneEmbedding:
+        """Open the plane (a 2-D image, or a lazy stack with ``index``); encode it when it is
+        one tile (call from a worker).
+
+        Args:
+            image: (H, W[, C]) plane or a (..., H, W[, C]) stack (NumPy, Dask, Zarr).
+            contrast_limits: applied to every tile (``None``: the plane's own).
+            index: the plane's leading indices in a stack.
+            rgb: whether the last axis is colour (``None``: guessed).
+        """
         tp = self.predictor
         with tp._lock:
             tp.set_image(image, contrast_limits, rgb=rgb, index=index)
-            return TiledEmbedding(tp.data, tp.index, contrast_limits, tp.rgb, tp.grid.shape)
+            grid = tp.grid
+            features = tp.tile_embedding(grid.tile_at(0, 0)) if grid.n_tiles == 1 else None
+            return PlaneEmbedding(
+                tp.data, tp.index, contrast_limits, tp.rgb, grid.shape, grid.n_tiles, features
+            )
 
-    def _use(self, embedding: TiledEmbedding) -> TiledPredictor:
+    def _use(self, embedding: PlaneEmbedding) -> TiledPredictor:
         tp = self.predictor
         tp.set_image(embedding.data, embedding.contrast_limits, rgb=embedding.rgb,
                      index=embedding.index)
+        if embedding.features is not None:
+            tp.remember_tile(tp.grid.tile_at(0, 0), embedding.features)
         return tp
 
     def prefetch(
         self,
-        embedding: TiledEmbedding,
+        embedding: PlaneEmbedding,
         point_coords: np.ndarray | None,
         point_labels: np.ndarray | None,
         boxes: np.ndarray | None,
     ) -> int:
-        """Encode the tiles these prompts need (call from a worker before :meth:`predict`)."""
+        """Encode the tiles these prompts need (from a worker); returns how many were encoded.
+
+        Args:
+            embedding: from :meth:`embed`.
+            point_coords, point_labels, boxes: B objects' prompts in plane (x, y) pixels, as
+                :meth:`TiledPredictor.predict_batch`.
+        """
         with self.predictor._lock:
             return self._use(embedding).prefetch(point_coords, point_labels, boxes)
 
+    def predict_windowed(
+        self,
+        embedding: PlaneEmbedding,
+        point_coords: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+    ) -> list[TiledMask]:
+        """One :class:`TiledMask` (K candidate masks of its window, scores) per object.
+
+        Args:
+            embedding: from :meth:`embed`.
+            point_coords, point_labels, boxes: as :meth:`prefetch`.
+        """
+        with self.predictor._lock:
+            return self._use(embedding).predict_objects(
+                point_coords, point_labels, boxes, multimask_output=True
+            )
+
     def predict(
         self,
-        embedding: TiledEmbedding,
+        embedding: PlaneEmbedding,
         point_coords: np.ndarray | None,
         point_labels: np.ndarray | None,
         boxes: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Prompts of B objects in plane (x, y) → masks (B, K, H, W) bool, scores (B, K)."""
+        """Like :meth:`predict_windowed`, as whole-plane masks (B, K, H, W) bool and scores
+        (B, K) (only for planes whose B x K masks fit in memory)."""
         with self.predictor._lock:
             tp = self._use(embedding)
             masks, scores, _ = tp.predict_batch(
                 point_coords, point_labels, boxes, multimask_output=True, full_size=True
             )
         return masks, scores
-
-    def predict_windowed(
-        self,
-        embedding: TiledEmbedding,
-        point_coords: np.ndarray | None,
-        point_labels: np.ndarray | None,
-        boxes: np.ndarray | None,
-    ) -> list[TiledMask]:
-        """Like :meth:`predict` but one :class:`TiledMask` (masks of its window) per object."""
-        with self.predictor._lock:
-            return self._use(embedding).predict_objects(
-                point_coords, point_labels, boxes, multimask_output=True
-            )

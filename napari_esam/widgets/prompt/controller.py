@@ -15,14 +15,14 @@ Conventions (documented in ``docs/interactive.md``):
 * Points (and at most one box) form one object; boxes without points are one object each,
   decoded together in one batched decoder call.
 
-The model is reached only through an :class:`Engine` (``embed`` a plane, ``predict`` masks
-from prompts on an embedding), built by an injectable factory: the default
-:class:`SamEngine` resizes the plane to the model's 1024 input. In tiled mode (``set_tiling``;
-automatic for planes with a side over 2048 px) the engine's model is wrapped in a
-:class:`~napari_esam.core.tiling.predictor.TiledEngine`: prompts are answered at full
-resolution from the tile under them, and tile encoding *and* decoding run in the worker.
-Heavy work (building the model, encoding) runs through a :data:`~.workers.Runner`:
-synchronously by default, in a napari thread worker in the widget.
+The model (built by an injectable factory) is reached through one
+:class:`~napari_esam.core.tiling.predictor.PromptEngine` per tile grid: the plane's grid
+follows the one tiling rule (``set_tiling``, ``docs/rules/tiling.md``). A plane that is one
+tile is resized to the model input, embedded when it is shown and decoded on the GUI thread
+at each click; a plane of several tiles (tiled mode, full resolution) is answered from the
+tiles under the prompts, whose encoding *and* decoding run in the worker. Heavy work
+(building the model, encoding) runs through a :data:`~.workers.Runner`: synchronously by
+default, in a napari thread worker in the widget.
 """
 
 from __future__ import annotations
@@ -32,19 +32,20 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from napari_esam.core.plane.engine import ModelInfoMixin
 from napari_esam.core.tiling.grid import (
     HALO,
     TILE,
     TILED_MODES,
     TILING_THRESHOLD,
     TileGrid,
-    use_tiling,
+    plane_grid,
 )
+from napari_esam.core.tiling.predictor import PlaneEmbedding, PromptEngine, TiledMask
+from napari_esam.models.base import PromptableModel
 from napari_esam.widgets.workers import Progress, Runner, run_sync
 
 POSITIVE = "positive"
@@ -74,109 +75,17 @@ class PromptError(ValueError):
     """A problem the user can fix (shown as a message, never raised to napari)."""
 
 
-# ----------------------------------------------------------------------------- engines
+# ------------------------------------------------------------------------------ model
+
+#: builds the model for (name, checkpoint or ``None`` = official weights, device)
+ModelFactory = Callable[[str, Any, str], PromptableModel]
 
 
-@dataclass(frozen=True)
-class Embedding:
-    """The image embedding of one plane, with the sizes needed to decode on it."""
-
-    features: Any
-    original_size: tuple[int, int]
-    input_size: tuple[int, int]
-
-
-class Engine(Protocol):
-    """How the controller reaches a model: the hook a tiled engine replaces.
-
-    ``embed`` runs in a worker thread; ``predict`` runs on the GUI thread and must be fast.
-    """
-
-    name: str
-    max_points: int | None
-    has_negative_point_embedding: bool
-    encoder_calls: int
-
-    def embed(self, image: np.ndarray, contrast_limits: tuple[float, float] | None) -> Any:
-        """(H, W) or (H, W, 3) plane → an opaque embedding for :meth:`predict`."""
-
-    def predict(
-        self,
-        embedding: Any,
-        point_coords: np.ndarray | None,
-        point_labels: np.ndarray | None,
-        boxes: np.ndarray | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Prompts of B objects (SAM's (x, y) pixels) → masks (B, K, H, W) bool, scores (B, K).
-
-        Raises ``ValueError`` with a user-readable message for invalid prompts.
-        """
-
-
-class SamEngine(ModelInfoMixin):
-    """Whole-plane engine over :class:`~napari_esam.core.plane.predictor.Predictor`.
-
-    The plane is resized to the model's 1024-pixel input (longest side), so planes larger
-    than 1024 px are segmented at reduced resolution; tiled mode gives full resolution.
-    """
-
-    tiled = False
-
-    def __init__(self, model: Any) -> None:
-        from napari_esam.core.plane.predictor import Predictor
-
-        self.model = model
-        self._encoder = Predictor(model)  # used by one worker at a time
-        self._decoder = Predictor(model)  # used on the GUI thread
-        self._current: Embedding | None = None
-
-    @property
-    def encoder_calls(self) -> int:
-        return self._encoder.encoder_calls
-
-    def embed(self, image: np.ndarray, contrast_limits: tuple[float, float] | None) -> Embedding:
-        self._encoder.set_image(image, contrast_limits)
-        enc = self._encoder
-        return Embedding(enc.get_image_embedding(), enc.original_size, enc.input_size)
-
-    def predict(
-        self,
-        embedding: Embedding,
-        point_coords: np.ndarray | None,
-        point_labels: np.ndarray | None,
-        boxes: np.ndarray | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if self._current is not embedding:
-            self._decoder.set_embedding(
-                embedding.features, embedding.original_size, embedding.input_size
-            )
-            self._current = embedding
-        masks, scores, _ = self._decoder.predict_batch(
-            point_coords, point_labels, boxes, multimask_output=True
-        )
-        return masks.astype(bool, copy=False), scores
-
-
-EngineFactory = Callable[[str, Any, str], Engine]
-
-
-def default_engine_factory(model_name: str, checkpoint: Any, device: str) -> Engine:
+def default_model_factory(model_name: str, checkpoint: Any, device: str) -> PromptableModel:
     """Build ``model_name`` with ``checkpoint`` (``None`` = official weights) on ``device``."""
     from napari_esam.models.loading import build_model
 
-    return SamEngine(build_model(model_name, checkpoint, device))
-
-
-def make_tiled_engine(engine: Any, tiling: tuple) -> Engine:
-    """A :class:`~napari_esam.core.tiling.predictor.TiledEngine` over ``engine``'s model for
-    ``tiling`` = ``("tiled", tile, halo, store path or None)``."""
-    from napari_esam.core.tiling.predictor import TiledEngine
-
-    model = getattr(engine, "model", None)
-    if model is None:
-        raise PromptError(f"The engine {engine.name!r} cannot run in tiled mode.")
-    _, tile, halo, store = tiling
-    return TiledEngine(model, tile=tile, halo=halo, store=store)
+    return build_model(model_name, checkpoint, device)
 
 
 class EmbeddingCache:
@@ -335,17 +244,6 @@ def plane_of(
         tuple(index), row_axis, col_axis, (shape[row_axis], shape[col_axis]), channel_axis,
         bool(layer.rgb),
     )
-
-
-def read_plane(data: Any, plane: Plane) -> np.ndarray:
-    """Read ``plane`` from image ``data`` → (H, W) or (H, W, 3) NumPy array."""
-    arr = data[plane.data_slicer()]
-    if hasattr(arr, "compute") and not isinstance(arr, np.ndarray):
-        arr = arr.compute()
-    arr = plane.to_plane(np.asarray(arr))
-    if plane.rgb:
-        arr = arr[..., :3]
-    return np.ascontiguousarray(arr)
 
 
 def rc_to_xy(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -531,8 +429,8 @@ class _Decoded:
     """The last decoder output, for the preview, mask cycling and commit.
 
     Per object ``b``: ``masks[b]`` (K, h, w) covers the plane region starting at
-    ``offsets[b]`` (row, col): the whole plane for the whole-plane engine, the answering tile
-    window in tiled mode. ``signature`` identifies the prompts and embedding (tiled mode).
+    ``offsets[b]`` (row, col): the answering window (the whole plane when it is one tile).
+    ``signature`` identifies the prompts and the embedding they were decoded on.
     """
 
     plane: Plane
@@ -595,7 +493,7 @@ class PromptController:
     def __init__(
         self,
         viewer: Any,
-        engine_factory: EngineFactory = default_engine_factory,
+        model_factory: ModelFactory = default_model_factory,
         runner: Runner = run_sync,
         cache_size: int = 8,
         notify: bool = True,
@@ -603,7 +501,7 @@ class PromptController:
         from napari.utils.events import EmitterGroup
 
         self.viewer = viewer
-        self.engine_factory = engine_factory
+        self.model_factory = model_factory
         self.runner = runner
         self.notify = notify
         self.events = EmitterGroup(source=self, status=None, busy=None, progress=None, changed=None)
@@ -618,7 +516,8 @@ class PromptController:
         self.tile = TILE
         self.halo = HALO
         self.embedding_store: str | None = None
-        self._tiled_engines: dict[tuple, Engine] = {}
+        self._engines: dict[tuple, PromptEngine] = {}
+        self._dropped_encoder_calls = 0
         self._decode_failed: tuple[Hashable, str] | None = None
         self.channel_axis: int | None = None
         self.channel: int | None = None
@@ -632,8 +531,8 @@ class PromptController:
         self._labels: Any = None
         self._preview: Any = None
         self._preview_region: tuple[Plane, tuple[int, int, int, int]] | None = None
-        self._engine: Engine | None = None
-        self._engine_key: tuple | None = None
+        self._model: PromptableModel | None = None
+        self._model_key: tuple | None = None
         self._failed: dict[Hashable, str] = {}
         self._pending = False
         self._decoded: _Decoded | None = None
@@ -649,32 +548,43 @@ class PromptController:
 
     # ------------------------------------------------------------------ settings
     @property
-    def engine_key(self) -> tuple:
+    def model_key(self) -> tuple:
+        """The model settings (name, checkpoint, device) the loaded model must match."""
         ckpt = self.checkpoint
         ckpt = ("state_dict", id(ckpt)) if isinstance(ckpt, dict) else (str(ckpt) if ckpt else None)
         return (self.model_name, ckpt, self.device)
 
     @property
-    def engine(self) -> Engine | None:
-        """The loaded engine for the current model settings (``None`` until first used)."""
-        return self._engine if self._engine_key == self.engine_key else None
+    def model(self) -> PromptableModel | None:
+        """The loaded model for the current settings (``None`` until first used)."""
+        return self._model if self._model_key == self.model_key else None
 
     @property
     def encoder_calls(self) -> int:
         """Image-encoder runs so far (whole planes, tiles and tile windows)."""
-        base = 0 if self._engine is None else int(self._engine.encoder_calls)
-        return base + sum(int(e.encoder_calls) for e in self._tiled_engines.values())
+        live = sum(int(e.encoder_calls) for e in self._engines.values())
+        return self._dropped_encoder_calls + live
+
+    def _drop_engines(self) -> None:
+        """Forget every engine (and its tile cache), keeping the encoder-call count."""
+        self._dropped_encoder_calls = self.encoder_calls
+        self._engines.clear()
+
+    def grid(self, plane: Plane) -> TileGrid:
+        """The tile grid of ``plane`` under the tiling settings (``docs/rules/tiling.md``)."""
+        return plane_grid(
+            plane.shape, self.tiled_mode, self.tile, self.halo, self.tiled_threshold
+        )
 
     def is_tiled(self, plane: Plane) -> bool:
-        """Whether ``plane`` is segmented in tiled mode (full resolution, tile by tile)."""
-        return use_tiling(self.tiled_mode, plane.shape, threshold=self.tiled_threshold)
+        """Whether ``plane`` is segmented tile by tile (more than one tile, full resolution)."""
+        return self.grid(plane).n_tiles > 1
 
-    def tiling_key(self, plane: Plane) -> tuple | None:
-        """The tiling settings used for ``plane`` (``None``: the whole-plane engine)."""
-        if not self.is_tiled(plane):
-            return None
+    def tiling_key(self, plane: Plane) -> tuple:
+        """(tile, halo, store) of the engine answering prompts on ``plane``."""
+        grid = self.grid(plane)
         store = None if self.embedding_store is None else str(self.embedding_store)
-        return ("tiled", self.tile, self.halo, store)
+        return (grid.tile, grid.halo, store)
 
     def set_tiling(
         self,
@@ -685,9 +595,16 @@ class PromptController:
         store: Any = ...,
         threshold: int | None = None,
     ) -> None:
-        """Tiled-mode settings: ``mode`` ``"auto"`` (planes whose longer side exceeds
-        ``threshold`` px), ``"on"`` or ``"off"``; ``tile``/``halo`` in pixels; ``store`` an
-        embedding store path (as written by ``napari-esam embed``; ``None``: none)."""
+        """Tiled-mode settings (``docs/rules/tiling.md``).
+
+        Args:
+            mode: ``"auto"`` (planes whose longer side exceeds ``threshold`` px), ``"on"``
+                or ``"off"``.
+            tile, halo: tile side and overlap in pixels.
+            store: an embedding store path (as written by ``napari-esam embed``; ``None``:
+                none).
+            threshold: the ``"auto"`` threshold in pixels.
+        """
         if mode is not None and mode not in TILED_MODES:
             raise ValueError(f"tiled mode must be one of {TILED_MODES}, not {mode!r}")
         tile = self.tile if tile is None else int(tile)
@@ -705,12 +622,11 @@ class PromptController:
         self.events.changed()
         self.update()
 
-    def _plane_engine(self, tiling: tuple | None) -> Engine | None:
+    def _plane_engine(self, tiling: tuple) -> PromptEngine | None:
         """The engine answering prompts under ``tiling`` (``None`` until it is built)."""
-        engine = self.engine
-        if engine is None or tiling is None:
-            return engine
-        return self._tiled_engines.get((self.engine_key, tiling))
+        if self.model is None:
+            return None
+        return self._engines.get((self.model_key, tiling))
 
     def set_model(
         self, name: str | None = None, checkpoint: Any = ..., device: str | None = None
@@ -722,17 +638,20 @@ class PromptController:
             self.checkpoint = checkpoint or None
         if device is not None:
             self.device = device
-        if self._engine_key != self.engine_key:
-            self._engine = None
-            self._engine_key = None
-            self._tiled_engines.clear()
+        if self._model_key != self.model_key:
+            self._model = None
+            self._model_key = None
+            self._drop_engines()
             self._failed.clear()
         self._decoded = None
         self.events.changed()
         self.update()
 
     def set_cache_size(self, size: int) -> None:
+        """Keep at most ``size`` embeddings in memory: slices, or tiles in tiled mode."""
         self.cache.maxsize = size
+        for engine in self._engines.values():
+            engine.predictor.cache_size = self.cache.maxsize
 
     def set_channel(self, axis: int | None, channel: int | None = None) -> None:
         """Segment channel ``channel`` of ``axis`` (``None``: the one the slider shows)."""
@@ -893,7 +812,7 @@ class PromptController:
         plane = plane_of(self.viewer, image, self.channel_axis, self.channel)
         cl = tuple(float(c) for c in image.contrast_limits) if self.use_contrast_limits else None
         key = (
-            image.unique_id, self._data_version, plane.key, self.engine_key, cl,
+            image.unique_id, self._data_version, plane.key, self.model_key, cl,
             self.tiling_key(plane),
         )
         return image, plane, key
@@ -928,7 +847,7 @@ class PromptController:
             if self._decoded is not None and self._decoded.plane != plane:
                 self._decoded = None
                 self._clear_preview()
-            if prompts.empty and self.engine is None:
+            if prompts.empty and self.model is None:
                 self._status(" ".join([*notes, self._hint(plane)]), self._level(notes))
                 return
             self._request_embedding(image, plane, key)
@@ -938,10 +857,7 @@ class PromptController:
             self._clear_preview()
             self._status(" ".join([*notes, self._hint(plane)]), self._level(notes))
             return
-        if getattr(engine, "tiled", False):
-            self._decode_tiled(engine, image, plane, key, prompts, embedding, notes)
-        else:
-            self._decode(image, plane, prompts, embedding, notes)
+        self._decode(engine, image, plane, key, prompts, embedding, notes)
 
     def _hint(self, plane: Plane) -> str:
         where = "" if plane.ndim == 2 else f" on slice {self._slice_text(plane)}"
@@ -986,31 +902,8 @@ class PromptController:
         boxes = prompts.boxes_xyxy if n_box else None
         return coords, labels, boxes
 
-    def _decode(
-        self, image: Any, plane: Plane, prompts: PlanePrompts, embedding: Any, notes: list[str]
-    ) -> None:
-        engine = self.engine
-        try:
-            coords, labels, boxes = self._objects(prompts)
-            masks, scores = engine.predict(embedding, coords, labels, boxes)
-        except ValueError as exc:  # PromptError or the predictor's prompt checks
-            self._decoded = None
-            self._clear_preview()
-            self._message(" ".join([*notes, str(exc)]), "warning")
-            return
-        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: a message, not a crash
-            self._decoded = None
-            self._clear_preview()
-            self._message(f"Decoding the prompts failed: {type(exc).__name__}: {exc}", "warning")
-            return
-        previous = self._decoded
-        self._decoded = _Decoded(plane, image.unique_id, list(masks), scores)
-        if previous is None or len(previous.masks) != len(masks):
-            self.mask_rank = 0
-        self._show_decoded([*notes, *self._negative_note(engine, labels)])
-
     @staticmethod
-    def _negative_note(engine: Engine, labels: np.ndarray | None) -> list[str]:
+    def _negative_note(engine: PromptEngine, labels: np.ndarray | None) -> list[str]:
         if labels is None or engine.has_negative_point_embedding or labels.all():
             return []
         return [
@@ -1018,7 +911,7 @@ class PromptController:
             "remove area (MobileSAM supports them)."
         ]
 
-    # ------------------------------------------------------------------- tiled mode
+    # ------------------------------------------------------------------- decoding
     @staticmethod
     def _signature(key: tuple, objects: tuple) -> tuple:
         coords, labels, boxes = objects
@@ -1032,11 +925,12 @@ class PromptController:
         except PromptError:
             return None
 
-    def _decode_tiled(
-        self, engine: Any, image: Any, plane: Plane, key: tuple, prompts: PlanePrompts,
-        embedding: Any, notes: list[str],
+    def _decode(
+        self, engine: PromptEngine, image: Any, plane: Plane, key: tuple,
+        prompts: PlanePrompts, embedding: PlaneEmbedding, notes: list[str],
     ) -> None:
-        """Tiled mode: encode the tiles under the prompts and decode, in the worker."""
+        """Decode the prompts: at once when the plane's embedding is ready (one tile), else
+        in the worker after encoding the tiles under the prompts."""
         try:
             objects = self._objects(prompts)
         except PromptError as exc:
@@ -1052,18 +946,25 @@ class PromptController:
         if self._decode_failed is not None and self._decode_failed[0] == sig:
             self._status(self._decode_failed[1], "warning")
             return
+        layer_id = image.unique_id
+        if embedding.ready:
+            try:
+                objs = engine.predict_windowed(embedding, *objects)
+            except Exception as exc:  # noqa: BLE001 - prompt checks, out of memory: a message
+                self._decode_error(sig, exc)
+                return
+            self._set_decoded(sig, plane, layer_id, objs)
+            self._show_decoded(notes)
+            return
         if self.busy:
             self._pending = True
             return
-        layer_id = image.unique_id
-        coords, labels, boxes = objects
 
         def job():
             yield Progress(0, 2, "Computing the embedding of the tile(s) under the prompts…")
-            engine.prefetch(embedding, coords, labels, boxes)
+            engine.prefetch(embedding, *objects)
             yield Progress(1, 2, "Decoding the prompts…")
-            objs = engine.predict_windowed(embedding, coords, labels, boxes)
-            return sig, plane, layer_id, objs
+            return sig, plane, layer_id, engine.predict_windowed(embedding, *objects)
 
         self.busy = True
         self._pending = False
@@ -1078,11 +979,9 @@ class PromptController:
             total=2,
         )
 
-    def _on_tiled_decoded(self, result: tuple) -> None:
-        sig, plane, layer_id, objs = result
-        self.busy = False
-        self.events.progress(value=Progress(2, 2, "Done"))
-        self.events.busy(value=False)
+    def _set_decoded(
+        self, sig: tuple, plane: Plane, layer_id: Hashable, objs: list[TiledMask]
+    ) -> None:
         previous = self._decoded
         self._decoded = _Decoded(
             plane, layer_id, [np.asarray(o.masks, dtype=bool) for o in objs],
@@ -1091,13 +990,9 @@ class PromptController:
         )
         if previous is None or len(previous.masks) != len(objs):
             self.mask_rank = 0
-        self.update()
 
-    def _on_tiled_error(self, sig: tuple, exc: BaseException) -> None:
-        self.busy = False
-        self.events.progress(value=Progress(0, 2, "Failed"))
-        self.events.busy(value=False)
-        if isinstance(exc, ValueError):
+    def _decode_error(self, sig: tuple, exc: BaseException) -> None:
+        if isinstance(exc, ValueError):  # PromptError or the predictor's prompt checks
             text = str(exc)
         else:
             text = f"Decoding the prompts failed: {type(exc).__name__}: {exc}"
@@ -1105,6 +1000,20 @@ class PromptController:
         self._decoded = None
         self._clear_preview()
         self._message(text, "warning")
+
+    def _on_tiled_decoded(self, result: tuple) -> None:
+        sig, plane, layer_id, objs = result
+        self.busy = False
+        self.events.progress(value=Progress(2, 2, "Done"))
+        self.events.busy(value=False)
+        self._set_decoded(sig, plane, layer_id, objs)
+        self.update()
+
+    def _on_tiled_error(self, sig: tuple, exc: BaseException) -> None:
+        self.busy = False
+        self.events.progress(value=Progress(0, 2, "Failed"))
+        self.events.busy(value=False)
+        self._decode_error(sig, exc)
         if self._pending:
             self.update()
 
@@ -1138,7 +1047,7 @@ class PromptController:
             self._message(str(exc), "warning")
             return
         self._failed.pop(key, None)
-        if key in self.cache and self.engine is not None:
+        if key in self.cache and self._plane_engine(key[5]) is not None:
             self._status("The embedding of this slice is ready.")
             return
         self._request_embedding(image, plane, key)
@@ -1150,40 +1059,42 @@ class PromptController:
         if key in self._failed:
             self._status(self._failed[key], "warning")
             return
-        engine_key = self.engine_key
+        model_key = self.model_key
         # the factory gets the settings themselves (a state-dict checkpoint is keyed by id)
         model_args = (self.model_name, self.checkpoint, self.device)
-        engine = self.engine
-        factory = self.engine_factory
+        model = self.model
+        factory = self.model_factory
         data = image_array(image)
         cl, tiling = key[4], key[5]
-        tiled = self._tiled_engines.get((engine_key, tiling)) if tiling else None
+        engine = self._engines.get((model_key, tiling)) if model is not None else None
         name = self.model_name
         cached = self.cache.get(key)
+        one_tile = self.grid(plane).n_tiles == 1
+        cache_size = self.cache.maxsize
 
         def job():
-            nonlocal engine, tiled
-            yield Progress(0, 3, f"Loading {name}…" if engine is None else f"{name} loaded")
+            nonlocal model, engine
+            yield Progress(0, 3, f"Loading {name}…" if model is None else f"{name} loaded")
+            if model is None:
+                model = factory(*model_args)
             if engine is None:
-                engine = factory(*model_args)
-            if tiling is not None and tiled is None:
-                tiled = make_tiled_engine(engine, tiling)
+                tile, halo, store = tiling
+                engine = PromptEngine(
+                    model, tile=tile, halo=halo, store=store, cache_size=cache_size
+                )
             if cached is not None:
                 yield Progress(1, 3, "Embedding cached")
                 yield Progress(2, 3, "Embedding cached")
-                return engine_key, engine, key, cached, tiled
-            if tiled is not None:
-                # tiled: nothing is read but a contrast sample; tiles are encoded on demand
-                yield Progress(1, 3, "Opening the image for tiled mode…")
-                source, index = tiled_source(data, plane)
-                yield Progress(2, 3, "Reading a contrast sample of the image…")
-                return engine_key, engine, key, tiled.embed(
-                    source, cl, index=index, rgb=plane.rgb
-                ), tiled
-            yield Progress(1, 3, "Reading the slice…")
-            pixels = read_plane(data, plane)
-            yield Progress(2, 3, f"Computing the {name} image embedding…")
-            return engine_key, engine, key, engine.embed(pixels, cl), None
+                return model_key, model, key, cached, engine
+            yield Progress(1, 3, "Opening the slice…")
+            source, index = tiled_source(data, plane)
+            yield Progress(
+                2, 3, f"Computing the {name} image embedding…" if one_tile
+                else "Reading a contrast sample of the image…",
+            )
+            return model_key, model, key, engine.embed(
+                source, cl, index=index, rgb=plane.rgb
+            ), engine
 
         self.busy = True
         self._pending = False
@@ -1200,14 +1111,13 @@ class PromptController:
         )
 
     def _on_embedding(self, result: tuple) -> None:
-        engine_key, engine, key, embedding, tiled = result
+        model_key, model, key, embedding, engine = result
         self.busy = False
         self.events.progress(value=Progress(3, 3, "Embedding ready"))
         self.events.busy(value=False)
-        if engine_key == self.engine_key:
-            self._engine, self._engine_key = engine, engine_key
-            if tiled is not None:
-                self._tiled_engines[(engine_key, key[5])] = tiled
+        if model_key == self.model_key:
+            self._model, self._model_key = model, model_key
+            self._engines[(model_key, key[5])] = engine
         self.cache.put(key, embedding)
         self.update()
 
@@ -1415,7 +1325,7 @@ class PromptController:
         self._data_version += 1
         self._decoded = None
         # tile caches are keyed by the array object, which may have been changed in place
-        self._tiled_engines.clear()
+        self._drop_engines()
         self.update()
 
     def _on_contrast(self, event: Any = None) -> None:

@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_esam.core.tiling.grid import use_tiling
+from napari_esam.core.tiling.grid import plane_grid
 from napari_esam.widgets.forms import model_combo
 from napari_esam.widgets.prompt.controller import (
     DEVICES,
@@ -37,9 +37,9 @@ from napari_esam.widgets.prompt.controller import (
     POSITIVE,
     ROLE_KEY,
     TILED_MODES,
-    EngineFactory,
+    ModelFactory,
     PromptController,
-    default_engine_factory,
+    default_model_factory,
     spatial_shape,
 )
 from napari_esam.widgets.workers import qt_runner
@@ -124,7 +124,7 @@ class PromptWidget(QWidget):
     def __init__(
         self,
         napari_viewer: Any,
-        engine_factory: EngineFactory = default_engine_factory,
+        model_factory: ModelFactory = default_model_factory,
     ) -> None:
         super().__init__()
         from napari.layers import Image, Labels, Points, Shapes
@@ -133,7 +133,7 @@ class PromptWidget(QWidget):
         # (layer events carry the real layers), so it works on the viewer itself.
         self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
         self.controller = PromptController(
-            self.viewer, engine_factory=engine_factory, runner=self._run
+            self.viewer, model_factory=model_factory, runner=self._run
         )
         self._worker: Any = None
         ctrl = self.controller
@@ -170,8 +170,11 @@ class PromptWidget(QWidget):
         self.cache_spin = QSpinBox()
         self.cache_spin.setRange(1, 256)
         self.cache_spin.setValue(ctrl.cache.maxsize)
-        self.cache_spin.setSuffix(" slices")
-        self.cache_spin.setToolTip("How many image embeddings to keep (about 4 MB each)")
+        self.cache_spin.setSuffix(" embeddings")
+        self.cache_spin.setToolTip(
+            "How many image embeddings to keep in memory: slices, or tiles in tiled mode "
+            "(about 4 MB each)"
+        )
         self.prepare_button = QPushButton("Load model && compute embedding")
         self.note_label = QLabel()
         self.note_label.setWordWrap(True)
@@ -482,7 +485,9 @@ class PromptWidget(QWidget):
         ctrl = self.controller
         layer = ctrl.image_layer
         shape = spatial_shape(layer)[-2:] if layer is not None else (0, 0)
-        tiled = use_tiling(ctrl.tiled_mode, shape, threshold=ctrl.tiled_threshold)
+        tiled = min(shape) >= 2 and plane_grid(
+            shape, ctrl.tiled_mode, ctrl.tile, ctrl.halo, ctrl.tiled_threshold
+        ).n_tiles > 1
         if max(shape) > 1024 and not tiled:
             notes.append(
                 "This image is larger than 1024 px: each slice is resized to 1024 px for the "

@@ -289,13 +289,14 @@ def test_rgb_input():
 # ------------------------------------------------------------------ the widget's engine
 
 
-def test_tiled_engine_is_a_drop_in_for_the_widget_engine(big):
-    from napari_esam.core.tiling.predictor import TiledEngine
+def test_prompt_engine_encodes_a_tiled_plane_only_under_the_prompts(big):
+    from napari_esam.core.tiling.predictor import PromptEngine
 
-    engine = TiledEngine(FakeModel().eval())
-    assert engine.tiled and engine.name == "fake" and engine.max_points is None
+    engine = PromptEngine(FakeModel().eval())
+    assert engine.name == "fake" and engine.max_points is None
     emb = engine.embed(big, None)
-    assert engine.encoder_calls == 0  # nothing is encoded before a prompt
+    assert engine.encoder_calls == 0 and not emb.ready  # nothing is encoded before a prompt
+    assert emb.n_tiles == 16  # 4 x 4 tiles of 1024 px with a 256-px overlap
     pts = np.array([[[1500.0, 1700.0], [1510.0, 1700.0]]])
     assert engine.prefetch(emb, pts, np.array([[1, 0]]), None) == 1
     masks, scores = engine.predict(emb, pts, np.array([[1, 0]]), None)
@@ -306,26 +307,33 @@ def test_tiled_engine_is_a_drop_in_for_the_widget_engine(big):
     assert engine.encoder_calls == 2
 
 
-def test_tiled_engine_matches_the_whole_image_engine_on_small_images():
-    from napari_esam.core.tiling.predictor import TiledEngine
-    from napari_esam.widgets.prompt.controller import SamEngine
+@pytest.mark.parametrize("shape", [(700, 900), (1500, 1200)])
+def test_prompt_engine_on_a_one_tile_plane_is_the_whole_plane_predictor(shape):
+    from napari_esam.core.tiling.predictor import PromptEngine
 
-    img = image((700, 900))
-    tiled, whole = TiledEngine(FakeModel().eval()), SamEngine(FakeModel().eval())
-    e1, e2 = tiled.embed(img, (0.0, 4000.0)), whole.embed(img, (0.0, 4000.0))
-    args = (np.array([[[300.0, 200.0]]]), np.array([[1]]), None)
-    m1, s1 = tiled.predict(e1, *args)
-    m2, s2 = whole.predict(e2, *args)
-    np.testing.assert_array_equal(m1, m2)
-    np.testing.assert_array_equal(s1, s2)
+    img = image(shape)
+    engine = PromptEngine(FakeModel().eval(), tile=max(shape), halo=0)
+    emb = engine.embed(img, (0.0, 4000.0))
+    assert emb.ready and emb.n_tiles == 1 and engine.encoder_calls == 1
+    whole = Predictor(FakeModel().eval())
+    whole.set_image(img, (0.0, 4000.0))
+    pts, lbl = np.array([[[300.0, 200.0], [320.0, 260.0]]]), np.array([[1, 0]])
+    boxes = np.array([[100.0, 120.0, 400.0, 300.0]])
+    for args in [(pts, lbl, None), (None, None, boxes)]:
+        objs = engine.predict_windowed(emb, *args)
+        m2, s2, _ = whole.predict_batch(*args)
+        assert objs[0].window == (0, 0, *shape)
+        np.testing.assert_array_equal(objs[0].masks, m2[0])
+        np.testing.assert_array_equal(objs[0].scores, s2[0])
+    assert engine.encoder_calls == 1  # decoding needed no encoder run
 
 
-def test_tiled_engine_on_a_lazy_stack_plane():
-    from napari_esam.core.tiling.predictor import TiledEngine
+def test_prompt_engine_on_a_lazy_stack_plane():
+    from napari_esam.core.tiling.predictor import PromptEngine
 
     src = CountingSource((4, 5000, 5000))
     stack = da.from_array(src, chunks=(1, 1000, 1000))
-    engine = TiledEngine(FakeModel().eval())
+    engine = PromptEngine(FakeModel().eval())
     emb = engine.embed(stack, (0.0, 5000.0), index=(2,))
     assert src.reads == []
     objs = engine.predict_windowed(emb, np.array([[[2500.0, 2500.0]]]), np.array([[1]]), None)

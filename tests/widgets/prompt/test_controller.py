@@ -16,17 +16,24 @@ from napari_esam.widgets.prompt.controller import (
     POSITIVE,
     EmbeddingCache,
     PromptController,
-    SamEngine,
     plane_of,
-    read_plane,
 )
-from tests.fakes import RADIUS, Factory, FakeModel, add_box, add_point, blobs, centre
+from tests.fakes import (
+    RADIUS,
+    Factory,
+    FakeModel,
+    add_box,
+    add_point,
+    blobs,
+    centre,
+    model_input,
+)
 
 
 def make(image=None, **image_kwargs):
     viewer = ViewerModel()
     factory = Factory()
-    ctrl = PromptController(viewer, engine_factory=factory, notify=False)
+    ctrl = PromptController(viewer, model_factory=factory, notify=False)
     layer = None
     if image is not None:
         layer = viewer.add_image(image, **image_kwargs)
@@ -182,8 +189,8 @@ def test_3d_stack_commits_only_in_current_slice():
     viewer, ctrl, factory, _ = make(stack)
     viewer.dims.set_current_step(0, 3)
     add_point(ctrl, (3, 50, 60))
-    assert factory.embedded[-1].shape == (120, 160)
-    np.testing.assert_array_equal(factory.embedded[-1], stack[3])
+    assert factory.embedded[-1].shape == (120, 160, 3)
+    np.testing.assert_array_equal(factory.embedded[-1], model_input(stack[3]))
     assert ctrl.commit() == [1]
     data = ctrl.labels_layer.data
     assert data.shape == stack.shape
@@ -208,7 +215,7 @@ def test_slice_scale_translate_in_3d():
     viewer, ctrl, factory, _ = make(stack, scale=(3, 2, 2), translate=(1, 10, 5))
     viewer.dims.set_current_step(0, 2)
     add_point(ctrl, (1 + 3 * 2, 10 + 2 * 40, 5 + 2 * 30))
-    np.testing.assert_array_equal(factory.embedded[-1], stack[2])
+    np.testing.assert_array_equal(factory.embedded[-1], model_input(stack[2]))
     ctrl.commit()
     data = ctrl.labels_layer.data
     assert data[2, 40, 30] == 1 and not data[[0, 1, 3]].any()
@@ -223,9 +230,8 @@ def test_transposed_view_segments_the_displayed_plane():
     viewer.dims.set_current_step(1, 50)
     plane = plane_of(viewer, ctrl.image_layer)
     assert (plane.row_axis, plane.col_axis) == (0, 2) and plane.shape == (6, 160)
-    np.testing.assert_array_equal(read_plane(stack, plane), stack[:, 50, :])
     add_point(ctrl, (3, 50, 100))
-    assert factory.embedded[-1].shape == (6, 160)
+    np.testing.assert_array_equal(factory.embedded[-1], model_input(stack[:, 50, :]))
     ctrl.commit()
     assert ctrl.labels_layer.data[3, 50, 100] == 1
     assert not ctrl.labels_layer.data[:, 49].any()
@@ -235,7 +241,7 @@ def test_rgb_image():
     rgb = np.random.default_rng(1).integers(0, 255, (100, 90, 3)).astype(np.uint8)
     _, ctrl, factory, _ = make(rgb)
     add_point(ctrl, (50, 45))
-    np.testing.assert_array_equal(factory.embedded[-1], rgb)
+    np.testing.assert_array_equal(factory.embedded[-1], model_input(rgb, rgb=True))
     assert ctrl.commit() == [1]
     assert ctrl.labels_layer.data.shape == (100, 90)
 
@@ -246,7 +252,7 @@ def test_channel_axis_picks_the_channel_and_labels_span_channels():
     viewer.dims.set_current_step(0, 0)
     ctrl.set_channel(0, 1)  # segment channel 1 while channel 0 is shown
     add_point(ctrl, (0, 60, 60))
-    np.testing.assert_array_equal(factory.embedded[-1], img[1])
+    np.testing.assert_array_equal(factory.embedded[-1], model_input(img[1]))
     assert ctrl.commit() == [1]
     labels = ctrl.labels_layer
     assert labels.data.shape == (1, 120, 160) and labels.data[0, 60, 60] == 1
@@ -263,7 +269,7 @@ def test_non_leading_channel_axis():
     viewer.dims.set_current_step(1, 0)
     ctrl.set_channel(1, None)  # the channel the slider shows
     add_point(ctrl, (1, 0, 30, 30))
-    np.testing.assert_array_equal(factory.embedded[-1], img[1, 0])
+    np.testing.assert_array_equal(factory.embedded[-1], model_input(img[1, 0]))
     ctrl.commit()
     labels = ctrl.labels_layer
     assert labels.data.shape == (2, 1, 120, 160)
@@ -332,7 +338,7 @@ def test_wrong_shape_output_labels_is_a_message():
 
 def test_no_image_layer_gives_a_message():
     viewer = ViewerModel()
-    ctrl = PromptController(viewer, engine_factory=Factory(), notify=False)
+    ctrl = PromptController(viewer, model_factory=Factory(), notify=False)
     ctrl.update()
     assert "image layer" in ctrl.status
     assert ctrl.commit() == []
@@ -373,7 +379,7 @@ def test_box_partly_outside_is_clipped_and_fully_outside_ignored():
 def test_efficientsam_limits_are_reported_not_truncated():
     viewer = ViewerModel()
     factory = Factory(max_points=6, negatives=False)
-    ctrl = PromptController(viewer, engine_factory=factory, notify=False)
+    ctrl = PromptController(viewer, model_factory=factory, notify=False)
     ctrl.image_layer = viewer.add_image(blobs())
     ctrl.ensure_prompt_layers()
     add_point(ctrl, (50, 50))
@@ -396,7 +402,7 @@ def test_model_errors_are_messages_and_not_retried_in_a_loop():
         calls.append(name)
         raise RuntimeError("the checkpoint does not fit model 'mobilesam'")
 
-    ctrl = PromptController(viewer, engine_factory=broken, notify=False)
+    ctrl = PromptController(viewer, model_factory=broken, notify=False)
     ctrl.image_layer = viewer.add_image(blobs())
     ctrl.ensure_prompt_layers()
     add_point(ctrl, (50, 50))
@@ -431,7 +437,7 @@ def test_encoder_runs_once_per_plane_and_cache_makes_going_back_free():
     assert ctrl.encoder_calls == 2
     viewer.dims.set_current_step(0, 0)
     assert ctrl.encoder_calls == 2 and ctrl.preview_mask() is not None
-    assert len(factory.engines) == 1
+    assert len(factory.models) == 1
 
 
 def test_lru_cache_size_is_respected():
@@ -540,14 +546,14 @@ def test_image_dtypes(dtype):
     img = blobs().astype(dtype)
     _, ctrl, factory, _ = make(img)
     add_point(ctrl, (60, 60))
-    assert factory.embedded[-1].dtype == dtype
+    np.testing.assert_array_equal(factory.embedded[-1], model_input(img))
     assert ctrl.commit() == [1]
 
 
 def test_image_larger_than_1024():
     _, ctrl, factory, _ = make(blobs((1500, 1200)))
     add_point(ctrl, (1300, 1100))
-    assert factory.embedded[-1].shape == (1500, 1200)
+    assert factory.embedded[-1].shape == (1500, 1200, 3)
     assert ctrl.commit() == [1]
     r, c = centre(ctrl.labels_layer.data == 1)
     assert abs(r - 1300) < 2 and abs(c - 1100) < 2
@@ -583,15 +589,15 @@ def test_replaced_prompt_layer_loses_the_key_bindings():
     assert any(str(k) == "C" for k in ctrl.points_layer.keymap)
 
 
-def test_a_state_dict_checkpoint_reaches_the_engine_factory_itself():
+def test_a_state_dict_checkpoint_reaches_the_model_factory_itself():
     viewer = ViewerModel()
     got = []
 
     def factory(name, checkpoint, device):
         got.append(checkpoint)
-        return SamEngine(FakeModel().eval())
+        return FakeModel().eval()
 
-    ctrl = PromptController(viewer, engine_factory=factory, notify=False)
+    ctrl = PromptController(viewer, model_factory=factory, notify=False)
     ctrl.image_layer = viewer.add_image(blobs())
     ctrl.ensure_prompt_layers()
     state = {"weights": np.zeros(1)}

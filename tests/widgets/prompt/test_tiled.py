@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from napari.components import ViewerModel
 
-from napari_esam.core.tiling.predictor import TiledEngine, TiledPredictor
+from napari_esam.core.tiling.predictor import PromptEngine, TiledPredictor
 from napari_esam.widgets.prompt.controller import (
     TILED_THRESHOLD,
     PromptController,
@@ -25,7 +25,7 @@ from tests.fakes import RADIUS, Factory, FakeModel, add_box, add_point, blobs, c
 def make_large(shape=(2600, 3000), **kwargs):
     viewer = ViewerModel()
     factory = Factory()
-    ctrl = PromptController(viewer, engine_factory=factory, notify=False)
+    ctrl = PromptController(viewer, model_factory=factory, notify=False)
     layer = viewer.add_image(blobs(shape), **kwargs)
     ctrl.image_layer = layer
     ctrl.ensure_prompt_layers()
@@ -37,8 +37,8 @@ def test_large_plane_switches_to_tiled_mode_and_encodes_one_tile_per_click():
     plane = plane_of(viewer, layer)
     assert max(plane.shape) > TILED_THRESHOLD and ctrl.is_tiled(plane)
     add_point(ctrl, (2300, 2700))
-    # the whole-plane engine never saw the plane; one 1024-px tile was encoded
-    assert factory.embedded == []
+    # the plane was never encoded whole: one 1024-px tile was
+    assert [e.shape for e in factory.embedded] == [(1024, 1024, 3)]
     assert ctrl.encoder_calls == 1 and factory.model.encode_calls == 1
     part, (r0, c0) = ctrl.preview_region()
     assert part.shape == (1024, 1024)  # the preview covers the answering tile only
@@ -83,19 +83,20 @@ def test_tiled_mode_can_be_forced_on_and_off():
     viewer, ctrl, factory, layer = make_large()
     ctrl.set_tiling("off")
     add_point(ctrl, (1300, 1500))
-    assert len(factory.embedded) == 1 and factory.embedded[0].shape == (2600, 3000)
+    assert len(factory.embedded) == 1 and factory.embedded[0].shape == (2600, 3000, 3)
     assert ctrl.preview_region()[0].shape == (2600, 3000)
     ctrl.clear_object()
 
     viewer2 = ViewerModel()
     factory2 = Factory()
-    small = PromptController(viewer2, engine_factory=factory2, notify=False)
+    small = PromptController(viewer2, model_factory=factory2, notify=False)
     small.image_layer = viewer2.add_image(blobs((500, 600)))
     small.ensure_prompt_layers()
     assert not small.is_tiled(plane_of(viewer2, small.image_layer))
     small.set_tiling("on", tile=256, halo=64)
     add_point(small, (450, 560))
-    assert factory2.embedded == [] and small.encoder_calls == 1
+    assert [e.shape for e in factory2.embedded] == [(256, 256, 3)]
+    assert small.encoder_calls == 1
     assert small.preview_region()[0].shape == (256, 256)
     r, c = centre(small.preview_mask() > 0)
     assert abs(r - 450) < 1 and abs(c - 560) < 1
@@ -116,13 +117,13 @@ def test_invalid_tiling_settings_are_rejected():
 def test_stack_slices_are_tiled_per_plane_with_scale():
     stack = np.stack([blobs((2200, 2300), seed=s) for s in range(3)])
     viewer = ViewerModel()
-    ctrl = PromptController(viewer, engine_factory=Factory(), notify=False)
+    ctrl = PromptController(viewer, model_factory=Factory(), notify=False)
     ctrl.image_layer = viewer.add_image(stack, scale=(5, 0.5, 0.5), translate=(0, 10, 20))
     ctrl.ensure_prompt_layers()
     viewer.dims.set_current_step(0, 2)
     add_point(ctrl, (10, 10 + 0.5 * 2000, 20 + 0.5 * 1900))
     assert ctrl.encoder_calls == 1
-    engine = next(iter(ctrl._tiled_engines.values()))
+    engine = next(iter(ctrl._engines.values()))
     assert engine.predictor.index == (2,)
     assert ctrl.commit() == [1]
     data = ctrl.labels_layer.data
@@ -145,7 +146,7 @@ def test_multiscale_dask_image_reads_only_the_chunks_around_a_click():
     levels = [level0, level0[::4, ::4], level0[::16, ::16]]
     viewer = ViewerModel()
     factory = Factory()
-    ctrl = PromptController(viewer, engine_factory=factory, notify=False)
+    ctrl = PromptController(viewer, model_factory=factory, notify=False)
     layer = viewer.add_image(levels, multiscale=True, contrast_limits=(0, 3000))
     ctrl.image_layer = layer
     ctrl.ensure_prompt_layers()
@@ -170,7 +171,7 @@ def test_precomputed_embedding_store_skips_the_encoder(tmp_path):
 
     viewer = ViewerModel()
     factory = Factory()
-    ctrl = PromptController(viewer, engine_factory=factory, notify=False)
+    ctrl = PromptController(viewer, model_factory=factory, notify=False)
     ctrl.set_tiling(store=store)
     ctrl.image_layer = viewer.add_image(image)
     ctrl.ensure_prompt_layers()
@@ -180,8 +181,8 @@ def test_precomputed_embedding_store_skips_the_encoder(tmp_path):
     add_point(ctrl, (100, 100))
     assert ctrl.preview_mask() is not None
     assert ctrl.encoder_calls == 0 and factory.model.encode_calls == 0
-    engine = next(iter(ctrl._tiled_engines.values()))
-    assert isinstance(engine, TiledEngine) and engine.predictor.store_hits >= 1
+    engine = next(iter(ctrl._engines.values()))
+    assert isinstance(engine, PromptEngine) and engine.predictor.store_hits >= 1
 
 
 def test_store_of_another_image_is_a_message(tmp_path):
@@ -225,7 +226,7 @@ def test_tiled_source_keeps_stacks_lazy_and_transposes_other_orders():
 def test_rgb_and_transposed_views_are_tiled_at_the_right_place():
     rgb = np.repeat(blobs((2200, 2500), dtype=np.uint8)[..., None], 3, axis=2)
     viewer = ViewerModel()
-    ctrl = PromptController(viewer, engine_factory=Factory(), notify=False)
+    ctrl = PromptController(viewer, model_factory=Factory(), notify=False)
     ctrl.image_layer = viewer.add_image(rgb, rgb=True)
     ctrl.ensure_prompt_layers()
     add_point(ctrl, (2100, 300))
@@ -237,7 +238,7 @@ def test_rgb_and_transposed_views_are_tiled_at_the_right_place():
     # a stack shown with rows along axis 2 and columns along axis 1
     stack = np.stack([blobs((2100, 2300), seed=s) for s in range(2)])
     viewer = ViewerModel()
-    ctrl = PromptController(viewer, engine_factory=Factory(), notify=False)
+    ctrl = PromptController(viewer, model_factory=Factory(), notify=False)
     ctrl.image_layer = viewer.add_image(stack)
     ctrl.ensure_prompt_layers()
     viewer.dims.order = (0, 2, 1)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 
-from napari_esam.widgets.prompt.controller import KEYS, NEGATIVE, POSITIVE, SamEngine
+from napari_esam.widgets.prompt.controller import KEYS, NEGATIVE, POSITIVE
 from napari_esam.widgets.prompt.view import PromptWidget
 from napari_esam.widgets.workers import Progress, start_worker
-from tests.fakes import Factory, FakeModel, add_box, add_point, blobs, centre
+from tests.fakes import Factory, FakeModel, add_box, add_point, blobs, centre, model_input
 
 PLUGIN, WIDGET = "napari-esam", "Segment with prompts"
 
@@ -44,13 +44,13 @@ def open_widget(viewer) -> PromptWidget:
 
 
 def open_with_fake(viewer, qtbot, image=None, **kwargs):
-    """Widget with the fast fake engine; returns (widget, controller, factory)."""
+    """Widget with the fast fake model; returns (widget, controller, factory)."""
     if image is not None:
         viewer.add_image(image, **kwargs)
     widget = open_widget(viewer)
     factory = Factory()
     ctrl = widget.controller
-    ctrl.engine_factory = factory
+    ctrl.model_factory = factory
     if image is not None:
         qtbot.waitUntil(lambda: ctrl.points_layer is not None, timeout=5000)
     return widget, ctrl, factory
@@ -143,7 +143,7 @@ def test_real_mobilesam_preview_without_blocking_and_one_encoder_call(
     widget.device_combo.setCurrentText("cpu")
     widget.checkpoint_edit.setText(str(mobilesam_checkpoint))
     widget.checkpoint_edit.editingFinished.emit()
-    assert ctrl.engine_key == ("mobilesam", str(mobilesam_checkpoint), "cpu")
+    assert ctrl.model_key == ("mobilesam", str(mobilesam_checkpoint), "cpu")
 
     ticks = TickCounter()
     start = time.perf_counter()
@@ -175,14 +175,14 @@ def test_real_mobilesam_preview_without_blocking_and_one_encoder_call(
 
 
 def test_gui_thread_turns_while_a_slow_encoder_runs(make_napari_viewer, qtbot):
-    class SlowEngine(SamEngine):
-        def embed(self, image, cl):
+    class SlowFake(FakeModel):
+        def encode(self, x):
             time.sleep(1.0)
-            return super().embed(image, cl)
+            return super().encode(x)
 
     viewer = make_napari_viewer()
     widget, ctrl, _ = open_with_fake(viewer, qtbot, blobs())
-    ctrl.engine_factory = lambda *key: SlowEngine(FakeModel().eval())
+    ctrl.model_factory = lambda *key: SlowFake().eval()
     ticks = TickCounter(10)
     add_point(ctrl, (50, 50))
     assert ctrl.busy
@@ -268,7 +268,7 @@ def test_3d_stack_with_scale_and_translate(make_napari_viewer, qtbot):
     viewer.dims.set_current_step(0, 2)
     add_point(ctrl, (2, 10 + 2 * 30, 5 + 2 * 50))
     wait_ready(qtbot, ctrl)
-    np.testing.assert_array_equal(factory.embedded[-1], stack[2])
+    np.testing.assert_array_equal(factory.embedded[-1], model_input(stack[2]))
     r, c = centre(ctrl.preview_mask() > 0)
     assert abs(r - 30) < 1.5 and abs(c - 50) < 1.5
     widget.commit_button.click()
@@ -293,7 +293,7 @@ def test_channel_controls(make_napari_viewer, qtbot):
     assert (ctrl.channel_axis, ctrl.channel) == (0, 1)
     add_point(ctrl, (0, 60, 60))
     wait_ready(qtbot, ctrl)
-    np.testing.assert_array_equal(factory.embedded[-1], img[1])
+    np.testing.assert_array_equal(factory.embedded[-1], model_input(img[1]))
     widget.commit_button.click()
     assert ctrl.labels_layer.data.shape == (1, 120, 160)
 
@@ -326,7 +326,7 @@ def test_tiled_mode_controls_and_tile_encoding_off_the_gui_thread(make_napari_vi
 
     viewer = make_napari_viewer()
     widget, ctrl, _ = open_with_fake(viewer, qtbot, blobs((2600, 3000)))
-    ctrl.engine_factory = lambda *key: SamEngine(SlowFake().eval())
+    ctrl.model_factory = lambda *key: SlowFake().eval()
     assert widget.tiled_combo.currentData() == "auto"
     assert widget.note_label.text() == ""  # auto tiles this image: no resize warning
     widget.halo_spin.setValue(300)
