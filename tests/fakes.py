@@ -195,6 +195,29 @@ class CountingFake(FakeModel):
         return super().decode(*args, **kwargs)
 
 
+class MaskFake(CountingFake):
+    """CountingFake taking SAM's mask prompt: records every decoder call's prompts as
+    ``(coords (B, N, 2) window px, labels (B, N), original_size, mask_input or None)``.
+    A mask input adds its positive area to every candidate's logits, so it shows."""
+
+    supports_mask_input = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.calls: list[tuple] = []
+
+    def decode(self, embedding, coords, labels, original_size, multimask_output=True,
+               mask_input=None):
+        self.calls.append((
+            coords.cpu().numpy().copy(), labels.cpu().numpy().copy(), tuple(original_size),
+            None if mask_input is None else mask_input.cpu().numpy().copy(),
+        ))
+        low, iou = super().decode(embedding, coords, labels, original_size, multimask_output)
+        if mask_input is not None:
+            low = torch.maximum(low, mask_input.to(low.device).clamp(-10, 10))
+        return low, iou
+
+
 def model_input(pixels: np.ndarray, rgb: bool = False) -> np.ndarray:
     """What the model sees of a plane's raw ``pixels``: (H, W, 3) uint8 under the plane's own
     contrast rule (``docs/rules/tiling.md#contrast``)."""
@@ -207,14 +230,15 @@ def model_input(pixels: np.ndarray, rgb: bool = False) -> np.ndarray:
 class Factory:
     """Model factory of the prompt widget building CountingFake models and remembering them."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, model_class: type | None = None, **kwargs) -> None:
         self.kwargs = kwargs
+        self.model_class = model_class or CountingFake
         self.calls: list[tuple] = []
         self.models: list[CountingFake] = []
 
     def __call__(self, name, checkpoint, device):
         self.calls.append((name, checkpoint, device))
-        model = CountingFake(**self.kwargs).eval()
+        model = self.model_class(**self.kwargs).eval()
         self.models.append(model)
         return model
 

@@ -172,11 +172,46 @@ class Predictor:
             )
         return coords.astype(np.float32), labels
 
+    def prepare_mask_input(self, mask_input: Any, n_obj: int) -> torch.Tensor | None:
+        """Validate a mask prompt → (B or 1, 1, 256, 256) float32 tensor (``None`` stays).
+
+        ``mask_input``: low-res logits of a previous prediction in SAM's padded 1024-px frame,
+        (256, 256), (1, 256, 256) or (B | 1, 1, 256, 256) (``docs/interactive.md#mask-input``).
+        """
+        if mask_input is None:
+            return None
+        if not getattr(self.model, "supports_mask_input", False):
+            raise ValueError(
+                f"{self.model.name} takes no mask input (its decoder has no mask prompt); "
+                "use MobileSAM or EfficientViT-SAM, or leave the mask input out"
+            )
+        m = torch.as_tensor(np.asarray(mask_input, dtype=np.float32))
+        if m.ndim == 2:
+            m = m[None, None]
+        elif m.ndim == 3:
+            m = m[:, None] if m.shape[0] == n_obj and n_obj > 1 else m[None]
+        if m.ndim != 4 or tuple(m.shape[1:]) != (1, 256, 256) or m.shape[0] not in (1, n_obj):
+            raise ValueError(
+                f"mask_input must be (256, 256), (1, 256, 256) or ({n_obj} or 1, 1, 256, 256) "
+                f"low-res logits, got {tuple(np.shape(mask_input))}"
+            )
+        if not torch.isfinite(m).all():
+            raise ValueError("mask_input contains NaN or infinite values")
+        return m
+
     def decode_torch(
-        self, coords: torch.Tensor, labels: torch.Tensor, multimask_output: bool = True
+        self,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        multimask_output: bool = True,
+        mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode prepared prompts on the current embedding → (low-res logits, IoU) on device."""
+        """Decode prepared prompts on the current embedding → (low-res logits, IoU) on device.
+
+        ``mask_input``: from :meth:`prepare_mask_input` (``None``: no mask prompt).
+        """
         self._require_image()
+        extra = {} if mask_input is None else {"mask_input": mask_input.to(self.device)}
         with torch.inference_mode(), self.autocast():
             low_res, iou = self.model.decode(
                 self.features,
@@ -184,6 +219,7 @@ class Predictor:
                 labels.to(self.device),
                 self.original_size,
                 multimask_output,
+                **extra,
             )
         return low_res.float(), iou.float()
 
@@ -199,15 +235,19 @@ class Predictor:
         boxes: Any = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        mask_input: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Many objects on one embedding in one decoder call.
 
-        ``point_coords`` (B, N, 2), ``point_labels`` (B, N) and/or ``boxes`` (B, 4).
+        ``point_coords`` (B, N, 2), ``point_labels`` (B, N) and/or ``boxes`` (B, 4);
+        ``mask_input`` (B or 1, 1, 256, 256) low-res logits of a previous prediction (models
+        with a mask prompt only, :meth:`prepare_mask_input`).
         Returns masks (B, K, H, W), scores (B, K), low-res logits (B, K, 256, 256).
         """
         coords, labels = self.prepare_prompts(point_coords, point_labels, boxes)
         low_res, iou = self.decode_torch(
-            torch.from_numpy(coords), torch.from_numpy(labels), multimask_output
+            torch.from_numpy(coords), torch.from_numpy(labels), multimask_output,
+            self.prepare_mask_input(mask_input, len(coords)),
         )
         logits = self.upsample(low_res)
         masks = logits if return_logits else self.model.threshold(logits)
@@ -220,9 +260,12 @@ class Predictor:
         box: Any = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        mask_input: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One object from points (N, 2) + labels (N,) and/or a box (4,), SAM's signature.
 
+        ``mask_input``: (1, 256, 256) low-res logits, e.g. the best of a previous call's
+        (SAM's iterative prompting; models with a mask prompt only).
         Returns masks (K, H, W) (bool unless ``return_logits``), scores (K,), low-res logits
         (K, 256, 256); K = 3 with ``multimask_output`` else 1.
         """
@@ -231,5 +274,7 @@ class Predictor:
         bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, -1)
         if pts is not None and (pts.ndim != 3 or pts.shape[-1] != 2):
             raise ValueError(f"point_coords must be (N, 2), got {pts.shape[1:]}")
-        masks, scores, low_res = self.predict_batch(pts, lbl, bx, multimask_output, return_logits)
+        masks, scores, low_res = self.predict_batch(
+            pts, lbl, bx, multimask_output, return_logits, mask_input
+        )
         return masks[0], scores[0], low_res[0]

@@ -54,7 +54,10 @@ from napari_esam.core.tiling.grid import (
 from napari_esam.core.tiling.store import EmbeddingStore, StaleEmbeddingStoreError, StoreSignature
 from napari_esam.models.base import PromptableModel
 
-__all__ = ["PlaneEmbedding", "PromptEngine", "TiledMask", "TiledPredictor", "paste_mask"]
+__all__ = [
+    "MaskPrompt", "PlaneEmbedding", "PromptEngine", "RegionMask", "TiledMask", "TiledPredictor",
+    "paste_mask",
+]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -68,6 +71,34 @@ def _locked(method: _F) -> _F:
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class MaskPrompt:
+    """A previous prediction as a mask prompt: (256, 256) low-res logits of ``window``."""
+
+    logits: np.ndarray
+    window: Window
+
+
+@dataclass(frozen=True)
+class RegionMask:
+    """A drawn mask as a mask prompt: ``mask`` (h, w) bool covering plane region ``window``;
+    brought into the frame of whatever window decodes the object
+    (:func:`~napari_esam.core.plane.mask_prompts.mask_to_logits`)."""
+
+    mask: np.ndarray
+    window: Window
+
+    def logits_in(self, window: Window) -> np.ndarray:
+        """(256, 256) mask-prompt logits of this mask as seen by ``window``."""
+        from napari_esam.core.plane.mask_prompts import mask_to_logits
+
+        canvas = np.zeros(window.shape, dtype=bool)
+        common = self.window.intersect(window)
+        if common is not None:
+            canvas[common.relative_to(window)] = self.mask[common.relative_to(self.window)]
+        return mask_to_logits(canvas)
 
 
 @dataclass
@@ -406,18 +437,59 @@ class TiledPredictor:
         window: Window,
         tile: Tile | None,
         multimask_output: bool,
+        mask_input: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """Decode prepared full-image prompts (B, N, 2) on one window → window logits."""
+        """Decode prepared full-image prompts (B, N, 2) on one window → window logits
+        (``mask_input``: (B, 1, 256, 256) logits in this window's frame)."""
         feats, input_size = self._embedding_for(window, tile)
         p = self._predictor
         p.set_embedding(feats, window.shape, input_size)
         local = (coords - window.offset_xy[None, None, :].astype(np.float32)).astype(np.float32)
         local[labels == -1] = 0.0
         low_res, iou = p.decode_torch(
-            torch.from_numpy(local), torch.from_numpy(labels), multimask_output
+            torch.from_numpy(local), torch.from_numpy(labels), multimask_output,
+            p.prepare_mask_input(mask_input, len(coords)),
         )
         logits = p.upsample(low_res)
         return logits, iou.cpu().numpy(), low_res.cpu().numpy()
+
+    def _routes(
+        self, coords: np.ndarray, labels: np.ndarray, mask_prompts: Any
+    ) -> tuple[list[Window], list[tuple[Window, Tile | None]], list[np.ndarray | None]]:
+        """Per object: its extent, (window, tile) and mask input (logits in that window).
+
+        An object with a :class:`MaskPrompt` is decoded on the prompt's window when that
+        window still holds the object's grown extent (so the logits are in its frame);
+        otherwise it is routed as usual and the mask prompt is dropped. A
+        :class:`RegionMask` is brought into the frame of the object's usual window.
+        """
+        grid = self._require_image()
+        n = len(coords)
+        if mask_prompts is not None and len(mask_prompts) != n:
+            raise ValueError(f"{len(mask_prompts)} mask prompts for {n} objects")
+        extents = [self._extent(coords[b], labels[b], grid.shape) for b in range(n)]
+        routes, masks = [], []
+        for b, extent in enumerate(extents):
+            prompt = None if mask_prompts is None else mask_prompts[b]
+            route = self.route(extent)
+            if isinstance(prompt, RegionMask):
+                routes.append(route)
+                masks.append(prompt.logits_in(route[0])[None])
+                continue
+            if prompt is not None and route[0] != prompt.window:
+                c = self.context
+                grown = Window(
+                    max(0, extent.y0 - c), max(0, extent.x0 - c),
+                    min(grid.shape[0], extent.y1 + c), min(grid.shape[1], extent.x1 + c),
+                )
+                if prompt.window.contains(grown):
+                    tile = next((t for t in grid if t.window == prompt.window), None)
+                    route = (prompt.window, tile)
+            routes.append(route)
+            use = prompt is not None and route[0] == prompt.window
+            masks.append(np.asarray(prompt.logits, np.float32).reshape(1, 256, 256) if use
+                         else None)
+        return extents, routes, masks
 
     @_locked
     def predict_objects(
@@ -427,21 +499,25 @@ class TiledPredictor:
         boxes: Any = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        mask_prompts: Any = None,
     ) -> list[TiledMask]:
-        """One :class:`TiledMask` per object; prompts as :meth:`Predictor.predict_batch`."""
-        grid = self._require_image()
+        """One :class:`TiledMask` per object; prompts as :meth:`Predictor.predict_batch`.
+
+        ``mask_prompts``: per object a :class:`MaskPrompt` or ``None`` (models with a mask
+        prompt only; see :meth:`_routes` for the window it is decoded on).
+        """
         # validated against the full plane (the inner predictor only knows one window)
         coords, labels = self._prepare(point_coords, point_labels, boxes)
-        extents = [self._extent(coords[b], labels[b], grid.shape) for b in range(len(coords))]
-        routes = [self.route(e) for e in extents]
+        extents, routes, masks = self._routes(coords, labels, mask_prompts)
         results: list[TiledMask | None] = [None] * len(coords)
-        groups: dict[Window, list[int]] = {}
+        groups: dict[tuple[Window, bool], list[int]] = {}
         for b, (window, _) in enumerate(routes):
-            groups.setdefault(window, []).append(b)
-        for window, rows in groups.items():
+            groups.setdefault((window, masks[b] is not None), []).append(b)
+        for (window, with_mask), rows in groups.items():
             tile = routes[rows[0]][1]
+            mask_input = np.stack([masks[b] for b in rows]) if with_mask else None
             logits, iou, low = self._decode(
-                coords[rows], labels[rows], window, tile, multimask_output
+                coords[rows], labels[rows], window, tile, multimask_output, mask_input
             )
             masks = self.model.threshold(logits).cpu().numpy()
             for j, b in enumerate(rows):
@@ -453,14 +529,14 @@ class TiledPredictor:
 
     @_locked
     def prefetch(
-        self, point_coords: Any = None, point_labels: Any = None, boxes: Any = None
+        self, point_coords: Any = None, point_labels: Any = None, boxes: Any = None,
+        mask_prompts: Any = None,
     ) -> int:
         """Compute (off the GUI thread) the embeddings these prompts will be decoded on;
         returns how many were encoded. Refinement windows are only known after decoding."""
         coords, labels = self._prepare(point_coords, point_labels, boxes)
         before = self.encoder_calls
-        for b in range(len(coords)):
-            window, tile = self.route(self._extent(coords[b], labels[b], self.grid.shape))
+        for window, tile in self._routes(coords, labels, mask_prompts)[1]:
             self._embedding_for(window, tile)
         return self.encoder_calls - before
 
@@ -719,6 +795,7 @@ class PromptEngine:
         point_coords: np.ndarray | None,
         point_labels: np.ndarray | None,
         boxes: np.ndarray | None,
+        mask_prompts: list[MaskPrompt | RegionMask | None] | None = None,
     ) -> int:
         """Encode the tiles these prompts need (from a worker); returns how many were encoded.
 
@@ -726,9 +803,13 @@ class PromptEngine:
             embedding: from :meth:`embed`.
             point_coords, point_labels, boxes: B objects' prompts in plane (x, y) pixels, as
                 :meth:`TiledPredictor.predict_batch`.
+            mask_prompts: per object a previous prediction (:class:`MaskPrompt`), a drawn
+                mask (:class:`RegionMask`) or None; models with a mask prompt only.
         """
         with self.predictor._lock:
-            return self._use(embedding).prefetch(point_coords, point_labels, boxes)
+            return self._use(embedding).prefetch(
+                point_coords, point_labels, boxes, mask_prompts
+            )
 
     def predict_windowed(
         self,
@@ -736,16 +817,18 @@ class PromptEngine:
         point_coords: np.ndarray | None,
         point_labels: np.ndarray | None,
         boxes: np.ndarray | None,
+        mask_prompts: list[MaskPrompt | RegionMask | None] | None = None,
     ) -> list[TiledMask]:
         """One :class:`TiledMask` (K candidate masks of its window, scores) per object.
 
         Args:
             embedding: from :meth:`embed`.
-            point_coords, point_labels, boxes: as :meth:`prefetch`.
+            point_coords, point_labels, boxes, mask_prompts: as :meth:`prefetch`.
         """
         with self.predictor._lock:
             return self._use(embedding).predict_objects(
-                point_coords, point_labels, boxes, multimask_output=True
+                point_coords, point_labels, boxes, multimask_output=True,
+                mask_prompts=mask_prompts,
             )
 
     def predict(
