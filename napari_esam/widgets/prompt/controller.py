@@ -11,9 +11,14 @@ Conventions (documented in ``docs/interactive.md``):
 
 * A point's polarity is its ``label`` feature: ``"positive"`` (green) or ``"negative"``
   (red); a points layer without that feature counts every point as positive.
-* Rectangles of the Shapes layer are boxes; other shapes are ignored (with a message).
-* Points (and at most one box) form one object; boxes without points are one object each,
-  decoded together in one batched decoder call.
+* Of the Shapes layer, a rectangle is a box, a path or line a scribble (points sampled along
+  it, positive or negative by the shape's ``label`` feature), a polygon or ellipse a lasso
+  (its box plus its mask as a mask prompt, for models that take one).
+* Points (and at most one box or lasso) form one object; boxes without points are one
+  object each, decoded together in one batched decoder call; with "one object per positive
+  point" every positive point is an object.
+* Each new prompt on the same object passes the previous best low-res logits as a mask
+  prompt (SAM's iterative prompting; models with a mask prompt).
 
 The model (built by an injectable factory) is reached through one
 :class:`~napari_esam.core.tiling.predictor.PromptEngine` per tile grid: the plane's grid
@@ -42,9 +47,16 @@ from napari_esam.core.tiling.grid import (
     TILED_MODES,
     TILING_THRESHOLD,
     TileGrid,
+    Window,
     plane_grid,
 )
-from napari_esam.core.tiling.predictor import PlaneEmbedding, PromptEngine, TiledMask
+from napari_esam.core.tiling.predictor import (
+    MaskPrompt,
+    PlaneEmbedding,
+    PromptEngine,
+    RegionMask,
+    TiledMask,
+)
 from napari_esam.models.base import PromptableModel
 from napari_esam.widgets.workers import Progress, Runner, run_sync
 
@@ -67,6 +79,8 @@ KEYS = {
     "clear": "Shift-C",
     "undo": "Control-Z",
 }
+#: scribbles are sampled about every this many pixels of the model's 1024-px input
+SCRIBBLE_SPACING = 32.0
 _POSITIVE_VALUES = {POSITIVE, "pos", "+", "1", "true", "fg", "foreground"}
 _PREVIEW_COLORS = ("#ffd700", "#00e5ff", "#ff40ff", "#ff8c00", "#7cfc00", "#1e90ff")
 
@@ -292,14 +306,22 @@ def is_positive(value: Any) -> bool:
 
 @dataclass
 class PlanePrompts:
-    """Prompts mapped onto a plane, in SAM's (x, y) pixel coordinates."""
+    """Prompts mapped onto a plane, in SAM's (x, y) pixel coordinates.
+
+    ``points_xy``/``point_labels``: clicks, then the points sampled along scribbles;
+    ``boxes_xyxy``: rectangles and the bounding boxes of lassos, with ``box_masks`` (per box:
+    ``None`` for a rectangle, the lasso's :class:`RegionMask`).
+    """
 
     points_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     point_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     boxes_xyxy: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    box_masks: list[RegionMask | None] = field(default_factory=list)
     outside: int = 0
     other_slice: int = 0
-    not_rectangles: int = 0
+    scribbles: int = 0
+    lassos: int = 0
+    degenerate: int = 0
 
     @property
     def n_points(self) -> int:
@@ -314,15 +336,95 @@ class PlanePrompts:
         return self.n_points == 0 and self.n_boxes == 0
 
 
-def collect_prompts(
-    viewer: Any, image: Any, plane: Plane, points: Any, shapes: Any
-) -> PlanePrompts:
-    """Map the points and rectangles lying on ``plane`` into its pixel grid.
+@dataclass(frozen=True)
+class ObjectPrompts:
+    """The prompts of B objects as the engine takes them (see :meth:`PromptController.objects`).
 
-    Prompts on other slices are skipped; prompts outside the image are skipped and counted.
+    ``coords`` (B, N, 2) (x, y) and ``labels`` (B, N) or ``None``; ``boxes`` (B, 4) or
+    ``None``; ``masks``: per object a drawn mask (:class:`RegionMask`) or ``None``.
+    """
+
+    coords: np.ndarray | None
+    labels: np.ndarray | None
+    boxes: np.ndarray | None
+    masks: tuple[RegionMask | None, ...]
+
+    @property
+    def n_objects(self) -> int:
+        return len(self.masks)
+
+    @property
+    def arrays(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        return self.coords, self.labels, self.boxes
+
+    def key(self) -> tuple:
+        """A hashable identity of these prompts (array bytes, drawn masks' pixels)."""
+        parts: list[Any] = [
+            None if a is None else (a.shape, a.tobytes()) for a in self.arrays
+        ]
+        for m in self.masks:
+            parts.append(None if m is None else (tuple(m.window), m.mask.tobytes()))
+        return tuple(parts)
+
+
+def _shape_labels(shapes: Any) -> np.ndarray:
+    """Per shape: positive (True) or negative (False), from the ``label`` feature."""
+    n = len(shapes.data)
+    feats = shapes.features
+    if "label" in feats and len(feats) == n:
+        return np.array([is_positive(v) for v in feats["label"]], dtype=bool)
+    return np.ones(n, dtype=bool)
+
+
+def sample_path(rc: np.ndarray, spacing: float) -> np.ndarray:
+    """Points along a polyline (M, 2) about every ``spacing`` px, both ends included."""
+    rc = np.asarray(rc, dtype=float)
+    seg = np.linalg.norm(np.diff(rc, axis=0), axis=1)
+    total = float(seg.sum())
+    if total == 0:
+        return rc[:1]
+    n = max(1, int(np.ceil(total / spacing)))
+    at = np.linspace(0.0, total, n + 1)
+    cum = np.concatenate([[0.0], np.cumsum(seg)])
+    return np.stack([np.interp(at, cum, rc[:, 0]), np.interp(at, cum, rc[:, 1])], axis=1)
+
+
+def rasterise_shape(rc: np.ndarray, kind: str, window: Window) -> np.ndarray:
+    """A polygon or ellipse (napari Shapes vertices, plane (row, col)) → bool mask of
+    ``window``. An ellipse is given by the four corners of its (possibly rotated) box."""
+    rows, cols = np.mgrid[window.y0 : window.y1, window.x0 : window.x1]
+    if kind == "ellipse":
+        centre = rc.mean(axis=0)
+        u, v = rc[1] - rc[0], rc[2] - rc[1]
+        a, b = np.linalg.norm(u) / 2, np.linalg.norm(v) / 2
+        if a == 0 or b == 0:
+            return np.zeros(window.shape, dtype=bool)
+        d = np.stack([rows - centre[0], cols - centre[1]], axis=-1)
+        return (d @ (u / (2 * a)) / a) ** 2 + (d @ (v / (2 * b)) / b) ** 2 <= 1.0
+    from skimage.draw import polygon
+
+    out = np.zeros(window.shape, dtype=bool)
+    rr, cc = polygon(rc[:, 0] - window.y0, rc[:, 1] - window.x0, shape=window.shape)
+    out[rr, cc] = True
+    return out
+
+
+def collect_prompts(
+    viewer: Any, image: Any, plane: Plane, points: Any, shapes: Any,
+    scribble_spacing: float = 32.0,
+) -> PlanePrompts:
+    """Map the prompts lying on ``plane`` into its pixel grid.
+
+    Points are clicks; of the shapes, a rectangle is a box, a path or line a **scribble**
+    (points sampled about every ``scribble_spacing`` plane px, positive or negative by the
+    shape's ``label`` feature), a polygon or ellipse a **lasso** (its bounding box plus its
+    rasterised mask). Prompts on other slices are skipped; prompts outside the image are
+    skipped and counted.
     """
     h, w = plane.shape
     out = PlanePrompts()
+    xy: list[np.ndarray] = [np.zeros((0, 2))]
+    lab: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
     if points is not None and len(points.data):
         coords = _to_image_data(image, _world_points(viewer, points, points.data))
         feats = points.features
@@ -336,30 +438,52 @@ def collect_prompts(
         out.other_slice += int((~on).sum())
         out.outside += int((on & ~inside).sum())
         keep = on & inside
-        out.points_xy = rc_to_xy(np.clip(rows[keep], 0, h), np.clip(cols[keep], 0, w))
-        out.point_labels = pos[keep].astype(np.int64)
+        xy.append(rc_to_xy(np.clip(rows[keep], 0, h), np.clip(cols[keep], 0, w)))
+        lab.append(pos[keep].astype(np.int64))
     if shapes is not None and len(shapes.data):
-        boxes = []
-        for verts, kind in zip(shapes.data, shapes.shape_type, strict=False):
-            if kind != "rectangle":
-                out.not_rectangles += 1
-                continue
+        boxes: list[tuple[float, float, float, float]] = []
+        polarity = _shape_labels(shapes)
+        for n, (verts, kind) in enumerate(zip(shapes.data, shapes.shape_type, strict=False)):
             coords = _to_image_data(image, _world_points(viewer, shapes, np.asarray(verts)))
             centre = coords.mean(axis=0, keepdims=True)
             if not _on_plane(centre, plane)[0]:
                 out.other_slice += 1
                 continue
-            rows, cols = coords[:, plane.row_axis], coords[:, plane.col_axis]
-            r0, r1, c0, c1 = rows.min(), rows.max(), cols.min(), cols.max()
+            rc = np.stack([coords[:, plane.row_axis], coords[:, plane.col_axis]], axis=1)
+            r0, c0 = rc.min(axis=0)
+            r1, c1 = rc.max(axis=0)
             if r1 < -0.5 or c1 < -0.5 or r0 >= h - 0.5 or c0 >= w - 0.5:
                 out.outside += 1
                 continue
-            (x0, y0), (x1, y1) = rc_to_xy(
-                np.clip([r0, r1], 0, h), np.clip([c0, c1], 0, w)
+            if kind in ("path", "line"):
+                pts = sample_path(rc, scribble_spacing)
+                ok = (pts[:, 0] >= -0.5) & (pts[:, 0] < h - 0.5)
+                ok &= (pts[:, 1] >= -0.5) & (pts[:, 1] < w - 0.5)
+                pts = pts[ok]
+                xy.append(rc_to_xy(np.clip(pts[:, 0], 0, h), np.clip(pts[:, 1], 0, w)))
+                lab.append(np.full(len(pts), int(polarity[n]), dtype=np.int64))
+                out.scribbles += 1
+                continue
+            (x0, y0), (x1, y1) = rc_to_xy(np.clip([r0, r1], 0, h), np.clip([c0, c1], 0, w))
+            if kind == "rectangle":
+                boxes.append((x0, y0, x1, y1))
+                out.box_masks.append(None)
+                continue
+            window = Window(
+                int(np.floor(y0)), int(np.floor(x0)),
+                min(h, int(np.ceil(y1)) + 1), min(w, int(np.ceil(x1)) + 1),
             )
+            mask = rasterise_shape(rc, kind, window)
+            if not mask.any():
+                out.degenerate += 1
+                continue
             boxes.append((x0, y0, x1, y1))
+            out.box_masks.append(RegionMask(mask, window))
+            out.lassos += 1
         if boxes:
             out.boxes_xyxy = np.asarray(boxes, dtype=float)
+    out.points_xy = np.concatenate(xy)
+    out.point_labels = np.concatenate(lab)
     return out
 
 
@@ -422,6 +546,59 @@ def _set_geometry(layer: Any, geo: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------- controller
+
+
+def _mask_key(prompts: Sequence[MaskPrompt | RegionMask | None] | None) -> tuple | None:
+    """A hashable identity of the mask prompts of a decode."""
+    if prompts is None:
+        return None
+    out: list[Any] = []
+    for p in prompts:
+        if p is None:
+            out.append(None)
+        elif isinstance(p, MaskPrompt):
+            out.append(("logits", tuple(p.window), np.asarray(p.logits).tobytes()))
+        else:
+            out.append(("region", tuple(p.window), p.mask.tobytes()))
+    return tuple(out)
+
+
+class _PromptHistory:
+    """The decoded one-object prompt sets of the current object, for SAM's iterative
+    prompting: a prompt set that extends an earlier one (same box and lasso, the earlier
+    points first) gets that set's best low-res logits as its mask prompt."""
+
+    def __init__(self, maxsize: int = 64) -> None:
+        self.maxsize = maxsize
+        self._items: list[tuple[tuple, ObjectPrompts, MaskPrompt]] = []
+
+    def add(self, key: tuple, objects: ObjectPrompts, result: MaskPrompt) -> None:
+        self._items = [it for it in self._items if not (it[0] == key and _same(it[1], objects))]
+        self._items.append((key, objects, result))
+        del self._items[: -self.maxsize]
+
+    def previous(self, key: tuple, objects: ObjectPrompts) -> MaskPrompt | None:
+        """The result of the longest recorded prompt set that ``objects`` strictly extends."""
+        best, best_n = None, -1
+        n = 0 if objects.coords is None else objects.coords.shape[1]
+        for k, obj, result in self._items:
+            m = 0 if obj.coords is None else obj.coords.shape[1]
+            if k != key or m >= n or m <= best_n or obj.key()[2:] != objects.key()[2:]:
+                continue
+            if m and not (
+                np.array_equal(obj.coords[0], objects.coords[0, :m])
+                and np.array_equal(obj.labels[0], objects.labels[0, :m])
+            ):
+                continue
+            best, best_n = result, m
+        return best
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def _same(a: ObjectPrompts, b: ObjectPrompts) -> bool:
+    return a.key() == b.key()
 
 
 @dataclass
@@ -518,6 +695,9 @@ class PromptController:
         self.embedding_store: str | None = None
         self._engines: dict[tuple, PromptEngine] = {}
         self._dropped_encoder_calls = 0
+        self._history = _PromptHistory()
+        #: every positive point is its own object (``set_one_object_per_point``)
+        self.one_object_per_point = False
         self._decode_failed: tuple[Hashable, str] | None = None
         self.channel_axis: int | None = None
         self.channel: int | None = None
@@ -750,6 +930,7 @@ class PromptController:
                     ndim=ndim, name=BOXES_NAME, edge_color="#ffd700", face_color="transparent",
                     edge_width=max(1.0, size / 4), metadata={ROLE_KEY: "boxes"}, **geo,
                 )
+                _ensure_shape_label_feature(shapes, self.polarity)
                 self.shapes_layer = shapes
             if self._points is None:
                 points = self.viewer.add_points(
@@ -772,6 +953,8 @@ class PromptController:
             _ensure_label_feature(self._points, polarity)
             self._points.feature_defaults = {"label": polarity}
             _show_current_colour(self._points, polarity)
+        if self._shapes is not None:
+            _ensure_shape_label_feature(self._shapes, polarity)
         self._status(f"Next clicks are {polarity}.")
         self.events.changed()
 
@@ -795,8 +978,18 @@ class PromptController:
                 self._shapes.selected_data = set(range(len(self._shapes.data)))
                 self._shapes.remove_selected()
         self._decoded = None
+        self._history.clear()
         self.mask_rank = 0
         self._clear_preview()
+
+    def set_one_object_per_point(self, value: bool) -> None:
+        """Segment every positive point as its own object (one batched decoder call; the
+        objects are committed with consecutive ids)."""
+        self.one_object_per_point = bool(value)
+        self._decoded = None
+        self.mask_rank = 0
+        self.events.changed()
+        self.update()
 
     def clear_object(self) -> None:
         """Discard the current object (its prompts and preview)."""
@@ -839,7 +1032,7 @@ class PromptController:
             self._clear_preview()
             self._status(str(exc), "warning")
             return
-        prompts = collect_prompts(self.viewer, image, plane, self._points, self._shapes)
+        prompts = self._collect(image, plane)
         notes = self._prompt_notes(prompts)
         embedding = self.cache.get(key)
         engine = self._plane_engine(key[5])
@@ -875,32 +1068,50 @@ class PromptController:
         notes = []
         if prompts.outside:
             notes.append(f"{prompts.outside} prompt(s) outside the image were ignored.")
-        if prompts.not_rectangles:
-            notes.append(f"{prompts.not_rectangles} non-rectangle shape(s) were ignored.")
+        if prompts.degenerate:
+            notes.append(f"{prompts.degenerate} shape(s) without area were ignored.")
         return notes
 
     @staticmethod
     def _level(notes: Sequence[str]) -> str:
         return "warning" if any("ignored" in n for n in notes) else "info"
 
-    def _objects(
-        self, prompts: PlanePrompts
-    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """Prompts → (point_coords (B, N, 2), point_labels (B, N), boxes (B, 4)) per object."""
+    def objects(self, prompts: PlanePrompts) -> ObjectPrompts:
+        """The objects the prompts define (rules: ``docs/interactive.md#prompts``).
+
+        Points (clicks and scribbles) combine with at most one box or lasso into one object;
+        boxes and lassos without points are one object each. With
+        :attr:`one_object_per_point`, every positive point is its own object (with all
+        negative points). Raises :class:`PromptError` for combinations that define no object.
+        """
         n_pts, n_box = prompts.n_points, prompts.n_boxes
+        pos = prompts.point_labels == 1
+        if self.one_object_per_point and n_pts:
+            if n_box:
+                raise PromptError(
+                    "'One object per positive point' segments points only: remove the boxes "
+                    "and lassos, or untick it."
+                )
+            if not pos.any():
+                raise PromptError("Add a positive point: each one becomes an object.")
+            neg = prompts.points_xy[~pos]
+            coords = np.stack([np.concatenate([p[None], neg]) for p in prompts.points_xy[pos]])
+            labels = np.tile(np.r_[1, np.zeros(len(neg), np.int64)], (len(coords), 1))
+            return ObjectPrompts(coords, labels.astype(np.int64), None, (None,) * len(coords))
         if n_pts and n_box > 1:
             raise PromptError(
                 f"Points combine with one box into one object, but there are {n_box} boxes. "
                 "Keep one box, or remove the points to segment each box as its own object."
             )
-        if n_pts and not n_box and not prompts.point_labels.any():
+        if n_pts and not n_box and not pos.any():
             raise PromptError(
                 "Negative points alone do not define an object: add a positive point or a box."
             )
         coords = prompts.points_xy[None] if n_pts else None
         labels = prompts.point_labels[None] if n_pts else None
         boxes = prompts.boxes_xyxy if n_box else None
-        return coords, labels, boxes
+        masks = tuple(prompts.box_masks) if n_box else (None,)
+        return ObjectPrompts(coords, labels, boxes, masks)
 
     @staticmethod
     def _negative_note(engine: PromptEngine, labels: np.ndarray | None) -> list[str]:
@@ -912,18 +1123,37 @@ class PromptController:
         ]
 
     # ------------------------------------------------------------------- decoding
-    @staticmethod
-    def _signature(key: tuple, objects: tuple) -> tuple:
-        coords, labels, boxes = objects
-        parts = [None if a is None else (a.shape, a.tobytes()) for a in (coords, labels, boxes)]
-        return (key, *parts)
-
     def _current_signature(self, image: Any, plane: Plane, key: tuple) -> tuple | None:
-        prompts = collect_prompts(self.viewer, image, plane, self._points, self._shapes)
+        prompts = self._collect(image, plane)
         try:
-            return self._signature(key, self._objects(prompts))
+            return (key, self.objects(prompts).key())
         except PromptError:
             return None
+
+    def _collect(self, image: Any, plane: Plane) -> PlanePrompts:
+        """The prompts on ``plane``; scribbles sampled every :data:`SCRIBBLE_SPACING` px of
+        the model input (the plane's tile is resized to 1024 px)."""
+        grid = self.grid(plane)
+        spacing = SCRIBBLE_SPACING * max(grid.tile_h, grid.tile_w) / 1024
+        return collect_prompts(
+            self.viewer, image, plane, self._points, self._shapes, scribble_spacing=spacing
+        )
+
+    def _mask_prompts(
+        self, engine: PromptEngine, key: tuple, objects: ObjectPrompts
+    ) -> list[MaskPrompt | RegionMask | None] | None:
+        """Per object the mask prompt (``docs/interactive.md#mask-input``): for one object,
+        the best low-res logits of the longest earlier prompt set this one extends (SAM's
+        iterative prompting); else the object's lasso mask; ``None`` without a mask prompt
+        or when the model takes none."""
+        if not getattr(engine.model, "supports_mask_input", False):
+            return None
+        prompts: list[MaskPrompt | RegionMask | None] = list(objects.masks)
+        if objects.n_objects == 1:
+            previous = self._history.previous(key, objects)
+            if previous is not None:
+                prompts[0] = previous
+        return prompts if any(p is not None for p in prompts) else None
 
     def _decode(
         self, engine: PromptEngine, image: Any, plane: Plane, key: tuple,
@@ -932,14 +1162,15 @@ class PromptController:
         """Decode the prompts: at once when the plane's embedding is ready (one tile), else
         in the worker after encoding the tiles under the prompts."""
         try:
-            objects = self._objects(prompts)
+            objects = self.objects(prompts)
         except PromptError as exc:
             self._decoded = None
             self._clear_preview()
             self._message(" ".join([*notes, str(exc)]), "warning")
             return
-        sig = self._signature(key, objects)
-        notes = [*notes, *self._negative_note(engine, objects[1])]
+        mask_prompts = self._mask_prompts(engine, key, objects)
+        sig = ((key, objects.key()), _mask_key(mask_prompts))
+        notes = [*notes, *self._negative_note(engine, objects.labels)]
         if self._decoded is not None and self._decoded.signature == sig:
             self._show_decoded(notes)
             return
@@ -949,11 +1180,11 @@ class PromptController:
         layer_id = image.unique_id
         if embedding.ready:
             try:
-                objs = engine.predict_windowed(embedding, *objects)
+                objs = engine.predict_windowed(embedding, *objects.arrays, mask_prompts)
             except Exception as exc:  # noqa: BLE001 - prompt checks, out of memory: a message
                 self._decode_error(sig, exc)
                 return
-            self._set_decoded(sig, plane, layer_id, objs)
+            self._set_decoded(sig, plane, layer_id, objs, objects)
             self._show_decoded(notes)
             return
         if self.busy:
@@ -962,9 +1193,10 @@ class PromptController:
 
         def job():
             yield Progress(0, 2, "Computing the embedding of the tile(s) under the prompts…")
-            engine.prefetch(embedding, *objects)
+            engine.prefetch(embedding, *objects.arrays, mask_prompts)
             yield Progress(1, 2, "Decoding the prompts…")
-            return sig, plane, layer_id, engine.predict_windowed(embedding, *objects)
+            objs = engine.predict_windowed(embedding, *objects.arrays, mask_prompts)
+            return sig, plane, layer_id, objs, objects
 
         self.busy = True
         self._pending = False
@@ -980,8 +1212,12 @@ class PromptController:
         )
 
     def _set_decoded(
-        self, sig: tuple, plane: Plane, layer_id: Hashable, objs: list[TiledMask]
+        self, sig: tuple, plane: Plane, layer_id: Hashable, objs: list[TiledMask],
+        objects: ObjectPrompts,
     ) -> None:
+        if len(objs) == 1:
+            best = int(np.argmax(objs[0].scores))
+            self._history.add(sig[0][0], objects, MaskPrompt(objs[0].low_res[best], objs[0].window))
         previous = self._decoded
         self._decoded = _Decoded(
             plane, layer_id, [np.asarray(o.masks, dtype=bool) for o in objs],
@@ -1002,11 +1238,11 @@ class PromptController:
         self._message(text, "warning")
 
     def _on_tiled_decoded(self, result: tuple) -> None:
-        sig, plane, layer_id, objs = result
+        sig, plane, layer_id, objs, objects = result
         self.busy = False
         self.events.progress(value=Progress(2, 2, "Done"))
         self.events.busy(value=False)
-        self._set_decoded(sig, plane, layer_id, objs)
+        self._set_decoded(sig, plane, layer_id, objs, objects)
         self.update()
 
     def _on_tiled_error(self, sig: tuple, exc: BaseException) -> None:
@@ -1153,7 +1389,7 @@ class PromptController:
         if plane != dec.plane or image.unique_id != dec.layer_id:
             self._message("The preview belongs to another slice; add prompts here.", "warning")
             return []
-        if dec.signature is not None and dec.signature != self._current_signature(
+        if dec.signature is not None and dec.signature[0] != self._current_signature(
             image, plane, key
         ):
             self._message(
@@ -1454,6 +1690,24 @@ def _ensure_label_feature(points: Any, polarity: str) -> None:
     points.feature_defaults = {"label": polarity}
     points.face_color_cycle = {POSITIVE: "#00ff00", NEGATIVE: "#ff0000"}
     points.face_color = "label"
+
+
+def _ensure_shape_label_feature(shapes: Any, polarity: str) -> None:
+    """Give a Shapes layer the ``label`` feature (scribble polarity), defaulting to
+    ``polarity`` for the next shape drawn."""
+    import pandas as pd
+
+    feats = shapes.features
+    cats = [POSITIVE, NEGATIVE]
+    if not ("label" in feats and isinstance(feats["label"].dtype, pd.CategoricalDtype)):
+        values = (
+            [POSITIVE if is_positive(v) else NEGATIVE for v in feats["label"]]
+            if "label" in feats else [POSITIVE] * len(shapes.data)
+        )
+        new = feats.copy()
+        new["label"] = pd.Categorical(values, categories=cats)
+        shapes.features = new
+    shapes.feature_defaults = {"label": polarity}
 
 
 def _show_current_colour(points: Any, polarity: str) -> None:

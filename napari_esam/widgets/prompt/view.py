@@ -245,11 +245,17 @@ class PromptWidget(QWidget):
         polarity_row.addWidget(self.negative_radio)
         polarity_row.addWidget(QLabel(f"({_key_text(KEYS['toggle_polarity'])} toggles)"))
         polarity_row.addStretch()
+        self.per_point_check = QCheckBox("one object per positive point")
+        self.per_point_check.setToolTip(
+            "Segment every positive click as its own object (all at once); commit gives them "
+            "consecutive ids"
+        )
         prompts_box = QGroupBox("Prompts")
         form = QFormLayout(prompts_box)
         form.addRow("points", self.points_combo)
-        form.addRow("boxes", self.shapes_combo)
+        form.addRow("shapes", self.shapes_combo)
         form.addRow("next clicks", polarity_row)
+        form.addRow(self.per_point_check)
         form.addRow(self.new_prompts_button)
 
         # -- output
@@ -288,8 +294,10 @@ class PromptWidget(QWidget):
         self.status_label.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
 
         help_label = QLabel(
-            "Click objects with the points layer (green = positive, red = negative) or draw "
-            "rectangles in the boxes layer. The preview updates at once; commit to keep it."
+            "Click objects with the points layer (green = positive, red = negative), or in the "
+            "shapes layer draw a rectangle (a box), a path (a scribble: points along it, of "
+            "the current polarity) or a polygon/ellipse (a lasso). Each new click refines the "
+            "object. The preview updates at once; commit to keep it."
         )
         help_label.setWordWrap(True)
 
@@ -324,6 +332,7 @@ class PromptWidget(QWidget):
         self.positive_radio.toggled.connect(self._on_polarity)
         self.labels_combo.currentIndexChanged.connect(self._on_labels_chosen)
         self.overwrite_check.toggled.connect(lambda v: setattr(ctrl, "overwrite", bool(v)))
+        self.per_point_check.toggled.connect(ctrl.set_one_object_per_point)
         self.commit_button.clicked.connect(ctrl.commit)
         self.clear_button.clicked.connect(ctrl.clear_object)
         self.undo_button.clicked.connect(ctrl.undo)
