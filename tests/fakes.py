@@ -557,3 +557,42 @@ def run_and_wait(qtbot, widget, timeout=120_000):
     with qtbot.waitSignal(worker.finished, timeout=timeout):
         worker.start()
     return worker
+
+
+# --- volumes and time-lapses with known objects (propagation, linking)
+
+def carved_foreground(labels: np.ndarray) -> np.ndarray:
+    """Foreground of a label image or volume with touching objects cut apart: pixels with a
+    neighbour (along any axis) of another nonzero label are removed, as the dim gap between
+    touching nuclei would be, so each object is its own component in every slice."""
+    fg = labels > 0
+    cut = np.zeros_like(fg)
+    for axis in range(labels.ndim):
+        a = [slice(None)] * labels.ndim
+        b = [slice(None)] * labels.ndim
+        a[axis], b[axis] = slice(1, None), slice(None, -1)
+        for p, q in ((tuple(a), tuple(b)), (tuple(b), tuple(a))):
+            cut[p] |= (labels[q] != labels[p]) & (labels[q] > 0) & fg[p]
+    return fg & ~cut
+
+
+def moving_discs(
+    n: int = 10, shape=(96, 128), step=(2, 3), n_discs: int = 1, radius: int = 9,
+    lifetimes: list[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(frames uint8 (n, H, W): 255 inside discs, truth int32 (n, H, W)): disc ``k`` (id k+1)
+    starts at a fixed place and moves by ``step`` (rows, cols) per frame, present in frames
+    ``0..lifetimes[k]-1`` (default: all)."""
+    h, w = shape
+    frames = np.zeros((n, h, w), np.uint8)
+    truth = np.zeros((n, h, w), np.int32)
+    yy, xx = np.mgrid[:h, :w]
+    starts = [(20, 20), (60, 30), (30, 80)]
+    for k in range(n_discs):
+        life = n if lifetimes is None else lifetimes[k]
+        for t in range(min(n, life)):
+            cy, cx = starts[k][0] + step[0] * t, starts[k][1] + step[1] * t
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+            frames[t][disc] = 255
+            truth[t][disc] = k + 1
+    return frames, truth

@@ -1,0 +1,1 @@
+"""Stacks as volumes and time-lapses: objects through slices."""
