@@ -33,7 +33,8 @@ def classical_demo_model() -> Any:
     It implements the model interface the prompt widget drives (``preprocess``, ``encode``,
     ``decode``, ``postprocess_masks``): the "embedding" is the smoothed grey image at the
     decoder's 256-px resolution (packed into the embedding's channels), and the candidate masks
-    are the component around the positive clicks (or the box's centre) at three thresholds.
+    are the component around the positive clicks (inside the box, if any) of the image above
+    its Otsu threshold x 1, 0.7 and 1.3.
     """
     import torch
     import torch.nn.functional as F
@@ -68,6 +69,7 @@ def classical_demo_model() -> Any:
 
         def decode(self, embedding, coords, labels, original_size, multimask_output=True):
             img = F.pixel_shuffle(embedding[:1, :16], 4)[0, 0].numpy()  # (256, 256)
+            otsu = threshold_otsu(img) if np.ptp(img) > 0 else img.max()
             s = 1024 / max(original_size) / 4  # original px -> 256 frame
             n_obj = coords.shape[0]
             low = np.full((n_obj, 3, 256, 256), -10.0, dtype=np.float32)
@@ -77,19 +79,16 @@ def classical_demo_model() -> Any:
                 pos = [(y, x) for (x, y), v in zip(pts, lab, strict=True) if v == 1]
                 neg = [(y, x) for (x, y), v in zip(pts, lab, strict=True) if v == 0]
                 corners = pts[(lab == 2) | (lab == 3)]
-                if len(corners) == 2:
+                inside = np.ones(img.shape, dtype=bool)
+                if len(corners) == 2:  # a box: the object lies inside it
                     (x0, y0), (x1, y1) = corners
-                    window = (slice(y0, y1 + 1), slice(x0, x1 + 1))
-                    pos.append(((y0 + y1) // 2, (x0 + x1) // 2))
-                else:
-                    cy, cx = pos[0] if pos else (128, 128)
-                    window = (slice(max(0, cy - 20), cy + 20), slice(max(0, cx - 20), cx + 20))
-                local = img[window]
-                otsu = threshold_otsu(local) if np.ptp(local) > 0 else local.max()
+                    inside[:] = False
+                    inside[y0 : y1 + 1, x0 : x1 + 1] = True
+                    if not pos:
+                        pos.append(((y0 + y1) // 2, (x0 + x1) // 2))
                 for k, factor in enumerate((1.0, 0.7, 1.3)):
-                    fg = np.zeros(img.shape, dtype=bool)
-                    fg[window] = local > otsu * factor
-                    comp, _ = ndi.label(ndi.binary_fill_holes(fg))
+                    fg = ndi.binary_fill_holes((img > otsu * factor) & inside)
+                    comp, _ = ndi.label(fg)
                     ids = {comp[p] for p in pos if comp[p] > 0} - {comp[p] for p in neg}
                     low[b, k][np.isin(comp, list(ids)) & (comp > 0)] = 10.0
             scores = torch.tensor([[0.95, 0.85, 0.75]]).expand(n_obj, -1)

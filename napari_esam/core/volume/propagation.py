@@ -34,7 +34,7 @@ stand-in models and works on one-tile planes and tiled planes alike.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +51,7 @@ __all__ = [
     "mask_iou",
     "overlap",
     "prompt_from_mask",
+    "iter_propagate",
     "propagate",
 ]
 
@@ -196,6 +197,26 @@ def propagate(
         per slice with at least one object, one mask per object (``None`` where the object
         is absent); seeds included.
     """
+    steps = iter_propagate(decode, seeds, n_slices, params, cancel=cancel)
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(done, total)
+
+
+def iter_propagate(
+    decode: SliceDecoder,
+    seeds: dict[int, list[SliceMask]],
+    n_slices: int,
+    params: PropagationParams = PropagationParams(),
+    *,
+    cancel: Callable[[], bool] | None = None,
+) -> Generator[tuple[int, int], None, dict[int, list[SliceMask | None]]]:
+    """:func:`propagate` as a generator yielding ``(done, total)`` after each decoded slice
+    and returning the result (for progress reporting from a worker)."""
     params.validate(n_slices)
     if not seeds:
         raise ValueError("no seed: prompt the object on at least one slice")
@@ -262,6 +283,5 @@ def propagate(
                 misses[b] = 0
                 area[b], peak[b] = n, max(peak[b], n)
             done += 1
-            if progress is not None:
-                progress(done, total)
+            yield done, total
     return {i: row for i, row in sorted(out.items()) if any(m is not None for m in row)}

@@ -33,6 +33,7 @@ default, in a napari thread worker in the widget.
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -57,7 +58,14 @@ from napari_esam.core.tiling.predictor import (
     RegionMask,
     TiledMask,
 )
+from napari_esam.core.volume.propagation import PropagationParams
 from napari_esam.models.base import PromptableModel
+from napari_esam.widgets.prompt.propagation import (
+    Propagated,
+    paint,
+    propagation_job,
+    slice_plane,
+)
 from napari_esam.widgets.workers import Progress, Runner, run_sync
 
 POSITIVE = "positive"
@@ -65,6 +73,7 @@ NEGATIVE = "negative"
 #: ``layer.metadata`` key marking the layers this plugin creates
 ROLE_KEY = "napari_esam_role"
 PREVIEW_NAME = "ESAM preview"
+PROPAGATION_NAME = "ESAM propagation"
 LABELS_NAME = "ESAM labels"
 POINTS_NAME = "ESAM points"
 BOXES_NAME = "ESAM boxes"
@@ -78,6 +87,7 @@ KEYS = {
     "commit": "c",
     "clear": "Shift-C",
     "undo": "Control-Z",
+    "propagate": "Shift-S",
 }
 #: scribbles are sampled about every this many pixels of the model's 1024-px input
 SCRIBBLE_SPACING = 32.0
@@ -696,6 +706,13 @@ class PromptController:
         self._engines: dict[tuple, PromptEngine] = {}
         self._dropped_encoder_calls = 0
         self._history = _PromptHistory()
+        #: the stop rule and slice range of "Segment through stack"
+        self.propagation = PropagationParams()
+        #: the stack axis to propagate along (``None``: the slider nearest the view)
+        self.propagation_axis: int | None = None
+        self._propagated: Propagated | None = None
+        self._propagation_layer: Any = None
+        self._cancel = threading.Event()
         #: every positive point is its own object (``set_one_object_per_point``)
         self.one_object_per_point = False
         self._decode_failed: tuple[Hashable, str] | None = None
@@ -1367,6 +1384,220 @@ class PromptController:
         if self._pending:
             self.update()
 
+    # ------------------------------------------------------- segment through stack
+    def stack_axis(self, plane: Plane) -> int:
+        """The axis "Segment through stack" follows on ``plane``: :attr:`propagation_axis`
+        if set (a stack axis), else the non-displayed axis nearest the displayed ones."""
+        axes = [
+            a for a, i in enumerate(plane.index) if i is not None and a != plane.channel_axis
+        ]
+        if not axes:
+            raise PromptError("Segment through stack needs a stack: this image is one plane.")
+        if self.propagation_axis is None:
+            return axes[-1]
+        if self.propagation_axis not in axes:
+            raise PromptError(
+                f"Axis {self.propagation_axis} is not a stack axis here; choose one of {axes}."
+            )
+        return int(self.propagation_axis)
+
+    def propagate(self) -> None:
+        """Segment the prompted object(s) through the stack (in the background).
+
+        Every slice along the stack axis with prompts is a seed (``docs/interactive.md#
+        segment-through-stack``); the result is shown as a 3-D preview for :meth:`commit`.
+        """
+        if self.busy:
+            self._message("Wait for the current computation to finish.", "warning")
+            return
+        try:
+            image, plane, key = self._context()
+            axis = self.stack_axis(plane)
+            n = spatial_shape(image)[axis]
+            seeds = self._seed_prompts(image, plane, axis, n)
+            if len({s.n_objects for s in seeds.values()}) > 1:
+                raise PromptError(
+                    "The prompted slices hold different numbers of objects; give each "
+                    "prompted slice the same objects (matched in order)."
+                )
+            self.propagation.validate(n)
+        except (PromptError, ValueError) as exc:
+            self._message(str(exc), "warning")
+            return
+        self._discard_propagation()
+        engine = self._engine_getter(key)
+        data, cl = image_array(image), key[4]
+
+        def embed(eng: PromptEngine, index: int) -> PlaneEmbedding:
+            p = slice_plane(plane, axis, index)
+            source, idx = tiled_source(data, p)
+            return eng.embed(source, cl, index=idx, rgb=p.rgb)
+
+        self._cancel.clear()
+        job = propagation_job(engine, embed, seeds, n, self.propagation, self._cancel)
+        context = (image.unique_id, plane, axis, key)
+        self.busy = True
+        self.events.busy(value=True)
+        self._status(f"Segmenting through the stack (axis {axis}) from {len(seeds)} slice(s)…")
+        self.runner(
+            job,
+            on_returned=lambda result: self._on_propagated(context, result),
+            on_errored=self._on_propagation_error,
+            on_progress=lambda p: self.events.progress(value=p),
+            desc="napari-esam: segment through stack",
+            total=n,
+        )
+
+    def cancel(self) -> None:
+        """Stop "Segment through stack" after the current slice (nothing is committed)."""
+        self._cancel.set()
+
+    def _seed_prompts(self, image: Any, plane: Plane, axis: int, n: int) -> dict[int, Any]:
+        seeds = {}
+        for index in range(n):
+            p = slice_plane(plane, axis, index)
+            prompts = self._collect(image, p)
+            if not prompts.empty:
+                seeds[index] = self.objects(prompts)
+        if not seeds:
+            raise PromptError("Add prompts to the object on one or more slices first.")
+        return seeds
+
+    def _engine_getter(self, key: tuple) -> Callable[[], PromptEngine]:
+        """A function giving the engine for ``key``'s tiling, building the model (in the
+        worker) when it is not loaded yet; the built one is kept by the caller."""
+        model, model_key = self.model, self.model_key
+        tiling = key[5]
+        engine = self._engines.get((model_key, tiling)) if model is not None else None
+        factory, args = self.model_factory, (self.model_name, self.checkpoint, self.device)
+        cache_size = self.cache.maxsize
+
+        def get() -> PromptEngine:
+            nonlocal model, engine
+            if engine is None:
+                if model is None:
+                    model = factory(*args)
+                tile, halo, store = tiling
+                engine = PromptEngine(
+                    model, tile=tile, halo=halo, store=store, cache_size=cache_size
+                )
+            return engine
+
+        return get
+
+    def _on_propagated(self, context: tuple, result: tuple) -> None:
+        layer_id, plane, axis, key = context
+        engine, masks = result
+        self.busy = False
+        self.events.busy(value=False)
+        self.events.progress(value=Progress(1, 1, "Done"))
+        if key[3] == self.model_key:
+            self._model, self._model_key = engine.model, key[3]
+            self._engines[(key[3], key[5])] = engine
+        image = self._image
+        if image is None or image.unique_id != layer_id:
+            self._message("The image changed during the propagation; run it again.", "warning")
+            return
+        prop = Propagated(layer_id, plane, axis, masks)
+        if not prop.masks:
+            self._message("Nothing was found on the prompted slices.", "warning")
+            return
+        self._propagated = prop
+        self._show_propagation(image, prop)
+        first, last = prop.slices[0], prop.slices[-1]
+        what = "1 object" if prop.n_objects == 1 else f"{prop.n_objects} objects"
+        self._message(
+            f"Segmented {what} through slices {first}–{last} of axis {axis} "
+            f"({len(prop.slices)} slices). Press {KEYS['commit'].upper()} or Commit to accept."
+        )
+        self.events.changed()
+
+    def _on_propagation_error(self, exc: BaseException) -> None:
+        self.busy = False
+        self.events.busy(value=False)
+        self.events.progress(value=Progress(0, 1, "Cancelled" if isinstance(
+            exc, InterruptedError) else "Failed"))
+        if isinstance(exc, InterruptedError):
+            self._message("Segment through stack was cancelled; nothing was committed.")
+        else:
+            self._message(
+                f"Segment through stack failed: {type(exc).__name__}: {exc}", "warning"
+            )
+
+    def _show_propagation(self, image: Any, prop: Propagated) -> None:
+        geo = labels_geometry(image, prop.plane.channel_axis)
+        data = np.zeros(geo["shape"], dtype=np.uint8)
+        paint(data, prop.plane, prop.axis, prop.masks,
+              [b % 255 + 1 for b in range(prop.n_objects)])
+        layer = self._propagation_layer
+        if layer is not None and layer in self.viewer.layers:
+            _set_geometry(layer, geo)
+            layer.data = data
+            return
+        from napari.utils.colormaps import DirectLabelColormap
+
+        colors = {None: "transparent", 0: "transparent"}
+        colors.update({i + 1: _PREVIEW_COLORS[i % len(_PREVIEW_COLORS)] for i in range(255)})
+        with self._keep_selection():
+            layer = self.viewer.add_labels(
+                data, name=PROPAGATION_NAME, scale=geo["scale"], translate=geo["translate"],
+                rotate=geo["rotate"], shear=geo["shear"], affine=geo["affine"], opacity=0.55,
+                colormap=DirectLabelColormap(color_dict=colors),
+                metadata={ROLE_KEY: "preview"},
+            )
+            self._move_below_prompts(layer)
+        self._propagation_layer = layer
+
+    def propagated(self) -> Propagated | None:
+        """The propagation result waiting for commit, or ``None``."""
+        return self._propagated
+
+    def _discard_propagation(self) -> None:
+        self._propagated = None
+        layer = self._propagation_layer
+        if layer is not None and layer in self.viewer.layers and np.any(layer.data):
+            layer.data = np.zeros_like(layer.data)
+
+    def _commit_propagated(self) -> list[int]:
+        prop = self._propagated
+        image = self._image
+        if image is None or image.unique_id != prop.layer_id:
+            self._discard_propagation()
+            self._message("The propagated object belongs to another image.", "warning")
+            return []
+        labels = self._output_labels(image, prop.plane)
+        if labels is None:
+            return []
+        next_id = int(np.max(labels.data)) + 1 if np.size(labels.data) else 1
+        top = np.iinfo(labels.data.dtype).max if labels.data.dtype.kind in "iu" else 2**53
+        ids = list(range(next_id, next_id + prop.n_objects))
+        if ids[-1] > top:
+            self._message(
+                f"Labels layer {labels.name!r} ({labels.data.dtype}) cannot hold label "
+                f"{ids[-1]}.", "warning",
+            )
+            return []
+        with labels.block_history():
+            written = paint(
+                _LayerTarget(labels), prop.plane, prop.axis, prop.masks, ids,
+                preserve=not self.overwrite,
+            )
+        if not written:
+            self._message(
+                "Nothing was committed: the object lies on existing labels. Tick 'overwrite' "
+                "to replace them.", "warning",
+            )
+            return []
+        self._last_labels = weakref.ref(labels)
+        self.clear_prompts()
+        self._discard_propagation()
+        self.update()
+        what = f"label {ids[0]}" if len(ids) == 1 else f"labels {ids[0]}–{ids[-1]}"
+        self._message(
+            f"Committed {what} through {len(prop.slices)} slices to {labels.name!r}."
+        )
+        return ids
+
     # -------------------------------------------------------------------- commit
     def commit(self) -> list[int]:
         """Write the previewed object(s) into the output labels; returns the new label ids.
@@ -1374,6 +1605,8 @@ class PromptController:
         Each object gets the next free id (largest label + 1). Pixels that already carry a
         label are kept unless ``overwrite`` is set. One commit is one undo step.
         """
+        if self._propagated is not None:
+            return self._commit_propagated()
         dec = self._decoded
         if self.busy and dec is None:
             self._message("The embedding is still being computed; commit when the preview shows.")
@@ -1540,6 +1773,7 @@ class PromptController:
         if self._batching:
             return
         self.mask_rank = 0
+        self._discard_propagation()
         self.update()
 
     _batching = False
@@ -1570,7 +1804,7 @@ class PromptController:
 
     def _on_layer_removed(self, event: Any) -> None:
         layer = event.value
-        for name in ("_image", "_points", "_shapes", "_labels", "_preview"):
+        for name in ("_image", "_points", "_shapes", "_labels", "_preview", "_propagation_layer"):
             if getattr(self, name) is layer:
                 if name == "_image":
                     self.image_layer = None
@@ -1585,6 +1819,7 @@ class PromptController:
             "commit": self.commit,
             "clear": self.clear_object,
             "undo": self.undo,
+            "propagate": self.propagate,
         }
         for action, key in KEYS.items():
             layer.bind_key(key, _KeyAction(actions[action]), overwrite=True)
@@ -1638,6 +1873,21 @@ class PromptController:
         self.image_layer = None
         self.points_layer = None
         self.shapes_layer = None
+
+
+class _LayerTarget:
+    """A Labels layer as a paint target: reads its data, writes through ``data_setitem``
+    (napari's undo history)."""
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+
+    def __getitem__(self, where: tuple) -> np.ndarray:
+        return np.asarray(self.layer.data[where])
+
+    def __setitem__(self, where: tuple, value: int) -> None:
+        if len(where[0]):
+            self.layer.data_setitem(where, value)
 
 
 class _KeyAction:

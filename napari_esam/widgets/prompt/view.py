@@ -276,11 +276,33 @@ class PromptWidget(QWidget):
         self.undo_button.setToolTip("Undo the last edit of the output labels")
         self.next_mask_button.setToolTip("Show the next of the three candidate masks")
         self.commit_button.setStyleSheet("font-weight: bold;")
+        self.propagate_button = QPushButton(
+            f"Segment through stack ({_key_text(KEYS['propagate'])})"
+        )
+        self.propagate_button.setToolTip(
+            "Segment the prompted object(s) in the neighbouring slices, slice by slice, until "
+            "the object ends; prompts on several slices of one object fill the gaps between "
+            "them. Commit writes one 3-D object with one id."
+        )
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.setToolTip("Stop segmenting through the stack (nothing is committed)")
+        self.range_from = QSpinBox()
+        self.range_to = QSpinBox()
+        for spin, text in ((self.range_from, "first slice"), (self.range_to, "last slice")):
+            spin.setRange(-1, 1_000_000)
+            spin.setValue(-1)
+            spin.setSpecialValueText(text)
+            spin.setToolTip(f"The {text} considered (the stack's end when not set)")
         actions = QGridLayout()
         actions.addWidget(self.commit_button, 0, 0)
         actions.addWidget(self.next_mask_button, 0, 1)
         actions.addWidget(self.clear_button, 1, 0)
         actions.addWidget(self.undo_button, 1, 1)
+        actions.addWidget(self.propagate_button, 2, 0)
+        actions.addWidget(self.cancel_button, 2, 1)
+        actions.addWidget(self.range_from, 3, 0)
+        actions.addWidget(self.range_to, 3, 1)
 
         self.progress = QProgressBar()
         self.progress.setRange(0, 3)
@@ -333,6 +355,8 @@ class PromptWidget(QWidget):
         self.labels_combo.currentIndexChanged.connect(self._on_labels_chosen)
         self.overwrite_check.toggled.connect(lambda v: setattr(ctrl, "overwrite", bool(v)))
         self.per_point_check.toggled.connect(ctrl.set_one_object_per_point)
+        self.propagate_button.clicked.connect(self._on_propagate)
+        self.cancel_button.clicked.connect(ctrl.cancel)
         self.commit_button.clicked.connect(ctrl.commit)
         self.clear_button.clicked.connect(ctrl.clear_object)
         self.undo_button.clicked.connect(ctrl.undo)
@@ -515,10 +539,23 @@ class PromptWidget(QWidget):
         if event.text != self.status_label.text():
             self.status_label.setText(event.text)
 
+    def _on_propagate(self) -> None:
+        """Apply the slice range, then segment through the stack."""
+        import dataclasses
+
+        ctrl = self.controller
+        lo, hi = self.range_from.value(), self.range_to.value()
+        ctrl.propagation = dataclasses.replace(
+            ctrl.propagation, start=None if lo < 0 else lo, stop=None if hi < 0 else hi
+        )
+        ctrl.propagate()
+
     @_if_alive
     def _on_busy(self, event: Any) -> None:
         busy = bool(event.value)
         self.prepare_button.setEnabled(not busy)
+        self.propagate_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
         if busy:
             self.progress.setValue(0)
             self.progress.setFormat("starting…")

@@ -397,3 +397,40 @@ def test_start_worker_reports_progress_result_and_every_error(qtbot):
     worker = start_worker(failing, on_returned=results.append, on_errored=errors.append)
     qtbot.waitUntil(lambda: bool(errors), timeout=10_000)
     assert isinstance(errors[0], RuntimeError) and results == ["done"]
+
+
+def test_segment_through_stack_runs_off_the_gui_thread_and_can_be_cancelled(
+    make_napari_viewer, qtbot
+):
+    from tests.fakes import ObjectsModel, moving_discs
+
+    class SlowObjects(ObjectsModel):
+        def encode(self, x):
+            time.sleep(0.3)
+            return super().encode(x)
+
+    frames, truth = moving_discs(n=10, shape=(96, 128), step=(2, 3))
+    viewer = make_napari_viewer()
+    widget, ctrl, _ = open_with_fake(viewer, qtbot, frames)
+    ctrl.model_factory = lambda *key: SlowObjects().eval()
+    rows, cols = np.nonzero(truth[0] == 1)
+    add_point(ctrl, (0, rows.mean(), cols.mean()))
+    wait_ready(qtbot, ctrl)
+    ticks = TickCounter(10)
+    widget.propagate_button.click()
+    assert ctrl.busy and widget.cancel_button.isEnabled()
+    wait_ready(qtbot, ctrl)
+    assert ticks.stop() >= 30  # ~300 possible ticks in the ~3 s the encoder slept
+    assert ctrl.propagated().slices == list(range(10))
+    assert widget.propagate_button.isEnabled() and not widget.cancel_button.isEnabled()
+    widget.commit_button.click()
+    assert set(np.unique(ctrl.labels_layer.data[:, :, :])) == {0, 1}
+
+    add_point(ctrl, (0, 70, 100))  # another object; cancelled after the first slices
+    wait_ready(qtbot, ctrl)
+    widget.propagate_button.click()
+    qtbot.waitUntil(lambda: ctrl.status.startswith("Segmenting"), timeout=5_000)
+    widget.cancel_button.click()
+    wait_ready(qtbot, ctrl)
+    assert "cancelled" in ctrl.status and ctrl.propagated() is None
+    assert ctrl.labels_layer.data.max() == 1  # nothing more was committed
