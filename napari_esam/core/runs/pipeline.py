@@ -164,7 +164,12 @@ def run_batch(
     NumPy, Dask or Zarr). ``settings``: model, segment-everything parameters, tiling and the
     id scheme (:class:`BatchSettings`). ``output``: ``None`` (a new in-memory array), a
     ``.zarr`` path / :class:`ZarrOutput` (created, or resumed: finished planes and tiles are
-    skipped; ``overwrite=True`` starts over), or a :class:`MemoryOutput`.
+    skipped; ``overwrite=True`` starts over in the hidden sibling ``.NAME.replacement``,
+    which replaces an existing output only once the run is done, and only an output of
+    napari-esam), or a :class:`MemoryOutput`. A Zarr output and the embedding store are
+    locked for the run: a second run on either raises
+    :class:`~napari_esam.core.io.locks.LockedError` naming the first
+    (``docs/rules/outputs.md``).
     ``embeddings``: an embedding store path, reused and filled (created when missing).
     ``model``: the loaded model of ``settings.model`` (in this process; default: built once
     per process). ``axes``/``scale``/``translate``/``name`` are stored as OME metadata of a
