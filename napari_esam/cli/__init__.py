@@ -7,8 +7,12 @@ sets ``func`` (called with the parsed ``argparse.Namespace``, returning an exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from importlib import import_module
 
 SUBCOMMAND_MODULES = (
@@ -20,6 +24,14 @@ SUBCOMMAND_MODULES = (
 
 class UserError(Exception):
     """An error caused by the user's input; printed without a traceback."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, systemd, Slurm) arrived: handled like Ctrl-C, exit code 143."""
+
+
+#: exit code after SIGTERM (128 + 15, what a shell reports for a process it terminated)
+EXIT_TERMINATED = 143
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,17 +51,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While the command runs, SIGTERM raises :class:`Terminated` (so the cleanup of Ctrl-C
+    runs: temporary files removed, finished work kept); a second one during that cleanup
+    is ignored. Only in the main thread (elsewhere signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What the interrupted or failed command kept and what to do (each subcommand sets
+    ``kept``; errors while finding out give the general sentence)."""
+    describe = getattr(args, "kept", None)
+    try:
+        return describe(args) if describe is not None else "finished work was kept"
+    except Exception:  # noqa: BLE001 - only for the message
+        return "finished work was kept"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code (0 on success, 1 on interrupt, 2 on error)."""
+    """Run the CLI; returns the process exit code (0 on success, 1 on Ctrl-C, 143 on
+    SIGTERM, 2 on error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("napari-esam: interrupted; finished work was kept", file=sys.stderr)
-        return 1
+        with _sigterm_as_interrupt():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"napari-esam {args.command}: {what}; {_kept(args)}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else 1
     except (UserError, ValueError, OSError) as exc:
-        print(f"napari-esam {args.command}: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            message = (f"no space left on the device of {getattr(args, 'output', '?')!r} "
+                       f"({exc.filename or exc.strerror}): free some space; {_kept(args)}")
+        print(f"napari-esam {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -107,8 +107,60 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="re-runs of a task that failed (a worker that dies is handled "
                    "by Dask: its task runs again elsewhere)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, kept=kept)
     return p
+
+
+def work_store(out: Path) -> Path:
+    """The Zarr store a run into ``out`` computes into (``OUT.tif.partial.zarr`` for a
+    TIFF)."""
+    tiff = out.suffix.lower() in (".tif", ".tiff")
+    return Path(str(out) + TIFF_WORK_SUFFIX) if tiff else out
+
+
+def kept(args: argparse.Namespace, resume: bool = True) -> str:
+    """What an interrupted or failed run kept on disk, and (``resume``) what to do next."""
+    from napari_esam.core.io.replacing import replacement_path
+    from napari_esam.core.runs.outputs import SCRATCH_SUFFIX, TileScratch, ZarrOutput
+
+    out = Path(args.output).expanduser()
+    store = work_store(out)
+    sibling = replacement_path(store)
+    for path in (sibling, store):
+        if ZarrOutput.is_run_output(path):
+            n = len(ZarrOutput(path).done())
+            tiles = len(TileScratch(str(path) + SCRATCH_SUFFIX).done())
+            what = f"{n} finished slice{'s' * (n != 1)}"
+            if tiles:
+                what += f" and {tiles} finished tile{'s' * (tiles != 1)}"
+            where = f"{what} were kept in {str(path)!r}"
+            if path == sibling and (out.exists() or store.exists()):
+                where = f"{str(out)!r} is unchanged; the new run's {where}"
+            return f"{where}: {_how_to_resume(args)}" if resume else where
+    if out.exists():
+        return f"{str(out)!r} is unchanged"
+    return "nothing was written"
+
+
+def _how_to_resume(args: argparse.Namespace) -> str:
+    if args.overwrite:  # the same command would start over
+        return "run it again without --overwrite to resume"
+    return "run the same command again to resume"
+
+
+def _state(paths: Any) -> list[tuple[bool, int]]:
+    """Whether each store exists and how many planes it records (to tell whether a failed
+    run changed anything)."""
+    from napari_esam.core.runs.outputs import ZarrOutput
+
+    out = []
+    for path in paths:
+        try:
+            n = len(ZarrOutput(path).done()) if ZarrOutput.is_run_output(path) else 0
+        except Exception:  # noqa: BLE001 - only compared
+            n = -1
+        out.append((Path(path).exists(), n))
+    return out
 
 
 def _batch_size(text: str) -> int | None:
@@ -147,10 +199,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit code (errors raise for ``cli.main``)."""
-    from napari_esam.core.runs import outputs
-    from napari_esam.core.runs.settings import get_model
-    from napari_esam.core.tiling.store import StaleEmbeddingStoreError
-    from napari_esam.models.weights import CheckpointError
+    from napari_esam.core.io.locks import hold
+    from napari_esam.core.io.replacing import check_not_input, replacement_path
 
     out = Path(args.output).expanduser()
     suffix = out.suffix.lower()
@@ -169,15 +219,50 @@ def run(args: argparse.Namespace) -> int:
     settings.validate()
     executor = make_executor(args)
     source = stack_source(args)
-    if Path(source.data) == out.resolve():
-        raise UserError("OUTPUT must not be the INPUT")
-
     tiff = suffix in (".tif", ".tiff")
-    store = Path(str(out) + TIFF_WORK_SUFFIX) if tiff else out
-    if tiff and out.exists() and not store.exists() and not args.overwrite:
-        raise UserError(
-            f"{str(out)!r} already exists (a finished export); pass --overwrite to recompute it"
-        )
+    store = work_store(out)
+    for path in {out, store}:
+        check_not_input(source.data, path)
+    with hold(out), hold(store):  # one run per OUTPUT and per working store
+        if tiff:
+            _clean_damaged_work_store(store)
+        if (tiff and out.exists() and not args.overwrite
+                and not (store.exists() or replacement_path(store).exists())):
+            raise UserError(
+                f"{str(out)!r} already exists (a finished export); pass --overwrite to "
+                "recompute it"
+            )
+        if not args.overwrite and replacement_path(store).exists():
+            print(f"resuming the unfinished --overwrite of {str(store)!r} (kept in "
+                  f"{str(replacement_path(store))!r})", file=sys.stderr)
+        return _run(args, source, settings, executor, out, store)
+
+
+def _clean_damaged_work_store(store: Path) -> None:
+    """Remove the working store of a TIFF output when it is damaged (e.g. its labels array
+    went missing when two runs of an earlier version wrote it at once): it holds no result
+    of its own, the next run starts it over."""
+    from napari_esam.core.io.replacing import remove_path
+    from napari_esam.core.runs.outputs import ZarrOutput
+
+    if ZarrOutput.is_run_output(store):
+        problem = ZarrOutput(store).damage()
+        if problem is not None:
+            print(f"the working store {str(store)!r} was damaged ({problem}); starting it over",
+                  file=sys.stderr)
+            remove_path(store)
+
+
+def _run(args: argparse.Namespace, source: Any, settings: Any, executor: Any, out: Path,
+         store: Path) -> int:
+    """Load the model, run, export a TIFF output and print the summary (lock held)."""
+    from napari_esam.core.io.replacing import replacement_path
+    from napari_esam.core.runs import outputs
+    from napari_esam.core.runs.settings import get_model
+    from napari_esam.core.tiling.store import StaleEmbeddingStoreError
+    from napari_esam.models.weights import CheckpointError
+
+    tiff = out.suffix.lower() in (".tif", ".tiff")
     # load (and download) the weights before any work to fail early; for a cluster on the
     # CPU (this machine may have no GPU), the workers load their own copy
     spec = settings.model
@@ -192,6 +277,8 @@ def run(args: argparse.Namespace) -> int:
     if grid.n_tiles > 1:
         print(f"tiled: {grid.n_y}x{grid.n_x} tiles of {grid.tile} px (halo {grid.halo}) per "
               f"plane, {n * grid.n_tiles} in all", file=sys.stderr)
+    stores = (store, replacement_path(store))
+    before = _state(stores)
     with executor or contextlib.nullcontext():
         if executor is not None:
             print(f"running on a {executor.describe()}", file=sys.stderr)
@@ -201,6 +288,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{exc} (make it with napari-esam embed and the same --model, "
                             "--checkpoint, --tiled, --tile, --halo and --contrast-limits)"
                             ) from None
+        except ValueError as exc:  # a failure during the work: say what it left
+            if _state(stores) == before:
+                raise
+            raise UserError(f"{exc}; {kept(args, resume=False)}") from None
     _print_details(result.details)
     if tiff:
         output = result.output

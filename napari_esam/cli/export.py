@@ -37,18 +37,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--axes", help="axis names, e.g. zyx or tzyx (default: input's)")
     parser.add_argument("--name", help="label layer name stored in the metadata")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, kept=kept)
     return parser
+
+
+def kept(args: argparse.Namespace) -> str:
+    """What an interrupted or failed export left: nothing of its own."""
+    out = Path(args.output).expanduser()
+    if out.exists():
+        return f"the export was discarded and {str(out)!r} was left as it was"
+    return "the export was discarded (nothing was written)"
 
 
 def run(args: argparse.Namespace) -> int:
     """Read ``args.labels`` and write it to ``args.output``."""
     from napari_esam.core.io.label_files import read_labels, write_labels
+    from napari_esam.core.io.replacing import check_not_input
 
     source = Path(args.labels).expanduser()
     if not source.exists():
         raise UserError(f"input {str(source)!r} does not exist")
     out = Path(args.output).expanduser()
+    check_not_input(source, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     data, meta = read_labels(source)
     result = write_labels(

@@ -179,22 +179,47 @@ def checkpoint_path(model: str, *, download: bool = True, progressbar: bool = Tr
     return target
 
 
+#: how PyTorch files begin: a zip archive (torch.save since 1.6) or a pickle (older ones)
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
 def _torch_load(path: Path) -> Any:
     import pickle
 
     import torch
 
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the checkpoint {path}: {exc.strerror}") from exc
+    if not head.startswith(_TORCH_MAGIC):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (it starts with {head!r}, not a zip archive "
+            "or a pickle): give the .pt/.pth file of the model's weights"
+        )
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{path} is not a plain weights file: it holds objects other than tensors "
-            f"(loading it could run code, so it was refused): {str(exc).splitlines()[0]}"
+            f"{path} is not a plain weights file: it holds objects other than tensors, so it "
+            f"was refused (loading it could run code){_unpickler_detail(exc)}"
         ) from exc
     except Exception as exc:  # torch raises many kinds (RuntimeError, EOFError, IndexError...)
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {exc}"
         ) from exc
+
+
+def _unpickler_detail(exc: BaseException) -> str:
+    """What torch's weights-only unpickler objected to, without its advice to load the file
+    with ``weights_only=False`` (unsafe for exactly the files this check refuses)."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line and "weights_only" not in line and not line.startswith(
+                ("Weights only load failed", "Check the documentation", "Please file")):
+            return ": " + line.removeprefix("WeightsUnpickler error: ").rstrip(".")
+    return ""
 
 
 def _read_checkpoint_file(path: Path, spec: CheckpointSpec | None) -> Any:

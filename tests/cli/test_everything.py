@@ -276,7 +276,7 @@ def test_cli_ctrl_c_exits_1_and_keeps_finished_slices(tmp_path, mobilesam_ckpt, 
         args = ["everything", str(src), "-o", str(out), "--device", "cpu",
                 "--checkpoint", str(mobilesam_ckpt), "--points-per-side", "8", "--no-progress"]
         assert main(args) == 1
-        assert "finished work was kept" in capsys.readouterr().err
+        assert "2 finished slices were kept in" in capsys.readouterr().err
         work = Path(str(out) + ".partial.zarr")
         assert ZarrOutput(work).done() == {0: counts[0], 1: counts[1]} and not out.exists()
         B._MODELS[spec.key()] = BlobModel().eval()

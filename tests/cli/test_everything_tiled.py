@@ -291,7 +291,7 @@ def test_an_interrupted_run_resumes_with_the_tiles_it_finished(tmp_path, image_f
     finally:
         models.encode = original
     assert models.encodes == 5
-    assert "finished work was kept" in capsys.readouterr().err
+    assert "0 finished slices and 5 finished tiles were kept in" in capsys.readouterr().err
     assert (tmp_path / "labels.zarr.tiles.zarr").exists()  # the finished tiles are kept
     models.encodes = 0
     assert everything(image_file, out, *TILED) == 0

@@ -15,7 +15,10 @@ Formats (chosen by the file extension):
 
 Safety: data is written to a hidden temporary sibling and renamed into place only when
 complete; on any exception (including ``KeyboardInterrupt`` and ``ENOSPC``) the temporary
-output is removed and an existing target is left untouched.
+output is removed and an existing target is left untouched. ``overwrite`` replaces only a
+labels store written by napari-esam or a TIFF file; the writer holds the target's lock file
+(one export per target) and removes the temporaries a killed export of it left
+(``docs/rules/outputs.md``).
 """
 
 from __future__ import annotations
@@ -25,15 +28,22 @@ import json
 import math
 import os
 import secrets
-import shutil
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from napari_esam.core.io.inputs import check_tiff
+from napari_esam.core.io.locks import hold
+from napari_esam.core.io.replacing import (
+    is_own_store,
+    move_into_place,
+    remove_path,
+    remove_stale_temporaries,
+)
 
 __all__ = [
     "MAX_COLORS",
@@ -347,6 +357,16 @@ def write_labels(
         "units": _check_units(units, ndim),
     }
 
+    with hold(target):  # one writer per target; then no live export owns a .tmp-* of it
+        remove_stale_temporaries(target)
+        _write_into_place(target, fmt, x, dtype, meta, compression, overwrite, progress)
+    return target
+
+
+def _write_into_place(target: Path, fmt: str, x, dtype: Any, meta: dict,
+                      compression: str | None, overwrite: bool,
+                      progress: ProgressCallback | None) -> None:
+    """Write into a hidden temporary sibling, then move it onto ``target``."""
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
     tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
     converter: _BlockConverter | None = None
@@ -360,16 +380,16 @@ def write_labels(
         else:
             converter = _BlockConverter(out_dtype, math.prod(x.shape[:-2]), progress)
             _write_tiff(tmp, x, converter, meta, compression, pool)
-        _move_into_place(tmp, target, overwrite)
+        _check_target(target, overwrite)  # re-check: it may have appeared while we wrote
+        move_into_place(tmp, target)
     except BaseException:
         if converter is not None:
             converter.cancelled.set()
         pool.shutdown(wait=True, cancel_futures=True)  # no worker may still write into tmp
-        _remove(tmp)
+        remove_path(tmp, strict=False)
         raise
     finally:
         pool.shutdown(wait=True)
-    return target
 
 
 def _check_compression(compression: str | None, fmt: str) -> str | None:
@@ -387,14 +407,37 @@ def _check_compression(compression: str | None, fmt: str) -> str | None:
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
+    """An existing target is replaced only with ``overwrite`` and only when it is ours to
+    replace: a TIFF file for a TIFF, a labels store written by napari-esam for a Zarr."""
     if not (target.exists() or target.is_symlink()):
         return
     if not overwrite:
         raise FileExistsError(
             f"{str(target)!r} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
         )
-    if target.is_dir() and _format_of(target) == "tiff":
-        raise IsADirectoryError(f"{str(target)!r} is a directory, not a TIFF file")
+    if _format_of(target) == "tiff":
+        if target.is_dir():
+            raise IsADirectoryError(f"{str(target)!r} is a directory, not a TIFF file")
+        if not _is_tiff_file(target):
+            raise FileExistsError(
+                f"refusing to replace {str(target)!r}: it is not a TIFF file (move it away or "
+                "choose another name)"
+            )
+    elif not is_own_store(target, (MARKER,)) or not is_labels_export(target):
+        raise FileExistsError(
+            f"refusing to replace {str(target)!r}: it is not a labels store written by "
+            "napari-esam (move it away or choose another name)"
+        )
+
+
+def _is_tiff_file(path: Path) -> bool:
+    """Whether ``path`` is a file that starts like a TIFF (classic or BigTIFF)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _output_dtype(x, dtype: Any, pool: ThreadPoolExecutor) -> np.dtype:
@@ -576,36 +619,6 @@ def _write_tiff(
         os.fsync(fh.fileno())
 
 
-def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Rename the complete ``tmp`` onto ``target``; an old target is swapped out and removed."""
-    if not (target.exists() or target.is_symlink()):
-        os.rename(tmp, target)  # fails rather than merging if a directory appeared meanwhile
-        return
-    _check_target(target, overwrite)  # re-check: it may have appeared while we were writing
-    if tmp.is_file() and target.is_file():
-        os.replace(tmp, target)  # atomic for files
-        return
-    backup = target.with_name(f".{target.name}.bak-{secrets.token_hex(4)}")
-    os.rename(target, backup)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(backup, target)
-        raise
-    _remove(backup)
-
-
-def _remove(path: Path) -> None:
-    """Best-effort removal of a temporary file or directory (never masks the real error)."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    except OSError as exc:  # pragma: no cover - depends on the file system
-        warnings.warn(f"could not remove temporary {str(path)!r}: {exc}", stacklevel=3)
-
-
 # ---------------------------------------------------------------------------- reading
 
 
@@ -650,7 +663,18 @@ def read_labels(path: str | os.PathLike[str]) -> tuple[Any, dict]:
         raise FileNotFoundError(f"no such file or directory: {str(p)!r}")
     if p.is_dir() or p.suffix.lower() == ".zarr":
         return _read_zarr(p)
-    return _read_tiff(p)
+    if p.suffix.lower() not in (".tif", ".tiff"):
+        raise ValueError(
+            f"unsupported labels format {p.suffix or '(no extension)'!r} for {str(p)!r}: labels "
+            "are read from Zarr (.zarr) or TIFF (.tif, .tiff)"
+        )
+    check_tiff(p)
+    try:
+        return _read_tiff(p)
+    except (MemoryError, FileNotFoundError, PermissionError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many kinds
+        raise ValueError(f"cannot read {str(p)!r} as TIFF labels: {exc}") from None
 
 
 def _meta(path: Path, ndim: int, **given: Any) -> dict:

@@ -7,7 +7,12 @@
 * :class:`TileScratch`: for planes cut into several tiles, the tiles' kept masks until their
   plane is merged (``OUTPUT.tiles.zarr``), so a stopped run keeps its finished tiles.
 
-The resume rule is written in ``docs/rules/resume.md``.
+A run that replaces an existing result writes into the hidden sibling
+``.OUTPUT.replacement`` (:meth:`ZarrOutput.working_output`) and moves it onto ``OUTPUT``
+only when done, so a run that fails or stops leaves the old result as it was.
+
+The resume rule is written in ``docs/rules/resume.md``, the replacement and lock rules in
+``docs/rules/outputs.md``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from napari_esam.core.io.label_files import MARKER
+from napari_esam.core.io.replacing import (
+    is_own_store,
+    move_into_place,
+    remove_path,
+    replacement_path,
+)
 from napari_esam.core.runs.settings import BatchSettings, output_dtype
 from napari_esam.core.runs.sources import StackSource
 from napari_esam.core.tiling.grid import TileGrid
@@ -49,6 +61,8 @@ SCRATCH_SUFFIX = ".tiles.zarr"
 #: group attribute of a scratch group (the run's record and the finished tiles)
 SCRATCH_ATTR = "napari-esam-tiles"
 SCRATCH_FORMAT = 2
+#: the attributes of the stores a run may replace or remove (its own kinds of output)
+OWN_ATTRS = (RUN_ATTR, *LEGACY_ATTRS, MARKER)
 
 
 def _root_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -84,8 +98,10 @@ class ZarrOutput:
     (chunk-aligned, so no locking); only the coordinating process calls :meth:`record`.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, replaces: str | None = None) -> None:
         self.path = str(Path(path).expanduser().resolve())
+        #: the output this one will replace when its run is done (a hidden sibling's)
+        self.replaces = replaces
         self._array: Any = None
         self._group: Any = None
 
@@ -100,6 +116,39 @@ class ZarrOutput:
     def is_run_output(path: str | os.PathLike) -> bool:
         """Whether ``path`` is a Zarr group written by a run of this version."""
         return RUN_ATTR in (_root_attrs(path) or {})
+
+    def working_output(self, overwrite: bool) -> ZarrOutput:
+        """The output a run into this one writes: this one, or its hidden sibling
+        ``.NAME.replacement`` when the run replaces an existing result (``overwrite``) or
+        resumes such an unfinished replacement; :meth:`finish_replacement` moves it here."""
+        target = Path(self.path)
+        sibling = replacement_path(target)
+        if overwrite and (target.exists() or target.is_symlink()):
+            _check_own(target)  # before any work: only our own outputs are replaced
+            return ZarrOutput(sibling, replaces=self.path)
+        if not overwrite and (sibling.exists() or sibling.is_symlink()):
+            return ZarrOutput(sibling, replaces=self.path)
+        return self
+
+    def finish_replacement(self) -> ZarrOutput:
+        """Move this finished replacement onto the output it replaces (whose scratch group
+        of tiles, if any, belonged to the replaced run and is removed); returns that
+        output."""
+        if self.replaces is None:
+            return self
+        target = ZarrOutput(self.replaces)
+        move_into_place(Path(self.path), Path(target.path))
+        scratch = Path(target.path + SCRATCH_SUFFIX)
+        if TileScratch._attrs(scratch) is not None:
+            remove_path(scratch, strict=False)
+        return target
+
+    def damage(self) -> str | None:
+        """What makes this existing run output unusable (``None``: nothing found)."""
+        target = Path(self.path)
+        if not (target / "0" / "zarr.json").is_file():
+            return "its labels array '0' is missing"
+        return None
 
     def prepare(
         self,
@@ -120,6 +169,12 @@ class ZarrOutput:
         if target.exists() or target.is_symlink():
             attrs = _root_attrs(target) or {}
             if not overwrite and RUN_ATTR in attrs:
+                problem = self.damage()
+                if problem is not None:
+                    raise ValueError(
+                        f"{self.path!r} is damaged ({problem}): start it over with overwrite "
+                        "(CLI: --overwrite), or choose another output"
+                    )
                 self._check_resumable(record)
                 return True
             if not overwrite:
@@ -130,13 +185,23 @@ class ZarrOutput:
                         f"{legacy[0]!r}), which this version cannot resume; run again with "
                         "overwrite (CLI: --overwrite) to start over, or choose another output"
                     )
+                if MARKER in attrs:
+                    raise FileExistsError(
+                        f"{self.path!r} holds labels exported by napari-esam, not a run that "
+                        "can be resumed; replace it with overwrite (CLI: --overwrite), or "
+                        "choose another output"
+                    )
                 raise FileExistsError(
-                    f"{self.path!r} exists and is not a napari-esam batch output; choose "
-                    "another output or overwrite it (CLI: --overwrite)"
+                    f"{self.path!r} exists and is not an output of napari-esam everything; "
+                    "choose another output"
                 )
             _remove_store(target)
         if not target.parent.is_dir():
             raise FileNotFoundError(f"directory {str(target.parent)!r} does not exist")
+        if overwrite and self.replaces is None:  # an unfinished replacement: given up
+            sibling = replacement_path(target)
+            if sibling.exists() or sibling.is_symlink():
+                _remove_store(sibling)
         dtype = output_dtype(source.n_slices, settings, grid)
         self._create(source, dtype, record, axes, scale, translate, name)
         return False
@@ -157,18 +222,45 @@ class ZarrOutput:
         diffs = _diff(old.get("source", {}), record["source"], "input ")
         diffs += _diff(old.get("settings", {}), record["settings"], "")
         if diffs:
+            what = (f"{self.path!r} (an unfinished replacement of {self.replaces!r})"
+                    if self.replaces else repr(self.path))
+            tiling = old.get("settings", {}).get("tiling")
+            hint = ""
+            if isinstance(tiling, Mapping) and tiling != record["settings"]["tiling"]:
+                hint = (f"; it was made with tiles of {tiling.get('tile')} px and halo "
+                        f"{tiling.get('halo')} (CLI: --tiled on --tile {tiling.get('tile')} "
+                        f"--halo {tiling.get('halo')})"
+                        if tiling.get("merge_iou") is not None or tiling.get("halo")
+                        else "; it was made without tiling (CLI: --tiled off)")
             raise ValueError(
-                f"{self.path!r} holds a run with other input or settings ("
+                f"{what} holds a run with other input or settings ("
                 + "; ".join(diffs[:4])
-                + "); use the same ones to resume, or overwrite it (CLI: --overwrite)"
+                + f"){hint}; use the same ones to resume, or overwrite it (CLI: --overwrite)"
             )
 
     def _create(self, source, dtype, record, axes, scale, translate, name) -> None:
         record = {"format": RUN_FORMAT, **record, "slices": {}, "complete": False}
-        self._group = create_label_group(
-            self.path, source, dtype, {RUN_ATTR: record},
-            axes=axes, scale=scale, translate=translate, name=name,
-        )
+        try:
+            self._group = create_label_group(
+                self.path, source, dtype, {RUN_ATTR: record},
+                axes=axes, scale=scale, translate=translate, name=name,
+            )
+        except BaseException:  # e.g. a full disk: no half-made store stays behind
+            remove_path(Path(self.path), strict=False)
+            raise
+
+    def remove_if_empty(self) -> bool:
+        """Remove this store (and its scratch group) when it holds no finished plane and
+        no finished tile: what a failed new run leaves. Returns whether it was removed."""
+        try:
+            if self.done() or TileScratch(self.path + SCRATCH_SUFFIX).done():
+                return False
+        except Exception:  # noqa: BLE001 - unreadable: leave it for the user
+            return False
+        self._group = self._array = None
+        remove_path(Path(self.path + SCRATCH_SUFFIX), strict=False)
+        remove_path(Path(self.path), strict=False)
+        return True
 
     # -- access
     @property
@@ -291,15 +383,20 @@ def _diff(old: Mapping, new: Mapping, prefix: str) -> list[str]:
     return out
 
 
-def _remove_store(path: Path) -> None:
-    """Delete an output we are allowed to replace (a Zarr store or a file, never other dirs)."""
-    if path.is_dir() and not path.is_symlink():
-        if not any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup")):
-            raise ValueError(f"refusing to delete {str(path)!r}: it is not a Zarr store")
-        shutil.rmtree(path)
-    else:
-        path.unlink()
+def _check_own(path: Path) -> None:
+    """Refuse to replace ``path`` unless it is one of our outputs (:data:`OWN_ATTRS`)."""
+    if not is_own_store(path, OWN_ATTRS):
+        raise FileExistsError(
+            f"refusing to replace {str(path)!r}: it is not an output of napari-esam (move it "
+            "away or choose another output)"
+        )
 
+
+def _remove_store(path: Path) -> None:
+    """Delete an output we are allowed to replace (one of our own stores, never another
+    folder or file)."""
+    _check_own(path)
+    shutil.rmtree(path)
 
 
 class TileScratch:

@@ -17,6 +17,7 @@ resume) are written in ``docs/rules/``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napari_esam.core.io.locks import hold
+from napari_esam.core.io.replacing import check_not_input, remove_path
 from napari_esam.core.runs.executors import Executor, LocalExecutor
 from napari_esam.core.runs.outputs import (
     SCRATCH_SUFFIX,
@@ -134,14 +137,8 @@ def _open_store(path: str | os.PathLike, source: StackSource, settings: BatchSet
 def _check_not_input(source: StackSource, out: Path) -> None:
     """The output must be neither the input nor a folder that holds it or lies in it (an
     overwrite would delete the input)."""
-    if not isinstance(source.data, str):
-        return
-    inp, out = Path(source.data).resolve(), out.resolve()
-    if inp == out or out in inp.parents or inp in out.parents:
-        raise ValueError(
-            f"the output {str(out)!r} must not be the input {str(inp)!r}, nor hold it or lie "
-            "inside it: choose an output elsewhere"
-        )
+    if isinstance(source.data, str):
+        check_not_input(source.data, out)
 
 
 def run_batch(
@@ -167,7 +164,12 @@ def run_batch(
     NumPy, Dask or Zarr). ``settings``: model, segment-everything parameters, tiling and the
     id scheme (:class:`BatchSettings`). ``output``: ``None`` (a new in-memory array), a
     ``.zarr`` path / :class:`ZarrOutput` (created, or resumed: finished planes and tiles are
-    skipped; ``overwrite=True`` starts over), or a :class:`MemoryOutput`.
+    skipped; ``overwrite=True`` starts over in the hidden sibling ``.NAME.replacement``,
+    which replaces an existing output only once the run is done, and only an output of
+    napari-esam), or a :class:`MemoryOutput`. A Zarr output and the embedding store are
+    locked for the run: a second run on either raises
+    :class:`~napari_esam.core.io.locks.LockedError` naming the first
+    (``docs/rules/outputs.md``).
     ``embeddings``: an embedding store path, reused and filled (created when missing).
     ``model``: the loaded model of ``settings.model`` (in this process; default: built once
     per process). ``axes``/``scale``/``translate``/``name`` are stored as OME metadata of a
@@ -175,28 +177,49 @@ def run_batch(
     ``cancel()`` is polled between point batches and tiles. A cancelled run returns with
     ``cancelled=True``; every finished plane is kept (and, on disk, every finished tile).
     """
-    from napari_esam.core.plane.everything import Cancelled
-
     settings = settings or BatchSettings()
     settings.validate()
     if not isinstance(source, StackSource):
         source = StackSource.create(source)
-    grid = settings.tiling.grid(source.plane_shape)
-    n_tiles = grid.n_tiles
     if output is None:
+        grid = settings.tiling.grid(source.plane_shape)
         output = MemoryOutput(source.out_shape, output_dtype(source.n_slices, settings, grid))
     elif not isinstance(output, (ZarrOutput, MemoryOutput)):
         output = ZarrOutput(output)
-    on_disk = isinstance(output, ZarrOutput)
-    if on_disk:
-        _check_not_input(source, Path(output.path))
-    elif tuple(output.array.shape) != source.out_shape:
-        raise ValueError(f"output shape {output.array.shape} != labels shape {source.out_shape}")
+    store_path = None if embeddings is None else str(Path(embeddings).expanduser().resolve())
+    with contextlib.ExitStack() as held:
+        if isinstance(output, ZarrOutput):
+            _check_not_input(source, Path(output.path))
+            held.enter_context(hold(output.path))  # one run per output (and its sibling)
+            if name is None:  # the layer name is the output's, not its replacement's
+                name = Path(output.path).stem
+        if store_path is not None:
+            held.enter_context(hold(store_path))
+        return _run(source, settings, output, overwrite=overwrite, indices=indices,
+                    executor=executor, progress=progress, cancel=cancel, store_path=store_path,
+                    model=model, axes=axes, scale=scale, translate=translate, name=name)
+
+
+def _run(source: StackSource, settings: BatchSettings, target: ZarrOutput | MemoryOutput, *,
+         overwrite: bool, indices: Sequence[int] | None, executor: Executor | None,
+         progress: Callable[[BatchProgress], Any] | None, cancel: Callable[[], bool] | None,
+         store_path: str | None, model: Any, axes: str | None,
+         scale: Sequence[float] | None, translate: Sequence[float] | None,
+         name: str | None) -> BatchResult:
+    """:func:`run_batch` with its arguments checked and its locks held."""
+    from napari_esam.core.plane.everything import Cancelled
+
+    grid = settings.tiling.grid(source.plane_shape)
+    n_tiles = grid.n_tiles
+    on_disk = isinstance(target, ZarrOutput)
+    if not on_disk and tuple(target.array.shape) != source.out_shape:
+        raise ValueError(f"output shape {target.array.shape} != labels shape {source.out_shape}")
     wanted = list(range(source.n_slices)) if indices is None else sorted({int(i) for i in indices})
     for i in wanted:
         source.coords(i)  # range check
+    # a run that replaces an existing result writes beside it until it is done
+    output = target.working_output(overwrite) if on_disk else target
     scratch_path = output.path + SCRATCH_SUFFIX if on_disk and n_tiles > 1 else None
-    store_path = None if embeddings is None else str(Path(embeddings).expanduser().resolve())
     task = TileTask(source, settings, output if on_disk else None, scratch_path, store_path,
                     model=model)
     executor = executor or LocalExecutor()
@@ -204,18 +227,48 @@ def run_batch(
     if check is not None:  # before anything is created (e.g. a Dask run needs files)
         check(task)
     store = None
+    new_store = store_path is not None and not Path(store_path).exists()
     if store_path is not None:
         if model is None:
             model = get_model(settings.model)
         store = _open_store(store_path, source, settings, grid, model)
         task = dataclasses.replace(task, model=model)
     scratch = None
-    if on_disk:
-        resumed = output.prepare(source, settings, grid, overwrite=overwrite, axes=axes,
-                                 scale=scale, translate=translate, name=name)
-        if scratch_path is not None:  # a new output starts a new scratch group
-            scratch = TileScratch.open(scratch_path, output.run_record(source, settings, grid),
-                                       overwrite=overwrite or not resumed)
+    created = False  # this run made the output store (removed again if it fails at once)
+    try:
+        if on_disk:
+            resumed = output.prepare(source, settings, grid, overwrite=overwrite, axes=axes,
+                                     scale=scale, translate=translate, name=name)
+            created = not resumed
+            if scratch_path is not None:  # a new output starts a new scratch group
+                scratch = TileScratch.open(scratch_path,
+                                           output.run_record(source, settings, grid),
+                                           overwrite=overwrite or not resumed)
+        result = _compute(source, settings, output, grid, wanted, task, executor, store,
+                          scratch, progress, cancel, Cancelled)
+    except BaseException:
+        if created:
+            output.remove_if_empty()
+        if new_store and store is not None and store.n_done == 0:
+            remove_path(Path(store_path), strict=False)
+        raise
+    if on_disk and not result.cancelled:
+        if indices is None:
+            output.record_many({}, complete=True)
+        if scratch is not None and (indices is None or output.replaces):
+            scratch.remove()
+        output = output.finish_replacement()  # the old result goes only now
+        result.output, result.labels = output, output.read_only()
+    return result
+
+
+def _compute(source: StackSource, settings: BatchSettings, output: ZarrOutput | MemoryOutput,
+             grid: Any, wanted: list[int], task: TileTask, executor: Executor, store: Any,
+             scratch: TileScratch | None, progress: Callable[[BatchProgress], Any] | None,
+             cancel: Callable[[], bool] | None, Cancelled: type) -> BatchResult:
+    """The tiles of ``wanted`` planes that are not done yet, merged and recorded."""
+    n_tiles = grid.n_tiles
+    on_disk = isinstance(output, ZarrOutput)
     counts = output.done()
     todo = [i for i in wanted if i not in counts]
     ready: dict[int, set[int]] = {p: set() for p in todo}  # plane -> finished tiles
@@ -303,10 +356,6 @@ def run_batch(
             close()
         forget_predictors(task.token)  # this process's (in-process tasks): free the image
     cancelled = any(p not in counts for p in todo)
-    if on_disk and not cancelled and indices is None:
-        output.record_many({}, complete=True)
-        if scratch is not None:
-            scratch.remove()
     labels = output.read_only() if on_disk else output.array
     counts = {i: counts[i] for i in sorted(counts)}
     details["tiles_done"] = tiles_done

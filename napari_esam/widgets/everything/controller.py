@@ -87,6 +87,8 @@ class RunState:
     #: ``viewer.add_labels`` keywords for a Zarr output's layer, made at the first report
     #: (once the worker has created or reopened the store)
     layer_kwargs: dict[str, Any] | None = None
+    #: the run replaces an existing Zarr output (it writes beside it until done)
+    overwrite: bool = False
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -289,7 +291,7 @@ class EverythingController:
             grid = settings.tiling.grid(source.plane_shape)
             output = MemoryOutput(source.out_shape,
                                   output_dtype(source.n_slices, settings, grid))
-        state = RunState(layer_name, source, output)
+        state = RunState(layer_name, source, output, overwrite=form.overwrite)
         if form.to_layer and isinstance(output, MemoryOutput):
             state.labels_layer = self.viewer.add_labels(output.array, **layer_kwargs)
         elif form.to_layer:
@@ -356,18 +358,29 @@ class EverythingController:
         state.last = ev
         if (ev.kind == "start" and state.labels_layer is None
                 and state.layer_kwargs is not None and isinstance(state.output, ZarrOutput)):
-            state.labels_layer = self.viewer.add_labels(state.output.read_only(),
+            state.labels_layer = self.viewer.add_labels(self._working_labels(state),
                                                         **state.layer_kwargs)
         if ev.kind == "slice" and state.labels_layer is not None:
             state.labels_layer.refresh()
         if self.on_progress is not None:
             self.on_progress(ev)
 
+    @staticmethod
+    def _working_labels(state: RunState) -> Any:
+        """The labels the run writes into: the output, or the hidden sibling that replaces
+        it when done (``docs/rules/outputs.md#replacement``); the output once swapped."""
+        try:
+            return state.output.working_output(state.overwrite).read_only()
+        except Exception:  # noqa: BLE001 - already moved into place by a fast run
+            return state.output.read_only()
+
     def _finished(self, result: BatchResult) -> None:
         state, self.state = self.state, None
         self.result = result
         if state is not None and state.labels_layer is not None:
             layer = state.labels_layer
+            if isinstance(result.output, ZarrOutput):  # where the labels are now
+                layer.data = result.labels
             meta = {
                 "source": state.layer_name,
                 "counts": {int(k): int(v) for k, v in result.counts.items()},

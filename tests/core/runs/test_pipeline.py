@@ -225,12 +225,16 @@ def test_resume_refuses_other_settings_and_overwrite_starts_over(tmp_path, stack
 def test_existing_foreign_outputs_are_not_clobbered(tmp_path, stack):
     foreign = tmp_path / "foreign.zarr"
     zarr.create_array(foreign, shape=(2, 2), dtype="uint8")
-    with pytest.raises(FileExistsError, match="not a napari-esam batch output"):
+    with pytest.raises(FileExistsError, match="not an output of napari-esam everything"):
         run_batch(stack[0], blob_settings(), foreign)
+    # overwrite replaces only our own outputs: not another Zarr, nor any other folder
+    with pytest.raises(FileExistsError, match="it is not an output of napari-esam"):
+        run_batch(stack[0], blob_settings(), foreign, overwrite=True)
+    assert zarr.open_array(foreign, mode="r").shape == (2, 2)
     folder = tmp_path / "folder.zarr"
     folder.mkdir()
     (folder / "precious.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not a Zarr store"):
+    with pytest.raises(FileExistsError, match="it is not an output of napari-esam"):
         run_batch(stack[0], blob_settings(), folder, overwrite=True)
     assert (folder / "precious.txt").exists()
     src = tmp_path / "in.zarr"
@@ -414,7 +418,7 @@ def test_open_input_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         open_input(tmp_path / "missing.tif")
     (tmp_path / "bad.tif").write_bytes(b"this is not a tiff")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="bad.tif' is not a readable TIFF"):
         open_input(tmp_path / "bad.tif")
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(ValueError, match="unsupported input format"):
