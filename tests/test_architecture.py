@@ -3,7 +3,7 @@ statement of the package, at module level or inside functions, is read from the 
 
 * ``models`` (pure PyTorch) imports nothing else of the project;
 * inside ``core``: ``io`` ← ``plane`` ← ``tiling`` ← ``runs`` (each imports only those to its
-  left, and ``models``);
+  left, and ``models``); ``linking`` (no model) imports only ``io``;
 * nothing below the widgets (``models``, ``core``, ``cli``) imports Qt, napari's Qt parts,
   magicgui/superqt or the widgets; the CLI does not import the widgets.
 """
@@ -27,6 +27,7 @@ ALLOWED = {
                                "napari_esam.core.plane"),
     "napari_esam.core.tiling": ("napari_esam.models", "napari_esam.core.io",
                                 "napari_esam.core.plane", "napari_esam.core.tiling"),
+    "napari_esam.core.linking": ("napari_esam.core.io", "napari_esam.core.linking"),
     "napari_esam.core.runs": ("napari_esam.models", "napari_esam.core"),
     "napari_esam.cli": ("napari_esam.models", "napari_esam.core", "napari_esam.cli"),
 }
