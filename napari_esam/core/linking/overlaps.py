@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PlaneObjects", "overlaps", "plane_objects", "relabel_plane", "shifted_overlaps"]
+__all__ = [
+    "PlaneObjects",
+    "check_label_dtype",
+    "overlaps",
+    "plane_objects",
+    "relabel_plane",
+    "shifted_overlaps",
+]
 
 #: ids up to this value, or up to the plane's pixel count, are compacted with a lookup table;
 #: larger ones by sorting
