@@ -11,11 +11,15 @@
   stand-ins and synthetic images for runs, tiling and the CLI.
 * Shared helpers of the widget, tiling and segment-everything tests (:class:`Factory`,
   :func:`add_point`, :class:`CountingSource`, :func:`naive_sam`, ...).
+* Linking: 3-D truths (:func:`stardist_mask3d`, :func:`touching_ellipsoids`,
+  :func:`moving_discs`), the per-slice input made from them (:func:`relabel_per_slice`,
+  :func:`drop_objects`), the naive baseline :func:`naive_stitch` and :func:`f1_at_iou`.
 """
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -576,7 +580,7 @@ def carved_foreground(labels: np.ndarray) -> np.ndarray:
     return fg & ~cut
 
 
-def moving_discs(
+def moving_disc_frames(
     n: int = 10, shape=(96, 128), step=(2, 3), n_discs: int = 1, radius: int = 9,
     lifetimes: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -596,3 +600,169 @@ def moving_discs(
             frames[t][disc] = 255
             truth[t][disc] = k + 1
     return frames, truth
+
+
+# --- linking (tests/core/linking, tests/cli/test_link.py, benchmarks/bench_linking.py):
+# truth volumes, the per-slice input made from them, the naive baseline and the metric
+
+STARDIST_MASK3D = "mask3d.tif"
+STARDIST_DIR = Path(__file__).resolve().parent / "data" / "stardist"
+
+
+def stardist_mask3d() -> np.ndarray:
+    """stardist's 3-D nuclei ground truth (31x61x57, 51 nuclei), the copy in
+    ``tests/data/stardist/`` (see its README)."""
+    import tifffile
+
+    return tifffile.imread(STARDIST_DIR / STARDIST_MASK3D)
+
+
+def relabel_per_slice(truth: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The per-slice input made from a 3-D truth: each slice's connected pieces of each
+    object, with random distinct uint32 ids (unrelated between slices)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(truth.shape, np.uint32)
+    for z in range(truth.shape[0]):
+        plane, pieces = truth[z], np.zeros(truth.shape[1:], np.int64)
+        n = 0
+        for k, box in enumerate(ndimage.find_objects(plane)):
+            if box is None:
+                continue
+            comp, m = ndimage.label(plane[box] == k + 1)
+            pieces[box][comp > 0] = comp[comp > 0] + n
+            n += m
+        ids = rng.choice(2**31, size=n, replace=False).astype(np.uint32) + 1
+        out[z] = np.concatenate([[0], ids])[pieces]
+    return out
+
+
+def drop_objects(stack: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """``stack`` with each 2-D object erased with probability ``fraction``."""
+    rng = np.random.default_rng(seed)
+    out = stack.copy()
+    for z in range(out.shape[0]):
+        ids = np.unique(out[z])
+        ids = ids[ids != 0]
+        out[z][np.isin(out[z], ids[rng.random(len(ids)) < fraction])] = 0
+    return out
+
+
+def touching_ellipsoids(shape=(24, 96, 96), spacing=(8, 16, 16), seed: int = 0) -> np.ndarray:
+    """3-D truth: ellipsoids on a jittered grid, packed so that they touch (a voxel inside
+    several goes to the one it is deepest in), touching in z too."""
+    rng = np.random.default_rng(seed)
+    spacing = np.asarray(spacing, float)
+    axes = [np.arange(s / 2, n, s) for n, s in zip(shape, spacing, strict=True)]
+    centres = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    centres = centres + rng.uniform(-0.25, 0.25, centres.shape) * spacing
+    best = np.full(shape, np.inf)
+    labels = np.zeros(shape, np.int32)
+    for k, c in enumerate(centres):
+        semi = spacing * rng.uniform(0.5, 0.7, 3)
+        lo = np.maximum(np.floor(c - semi).astype(int), 0)
+        hi = np.minimum(np.ceil(c + semi).astype(int) + 1, shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        grid = np.ogrid[box]
+        d = sum(((g - ci) / si) ** 2 for g, ci, si in zip(grid, c, semi, strict=True))
+        inside = (d < 1) & (d < best[box])
+        best[box][inside] = d[inside]
+        labels[box][inside] = k + 1
+    return labels
+
+
+def moving_discs(frames: int = 30, size: int = 192, spacing: int = 40, seed: int = 0,
+                 speed=(0.3, 1.0), radius=(8.0, 12.0), turn: float = 0.2) -> np.ndarray:
+    """(T, Y, X) truth of a time-lapse: discs moving at 0.3-1 radius per frame in slowly
+    turning directions, colliding elastically and bouncing off the walls (touching, never
+    passing through each other)."""
+    rng = np.random.default_rng(seed)
+    g = np.arange(spacing / 2, size, spacing)
+    pos = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    pos = pos + rng.uniform(-5, 5, pos.shape)
+    n = len(pos)
+    r = rng.uniform(*radius, n)
+    angle = rng.uniform(0, 2 * np.pi, n)
+    vel = np.stack([np.sin(angle), np.cos(angle)], 1) * (rng.uniform(*speed, n) * r)[:, None]
+    out = np.zeros((frames, size, size), np.int32)
+    for t in range(frames):
+        best = np.full((size, size), np.inf)
+        for k in range(n):
+            lo = np.maximum(np.floor(pos[k] - r[k]).astype(int), 0)
+            hi = np.minimum(np.ceil(pos[k] + r[k]).astype(int) + 1, size)
+            yy, xx = np.ogrid[lo[0]:hi[0], lo[1]:hi[1]]
+            d = np.hypot(yy - pos[k, 0], xx - pos[k, 1]) / r[k]
+            box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+            inside = (d <= 1) & (d < best[box])
+            best[box][inside] = d[inside]
+            out[t][box][inside] = k + 1
+        c, s = np.cos(rng.normal(0, turn, n)), np.sin(rng.normal(0, turn, n))
+        vel = np.stack([c * vel[:, 0] - s * vel[:, 1], s * vel[:, 0] + c * vel[:, 1]], 1)
+        pos = pos + vel
+        for a in range(n):
+            for b in range(a + 1, n):
+                gap = pos[b] - pos[a]
+                dist = float(np.hypot(*gap))
+                if 0 < dist < r[a] + r[b]:
+                    normal = gap / dist
+                    closing = float(np.dot(vel[a] - vel[b], normal))
+                    if closing > 0:
+                        vel[a] -= closing * normal
+                        vel[b] += closing * normal
+                    push = (r[a] + r[b] - dist) / 2 * normal
+                    pos[a] -= push
+                    pos[b] += push
+        for d in range(2):
+            low, high = pos[:, d] < r, pos[:, d] > size - 1 - r
+            pos[low, d] = 2 * r[low] - pos[low, d]
+            pos[high, d] = 2 * (size - 1 - r[high]) - pos[high, d]
+            vel[low | high, d] *= -1
+    return out
+
+
+def naive_stitch(stack: np.ndarray, threshold: float = 0.25) -> np.ndarray:
+    """The baseline: slice by slice, each object takes the id of the object of the previous
+    (already stitched) slice with which its IoU is largest (lowest id on ties) when that IoU is
+    at least ``threshold``, else a new id."""
+    out = np.zeros(stack.shape, np.int64)
+    next_id = 0
+    for z in range(stack.shape[0]):
+        values, cur = np.unique(stack[z], return_inverse=True)
+        cur = cur.reshape(stack.shape[1:]) + (0 if values[0] == 0 else 1)
+        k = len(values) - (1 if values[0] == 0 else 0)
+        new = np.zeros(k + 1, np.int64)
+        if z > 0 and k:
+            prev = out[z - 1]
+            both = (cur > 0) & (prev > 0)
+            pairs, inter = np.unique(np.stack([cur[both], prev[both]]), axis=1,
+                                     return_counts=True)
+            area_cur = np.bincount(cur.ravel(), minlength=k + 1)
+            prev_ids, prev_area = np.unique(prev, return_counts=True)
+            area_prev = dict(zip(prev_ids.tolist(), prev_area.tolist(), strict=True))
+            best = np.zeros(k + 1)
+            for (c, p), i in zip(pairs.T.tolist(), inter.tolist(), strict=True):
+                iou = i / (area_cur[c] + area_prev[p] - i)
+                if iou > best[c] or (iou == best[c] and p < new[c]):
+                    best[c], new[c] = iou, p
+            new[best < threshold] = 0
+        for c in range(1, k + 1):
+            if new[c] == 0:
+                next_id += 1
+                new[c] = next_id
+        new[0] = 0
+        out[z] = new[cur]
+    return out
+
+
+def f1_at_iou(truth: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> float:
+    """F1 of predicted vs true objects, a pair matching when their IoU (over the whole
+    volume) is above ``threshold`` (>= 0.5 makes matches one-to-one)."""
+    t = truth.ravel().astype(np.int64)
+    p = np.asarray(pred).ravel().astype(np.int64)
+    both = (t > 0) & (p > 0)
+    base = int(p.max()) + 1
+    pairs, inter = np.unique(t[both] * base + p[both], return_counts=True)
+    ti, pi = np.divmod(pairs, base)
+    area_t, area_p = np.bincount(t), np.bincount(p)
+    tp = int((inter / (area_t[ti] + area_p[pi] - inter) > threshold).sum())
+    n_true, n_pred = int((area_t[1:] > 0).sum()), int((area_p[1:] > 0).sum())
+    return 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0

@@ -3,7 +3,8 @@ statement of the package, at module level or inside functions, is read from the 
 
 * ``models`` (pure PyTorch) imports nothing else of the project;
 * inside ``core``: ``io`` ← ``plane`` ← ``tiling`` ← ``volume`` ← ``runs`` (each imports only
-  those to its left, and ``models``; ``volume`` not ``runs``);
+  those to its left, and ``models``; ``volume`` not ``runs``); ``linking`` (no model) imports
+  only ``io``;
 * nothing below the widgets (``models``, ``core``, ``cli``) imports Qt, napari's Qt parts,
   magicgui/superqt or the widgets; the CLI does not import the widgets.
 """
@@ -30,6 +31,7 @@ ALLOWED = {
     "napari_esam.core.volume": ("napari_esam.models", "napari_esam.core.io",
                                 "napari_esam.core.plane", "napari_esam.core.tiling",
                                 "napari_esam.core.volume"),
+    "napari_esam.core.linking": ("napari_esam.core.io", "napari_esam.core.linking"),
     "napari_esam.core.runs": ("napari_esam.models", "napari_esam.core"),
     "napari_esam.cli": ("napari_esam.models", "napari_esam.core", "napari_esam.cli"),
 }

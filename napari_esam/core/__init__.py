@@ -7,5 +7,7 @@
 * :mod:`~napari_esam.core.tiling` — the tile grid, tile embeddings and their store, the seam
   merge, the tiled predictor;
 * :mod:`~napari_esam.core.runs` — runs over stacks: plane sources, settings, the one pipeline
-  driver, tasks, outputs, executors (local, Dask).
+  driver, tasks, outputs, executors (local, Dask);
+* :mod:`~napari_esam.core.linking` — linking per-slice labels into 3-D objects or tracks
+  (no model): overlaps, the linking rule, the two-pass stack driver, tracks.
 """

@@ -19,7 +19,7 @@ from napari_esam.core.volume.propagation import (
     prompt_from_mask,
     propagate,
 )
-from tests.fakes import carved_foreground, moving_discs
+from tests.fakes import carved_foreground, moving_disc_frames
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "stardist"
 
@@ -98,7 +98,7 @@ def test_one_click_gives_the_3d_nucleus_and_stops_at_its_ends(nuclei):
 
 
 def test_a_moving_disc_is_tracked_through_time():
-    frames, truth = moving_discs(n=12, shape=(96, 128), step=(2, 3))
+    frames, truth = moving_disc_frames(n=12, shape=(96, 128), step=(2, 3))
     decoder = ComponentDecoder(frames > 0)
     t = 5
     rows, cols = np.nonzero(truth[t] == 1)
@@ -111,7 +111,7 @@ def test_a_moving_disc_is_tracked_through_time():
 
 
 def test_the_gap_between_two_prompted_slices_is_filled_from_both_ends():
-    frames, truth = moving_discs(n=10, shape=(96, 128), step=(2, 3))
+    frames, truth = moving_disc_frames(n=10, shape=(96, 128), step=(2, 3))
     decoder = ComponentDecoder(frames > 0)
     seeds = {}
     for t in (2, 7):
@@ -126,7 +126,9 @@ def test_the_gap_between_two_prompted_slices_is_filled_from_both_ends():
 
 
 def test_two_objects_run_in_one_batched_call_and_stop_independently():
-    frames, truth = moving_discs(n=8, shape=(96, 128), step=(1, 2), n_discs=2, lifetimes=[8, 4])
+    frames, truth = moving_disc_frames(
+        n=8, shape=(96, 128), step=(1, 2), n_discs=2, lifetimes=[8, 4]
+    )
     decoder = ComponentDecoder(frames > 0)
     seeds = []
     for label in (1, 2):
@@ -161,7 +163,7 @@ def test_patience_bridges_a_missing_slice():
 
 
 def test_cancel_raises_between_slices():
-    frames, _ = moving_discs(n=6, shape=(64, 64), step=(1, 1))
+    frames, _ = moving_disc_frames(n=6, shape=(64, 64), step=(1, 1))
     decoder = ComponentDecoder(frames > 0)
     seed = seed_at(decoder, 0, (20, 20))
     with pytest.raises(InterruptedError):

@@ -12,7 +12,7 @@ import tifffile
 from napari.components import ViewerModel
 
 from napari_esam.widgets.prompt.controller import PromptController
-from tests.fakes import Factory, ObjectsModel, add_point, carved_foreground, moving_discs
+from tests.fakes import Factory, ObjectsModel, add_point, carved_foreground, moving_disc_frames
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "stardist"
 
@@ -66,7 +66,7 @@ def test_one_click_segments_a_nucleus_through_z_and_commits_one_id(nuclei):
 
 
 def test_the_gap_between_two_prompted_frames_is_filled():
-    frames, truth = moving_discs(n=12, shape=(96, 128), step=(2, 3))
+    frames, truth = moving_disc_frames(n=12, shape=(96, 128), step=(2, 3))
     viewer, ctrl = make(frames)
     for t in (2, 9):
         viewer.dims.set_current_step(0, t)
@@ -82,7 +82,7 @@ def test_the_gap_between_two_prompted_frames_is_filled():
 
 
 def test_two_objects_propagate_together_and_get_consecutive_ids():
-    frames, truth = moving_discs(n=6, shape=(96, 128), step=(1, 2), n_discs=2)
+    frames, truth = moving_disc_frames(n=6, shape=(96, 128), step=(1, 2), n_discs=2)
     viewer, ctrl = make(frames)
     viewer.dims.set_current_step(0, 0)
     ctrl.set_one_object_per_point(True)  # (the stand-in model answers points, not boxes)
@@ -100,7 +100,7 @@ def test_two_objects_propagate_together_and_get_consecutive_ids():
 
 
 def test_cancel_leaves_nothing_committed():
-    frames, truth = moving_discs(n=12, shape=(96, 128), step=(2, 3))
+    frames, truth = moving_disc_frames(n=12, shape=(96, 128), step=(2, 3))
     viewer, ctrl = make(frames)
     rows, cols = np.nonzero(truth[0] == 1)
     add_point(ctrl, (0, rows.mean(), cols.mean()))
@@ -126,7 +126,7 @@ def test_a_single_plane_has_no_stack_to_propagate_through():
 
 
 def test_new_prompts_discard_the_propagated_object():
-    frames, truth = moving_discs(n=5, shape=(64, 96), step=(1, 1))
+    frames, truth = moving_disc_frames(n=5, shape=(64, 96), step=(1, 1))
     _, ctrl = make(frames)
     rows, cols = np.nonzero(truth[0] == 1)
     add_point(ctrl, (0, rows.mean(), cols.mean()))

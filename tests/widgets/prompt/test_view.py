@@ -402,14 +402,14 @@ def test_start_worker_reports_progress_result_and_every_error(qtbot):
 def test_segment_through_stack_runs_off_the_gui_thread_and_can_be_cancelled(
     make_napari_viewer, qtbot
 ):
-    from tests.fakes import ObjectsModel, moving_discs
+    from tests.fakes import ObjectsModel, moving_disc_frames
 
     class SlowObjects(ObjectsModel):
         def encode(self, x):
             time.sleep(0.3)
             return super().encode(x)
 
-    frames, truth = moving_discs(n=10, shape=(96, 128), step=(2, 3))
+    frames, truth = moving_disc_frames(n=10, shape=(96, 128), step=(2, 3))
     viewer = make_napari_viewer()
     widget, ctrl, _ = open_with_fake(viewer, qtbot, frames)
     ctrl.model_factory = lambda *key: SlowObjects().eval()
