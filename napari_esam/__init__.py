@@ -25,6 +25,7 @@ _EXPORTS = {
     "read_labels": "napari_esam.core.io.label_files",
     "TiledPredictor": "napari_esam.core.tiling.predictor",
     "run_batch": "napari_esam.core.runs.pipeline",
+    "run_linked": "napari_esam.core.runs.linked",
     "link_labels": "napari_esam.core.linking.stack",
     "tracks_data": "napari_esam.core.linking.tracks",
     "tracks_table": "napari_esam.core.linking.tracks",

@@ -87,6 +87,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="drop objects smaller than this (pixels)")
     g.add_argument("--max-size", type=int, default=d.max_size,
                    help="drop objects larger than this (pixels), e.g. a background mask")
+    g = p.add_argument_group(
+        "3-D objects and tracks",
+        "link each slice's objects into one id per 3-D object or per track "
+        "(docs/rules/linking.md); the per-slice labels are computed into OUT.partial.zarr "
+        "beside OUTPUT (resumable) and linked when every slice is done",
+    )
+    g.add_argument("--link", choices=("off", "3d", "track"), default="off",
+                   help="off: per-slice ids (--ids); 3d: one id per object through z; track: "
+                   "one id per track through t")
+    g.add_argument("--link-axis", type=int, default=0, metavar="N",
+                   help="the stack axis to link along (0 = the first)")
+    g.add_argument("--tracks-csv", default=None, metavar="PATH.csv",
+                   help="with --link track: also write the tracks (track_id, t, y, x, area)")
     g = add_tiling_args(p)
     g.add_argument("--embeddings", default=None, metavar="PATH.zarr",
                    help="embedding store (made by 'napari-esam embed' with the same model and "
@@ -111,11 +124,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def work_store(out: Path) -> Path:
-    """The Zarr store a run into ``out`` computes into (``OUT.tif.partial.zarr`` for a
-    TIFF)."""
+def work_store(out: Path, link: bool = False) -> Path:
+    """The Zarr store a run into ``out`` computes into (``OUT.partial.zarr`` for a TIFF or
+    a linked output)."""
     tiff = out.suffix.lower() in (".tif", ".tiff")
-    return Path(str(out) + TIFF_WORK_SUFFIX) if tiff else out
+    return Path(str(out) + TIFF_WORK_SUFFIX) if tiff or link else out
 
 
 def kept(args: argparse.Namespace, resume: bool = True) -> str:
@@ -124,7 +137,7 @@ def kept(args: argparse.Namespace, resume: bool = True) -> str:
     from napari_esam.core.runs.outputs import SCRATCH_SUFFIX, TileScratch, ZarrOutput
 
     out = Path(args.output).expanduser()
-    store = work_store(out)
+    store = work_store(out, _linked(args))
     sibling = replacement_path(store)
     for path in (sibling, store):
         if ZarrOutput.is_run_output(path):
@@ -140,6 +153,10 @@ def kept(args: argparse.Namespace, resume: bool = True) -> str:
     if out.exists():
         return f"{str(out)!r} is unchanged"
     return "nothing was written"
+
+
+def _linked(args: argparse.Namespace) -> bool:
+    return getattr(args, "link", "off") != "off"
 
 
 def _how_to_resume(args: argparse.Namespace) -> str:
@@ -217,20 +234,34 @@ def run(args: argparse.Namespace) -> int:
                 f"the directory of --embeddings {str(target.parent)!r} does not exist")
     settings = settings_from_args(args)
     settings.validate()
+    if args.tracks_csv is not None and args.link != "track":
+        raise UserError("--tracks-csv needs --link track")
     executor = make_executor(args)
     source = stack_source(args)
+    linked = _linked(args)
+    if linked:
+        from napari_esam.core.runs.linked import check_linkable
+
+        try:
+            check_linkable(tuple(source.stack_shape), args.link_axis)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if args.tracks_csv is not None:
+            csv = Path(args.tracks_csv).expanduser()
+            if csv.exists() and not args.overwrite:
+                raise UserError(f"{str(csv)!r} already exists; pass --overwrite to replace it")
     tiff = suffix in (".tif", ".tiff")
-    store = work_store(out)
+    store = work_store(out, linked)
     for path in {out, store}:
         check_not_input(source.data, path)
     with hold(out), hold(store):  # one run per OUTPUT and per working store
-        if tiff:
+        if tiff or linked:
             _clean_damaged_work_store(store)
-        if (tiff and out.exists() and not args.overwrite
+        if ((tiff or linked) and out.exists() and not args.overwrite
                 and not (store.exists() or replacement_path(store).exists())):
             raise UserError(
-                f"{str(out)!r} already exists (a finished export); pass --overwrite to "
-                "recompute it"
+                f"{str(out)!r} already exists (a finished {'link' if linked else 'export'}); "
+                "pass --overwrite to recompute it"
             )
         if not args.overwrite and replacement_path(store).exists():
             print(f"resuming the unfinished --overwrite of {str(store)!r} (kept in "
@@ -293,12 +324,39 @@ def _run(args: argparse.Namespace, source: Any, settings: Any, executor: Any, ou
                 raise
             raise UserError(f"{exc}; {kept(args, resume=False)}") from None
     _print_details(result.details)
+    if _linked(args):
+        _link(result.output, out, args)
+        return 0
     if tiff:
         output = result.output
         _export_tiff(output, out, axes=_group_axes(output), disable=args.no_progress)
         outputs._remove_store(store)
     _print_summary(result.counts, n, out)
     return 0
+
+
+def _link(output: Any, out: Path, args: argparse.Namespace) -> None:
+    """Link the finished per-slice labels into ``out`` (and the tracks CSV); print a line."""
+    from tqdm import tqdm
+
+    from napari_esam.core.linking.tracks import write_tracks_csv
+    from napari_esam.core.runs.linked import link_output
+
+    with tqdm(unit="slice", desc=f"linking ({args.link})", disable=args.no_progress,
+              file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        link = link_output(output, out, args.link, axis=args.link_axis, progress=progress)
+    what = "3-D objects" if args.link == "3d" else "tracks"
+    print(f"wrote {str(out)!r}: {link.n_objects} {what} linked along axis {link.axis} "
+          f"({link.shape[link.axis]} slices)")
+    if args.tracks_csv is not None:
+        path = write_tracks_csv(args.tracks_csv, link, overwrite=True)
+        print(f"wrote {str(path)!r}: the tracks (track_id, t, y, x, area)")
 
 
 def _print_details(details: dict) -> None:
