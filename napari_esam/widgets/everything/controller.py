@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napari_esam.core.linking.stack import link_labels
+from napari_esam.core.linking.tracks import tracks_data
+from napari_esam.core.runs.linked import check_linkable
 from napari_esam.core.runs.outputs import MemoryOutput, ZarrOutput
 from napari_esam.core.runs.pipeline import BatchProgress, BatchResult, iter_batch
 from napari_esam.core.runs.settings import (
@@ -34,6 +37,8 @@ from napari_esam.core.tiling.grid import HALO, TILE, use_tiling
 
 #: ``stack_axis`` value meaning "every axis but the image plane"
 AUTO_AXIS = None
+#: the link choices: per-slice ids, 3-D objects, tracks
+LINK_CHOICES = ("off", "3d", "track")
 #: where the slices run: (value, label) for ``EverythingForm.executor``
 EXECUTORS = (
     ("in-process", "this process"),
@@ -71,6 +76,8 @@ class EverythingForm:
     merge_iou: float = MERGE_IOU
     #: embedding store (``napari-esam embed`` or an earlier run; reused and filled; "" = none)
     embeddings: str = ""
+    #: link the slices' objects: ``"off"``, ``"3d"`` (3-D objects) or ``"track"`` (tracks)
+    link: str = "off"
 
 
 @dataclass
@@ -87,6 +94,9 @@ class RunState:
     #: ``viewer.add_labels`` keywords for a Zarr output's layer, made at the first report
     #: (once the worker has created or reopened the store)
     layer_kwargs: dict[str, Any] | None = None
+    #: ``"off"``, ``"3d"`` or ``"track"``; the link's result once the run is complete
+    link_mode: str = "off"
+    link: Any = None
     #: the run replaces an existing Zarr output (it writes beside it until done)
     overwrite: bool = False
 
@@ -291,7 +301,12 @@ class EverythingController:
             grid = settings.tiling.grid(source.plane_shape)
             output = MemoryOutput(source.out_shape,
                                   output_dtype(source.n_slices, settings, grid))
-        state = RunState(layer_name, source, output, overwrite=form.overwrite)
+        if form.link not in LINK_CHOICES:
+            raise ValueError(f"link must be one of {LINK_CHOICES}, not {form.link!r}")
+        if form.link != "off":
+            check_linkable(tuple(source.stack_shape), 0)
+        state = RunState(layer_name, source, output, overwrite=form.overwrite,
+                         link_mode=form.link)
         if form.to_layer and isinstance(output, MemoryOutput):
             state.labels_layer = self.viewer.add_labels(output.array, **layer_kwargs)
         elif form.to_layer:
@@ -339,11 +354,16 @@ class EverythingController:
                     # only for the store's signature: on this machine (maybe without a GPU)
                     # the CPU copy; the workers load their own
                     model = get_model(dataclasses.replace(settings.model, device="cpu"))
-                return (
-                    yield from iter_batch(state.source, settings, state.output,
-                                          cancel=state.cancel.is_set, executor=executor,
-                                          model=model, **run_kwargs)
+                result = yield from iter_batch(
+                    state.source, settings, state.output, cancel=state.cancel.is_set,
+                    executor=executor, model=model, **run_kwargs,
                 )
+                if state.link_mode != "off" and result.complete and not result.cancelled:
+                    state.link = link_labels(
+                        result.labels, mode=state.link_mode, axis=0,
+                        cancel=state.cancel.is_set,
+                    )
+                return result
             finally:
                 if executor is not None:
                     executor.close()  # a local cluster stops; a remote one is left running
@@ -391,8 +411,33 @@ class EverythingController:
                 meta["tiled"] = {"tile": grid.tile, "halo": grid.halo}
             layer.metadata = {**layer.metadata, "napari-esam": meta}
             layer.refresh()
+        if state is not None and state.link is not None:
+            self._show_link(state)
         if self.on_finished is not None:
             self.on_finished(result)
+
+    def _show_link(self, state: RunState) -> None:
+        """Layers of the linked result: labels (one id per 3-D object or track) and, for
+        tracks, a Tracks layer (napari's [track_id, t, y, x])."""
+        link = state.link
+        source_layer = self.viewer.layers[state.layer_name] if (
+            state.layer_name in self.viewer.layers) else None
+        n = len(link.shape)
+        scale = list(source_layer.scale)[-n:] if source_layer is not None else [1.0] * n
+        translate = (list(source_layer.translate)[-n:] if source_layer is not None
+                     else [0.0] * n)
+        what = "3-D objects" if state.link_mode == "3d" else "tracks"
+        self.viewer.add_labels(
+            link.labels, name=f"{state.layer_name} {what}", scale=scale, translate=translate,
+            metadata={"napari-esam": {"source": state.layer_name, "link": state.link_mode,
+                                      "objects": int(link.n_objects)}},
+        )
+        if state.link_mode == "track" and link.n_objects:
+            # [track_id, t, (other stack axes,) y, x]: the labels' axes, linked along axis 0
+            self.viewer.add_tracks(
+                tracks_data(link), name=f"{state.layer_name} tracks (centroids)",
+                scale=scale, translate=translate,
+            )
 
     def _errored(self, exc: BaseException) -> None:
         self.state = None

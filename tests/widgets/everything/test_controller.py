@@ -316,3 +316,40 @@ def test_run_batch_with_tiled_planes_on_a_stack_resumes_and_refuses_other_settin
         run_batch(stack, halo32, out)
     redone = run_batch(stack, halo32, out, overwrite=True)
     assert redone.complete and redone.details["tiles"] == n_tiles
+
+
+@pytest.mark.parametrize("mode", ["3d", "track"])
+def test_a_linked_run_adds_3d_objects_or_tracks(counting, mode):
+    from napari_esam.core.linking.stack import link_labels
+
+    stack, _ = small_stack(5)
+    viewer = ViewerModel()
+    viewer.add_image(stack, name="stack", scale=(2.0, 0.5, 0.5))
+    ctl = make_controller(viewer)
+    form = EverythingForm(params=EverythingParams(**FAST), tiled="off", link=mode)
+    ctl.start("stack", form)
+    assert ctl.errors == []
+    per_slice = np.asarray(viewer.layers["stack everything"].data)
+    name = "stack 3-D objects" if mode == "3d" else "stack tracks"
+    linked = viewer.layers[name]
+    np.testing.assert_array_equal(linked.data, link_labels(per_slice, mode=mode).labels)
+    assert list(linked.scale) == [2.0, 0.5, 0.5]
+    # the top-left blob is in every slice: one id through the stack (per slice: 5 ids)
+    assert len({int(linked.data[z, 16, 16]) for z in range(5)}) == 1
+    assert len({int(per_slice[z, 16, 16]) for z in range(5)}) == 5
+    if mode == "track":
+        tracks = viewer.layers["stack tracks (centroids)"]
+        ids = set(np.unique(tracks.data[:, 0]).astype(int))
+        assert ids == set(np.unique(linked.data)) - {0}
+        assert list(tracks.scale) == [2.0, 0.5, 0.5]
+    else:
+        assert "stack tracks (centroids)" not in viewer.layers
+
+
+def test_linking_a_single_plane_is_refused_before_the_run(counting):
+    viewer = ViewerModel()
+    viewer.add_image(small_stack(1)[0][0], name="plane")
+    ctl = make_controller(viewer)
+    with pytest.raises(ValueError, match="linking needs a stack"):
+        ctl.start("plane", EverythingForm(params=EverythingParams(**FAST), link="3d"))
+    assert counting.encodes == 0 and len(viewer.layers) == 1
