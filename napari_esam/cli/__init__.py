@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = (
     "napari_esam.cli.everything",
     "napari_esam.cli.embed",
     "napari_esam.cli.export",
+    "napari_esam.cli.refine",
 )
 
 
