@@ -30,6 +30,10 @@ HELP = "refine existing labels with the model, object by object (resumable)"
 TIFF_WORK_SUFFIX = ".partial.zarr"
 #: at most this many kept objects are listed
 MAX_LISTED = 50
+#: the defaults of :mod:`napari_esam.core.plane.refine` (IOU_THRESHOLD, DEFAULT_BATCH), as
+#: literals: building the parser must not import torch (a test checks they agree)
+IOU_THRESHOLD = 0.5
+DEFAULT_BATCH = 16
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -43,8 +47,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``refine`` subcommand."""
-    from napari_esam.core.plane.refine import DEFAULT_BATCH, IOU_THRESHOLD
-
     p = subparsers.add_parser(
         "refine",
         help=HELP,

@@ -156,3 +156,11 @@ def test_bad_inputs_one_line_exit_2(case, message, files, stand_in, tmp_path, ca
     assert err.startswith("napari-esam refine: error: ") and message in err
     assert err.count("\n") == 1, err
     np.testing.assert_array_equal(tifffile.imread(files[1]), before)  # nothing lost
+
+
+def test_parser_defaults_are_the_cores():
+    from napari_esam.cli import refine as cli_refine
+    from napari_esam.core.plane import refine as core_refine
+
+    assert cli_refine.IOU_THRESHOLD == core_refine.IOU_THRESHOLD
+    assert cli_refine.DEFAULT_BATCH == core_refine.DEFAULT_BATCH
