@@ -263,7 +263,7 @@ def run_refine(
     source: StackSource | Any,
     labels: Any,
     settings: RefineSettings | None = None,
-    output: str | os.PathLike | RefineOutput | None = None,
+    output: str | os.PathLike | RefineOutput | MemoryOutput | None = None,
     *,
     overwrite: bool = False,
     indices: Sequence[int] | None = None,
@@ -282,7 +282,9 @@ def run_refine(
         labels: the labels to refine (a path, NumPy, Dask or Zarr), shaped like the image
             without its channel axis; integer; not modified.
         settings: model, IoU threshold, mask input, tiling (:class:`RefineSettings`).
-        output: ``None`` (a NumPy copy of the labels, refined in place), a ``.zarr`` path or
+        output: ``None`` (a NumPy copy of the labels, refined in place), a
+            :class:`~napari_esam.core.runs.outputs.MemoryOutput` (the refined planes are
+            written into its array, the others left as they are), or a ``.zarr`` path or
             :class:`RefineOutput` (created, or resumed: finished planes are skipped;
             ``overwrite=True`` starts over).
         overwrite: replace an existing Zarr output.
@@ -306,10 +308,12 @@ def run_refine(
     wanted = list(range(source.n_slices)) if indices is None else sorted({int(i) for i in indices})
     for i in wanted:
         source.coords(i)  # range check
-    if output is not None and not isinstance(output, RefineOutput):
+    if output is not None and not isinstance(output, (RefineOutput, MemoryOutput)):
         output = RefineOutput(output)
-    if output is not None:
+    if isinstance(output, RefineOutput):
         _check_not_inputs([source.data, labels], Path(output.path))
+    elif isinstance(output, MemoryOutput) and tuple(output.array.shape) != source.out_shape:
+        raise ValueError(f"output shape {output.array.shape} != labels shape {source.out_shape}")
     if model is None:
         model = get_model(settings.model)
     with_mask = uses_mask_input(model, settings.use_mask_input)
@@ -318,6 +322,8 @@ def run_refine(
     if output is None:
         out: RefineOutput | MemoryOutput = MemoryOutput(source.out_shape, dtype)
         out.array[...] = np.asarray(labels_arr[...])
+    elif isinstance(output, MemoryOutput):
+        out = output
     else:
         out = output
         record = {
