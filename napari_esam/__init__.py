@@ -34,6 +34,10 @@ _EXPORTS = {
     "EverythingParams": "napari_esam.core.runs.settings",
     "ModelSpec": "napari_esam.core.runs.settings",
     "TilingParams": "napari_esam.core.runs.settings",
+    "refine_labels": "napari_esam.core.plane.refine",
+    "refine_plane": "napari_esam.core.tiling.refine",
+    "run_refine": "napari_esam.core.runs.refine",
+    "RefineSettings": "napari_esam.core.runs.refine",
 }
 
 __all__ = ["__version__", *_EXPORTS]

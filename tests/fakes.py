@@ -766,3 +766,54 @@ def f1_at_iou(truth: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> fl
     tp = int((inter / (area_t[ti] + area_p[pi] - inter) > threshold).sum())
     n_true, n_pred = int((area_t[1:] > 0).sum()), int((area_p[1:] > 0).sum())
     return 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0
+
+
+# --- refine labels: a decoder that takes a mask input and records its prompts
+
+class MaskInputModel(FakeModel):
+    """FakeModel with a mask input, as MobileSAM's decoder (``supports_mask_input``).
+
+    Every decode is recorded in ``calls`` (NumPy copies: ``coords``, ``labels``,
+    ``mask_input`` or None, ``original_size``, ``multimask``). With a mask input the
+    answer *is* that mask (the given logits, for every candidate; predicted IoU 0.9), so a
+    refined object lands exactly where its mask input puts it in the model's frame; without
+    one it answers as :class:`FakeModel` (filled box, disk around the point).
+    """
+
+    name = "fake-mask-input"
+    supports_mask_input = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def decode(self, embedding, coords, labels, original_size, multimask_output=True,
+               mask_input=None):
+        self.calls.append({
+            "coords": coords.detach().cpu().numpy().copy(),
+            "labels": labels.detach().cpu().numpy().copy(),
+            "mask_input": None if mask_input is None else mask_input.detach().cpu().numpy(),
+            "original_size": tuple(int(s) for s in original_size),
+            "multimask": bool(multimask_output),
+        })
+        if mask_input is None:
+            return super().decode(embedding, coords, labels, original_size, multimask_output)
+        k = 3 if multimask_output else 1
+        low = mask_input.float().expand(coords.shape[0], k, 256, 256).clone()
+        return low, torch.full((coords.shape[0], k), 0.9)
+
+
+def refine_scene(shape=(300, 400), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint16, labels uint16) for refine tests: two disks (ids 7 and 3, radius 25
+    and 30, well inside), one touching the image's left border (id 12), and a thin diagonal
+    line (id 9) whose box the FakeModel fills, so its refined mask disagrees with it."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(100, 400, shape).astype(np.uint16)
+    labels = np.zeros(shape, np.uint16)
+    labels[disk((60, 60), 25, shape=shape)] = 7
+    labels[disk((150, 250), 30, shape=shape)] = 3
+    labels[disk((240, 10), 28, shape=shape)] = 12
+    for i in range(100):
+        labels[100 + i, 40 + i] = 9
+    image[labels > 0] = 3000
+    return image, labels

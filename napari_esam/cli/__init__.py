@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "napari_esam.cli.embed",
     "napari_esam.cli.export",
     "napari_esam.cli.link",
+    "napari_esam.cli.refine",
 )
 
 

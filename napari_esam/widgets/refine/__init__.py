@@ -1,0 +1,1 @@
+"""The 'Refine labels' widget: controller (no Qt) and view."""
