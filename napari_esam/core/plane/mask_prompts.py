@@ -5,9 +5,10 @@ SAM's prompt encoder takes a mask prompt as (1, 256, 256) logits covering its pa
 padding after. A previous prediction's low-res logits are already in that frame; a mask the
 user drew (a lasso) or an existing label is brought into it by :func:`mask_to_logits`:
 
-1. resize the (h, w) mask to the image's size in the 1024 frame (longest side 1024,
-   ``round(h * 1024 / max(h, w))``), as the fraction of each output pixel covered (area),
-2. pad with 0 to 1024 x 1024 and average 4 x 4 blocks → coverage ``p`` in [0, 1] at 256²,
+1. map the image's pixels into the 1024 frame by the resize (longest side 1024,
+   ``round(h * 1024 / max(h, w))``; each pixel a rectangle of that scale), the rest is padding,
+2. each of the 256 x 256 low-res cells (4 x 4 in the frame) gets the fraction ``p`` of its
+   area the mask covers (an exact box filter; padding counts as background),
 3. logits ``log(p / (1 - p))`` with ``p`` clipped to ``[EPS, 1 - EPS]`` (±6.9 for
    ``EPS = 1e-3``): confident inside and outside, soft along the edge.
 
@@ -18,10 +19,8 @@ whatever their encoder's input size. Rule page: ``docs/interactive.md#mask-input
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-__all__ = ["EPS", "LOW_RES", "PROMPT_FRAME", "frame_size", "mask_to_logits"]
+__all__ = ["EPS", "LOW_RES", "PROMPT_FRAME", "frame_size", "mask_to_logits", "region_logits"]
 
 #: side of SAM's prompt frame (pixels)
 PROMPT_FRAME = 1024
@@ -47,9 +46,48 @@ def mask_to_logits(mask: np.ndarray) -> np.ndarray:
     m = np.asarray(mask)
     if m.ndim != 2 or min(m.shape) < 1:
         raise ValueError(f"a mask prompt is a 2-D (h, w) mask, got shape {m.shape}")
-    nh, nw = frame_size(*m.shape)
-    x = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
-    x = F.interpolate(x, (nh, nw), mode="area") if (nh, nw) != m.shape else x
-    x = F.pad(x, (0, PROMPT_FRAME - nw, 0, PROMPT_FRAME - nh))
-    p = F.avg_pool2d(x, PROMPT_FRAME // LOW_RES)[0, 0].clamp(EPS, 1 - EPS)
-    return torch.log(p / (1 - p)).numpy().astype(np.float32)
+    return region_logits(m, (0, 0), (0, 0), m.shape)
+
+
+def region_logits(
+    mask: np.ndarray,
+    mask_origin: tuple[int, int],
+    window_origin: tuple[int, int],
+    window_size: tuple[int, int],
+    input_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The mask prompt (256, 256) of a mask covering part of a decode window (module doc).
+
+    Args:
+        mask: (h, w) bool mask whose top-left pixel is ``mask_origin`` (y, x), in the same
+            pixel frame as the window (e.g. plane pixels); its part outside the window is
+            ignored.
+        window_origin, window_size: the decode window's top-left (y, x) and (h, w).
+        input_size: the window's (h, w) in SAM's 1024 frame (default :func:`frame_size`).
+    """
+    (my, mx), (oy, ox), (h, w) = mask_origin, window_origin, window_size
+    nh, nw = frame_size(h, w) if input_size is None else input_size
+    m = np.asarray(mask)
+    ya, xa = max(my, oy), max(mx, ox)
+    yb, xb = min(my + m.shape[0], oy + h), min(mx + m.shape[1], ox + w)
+    p = np.zeros((LOW_RES, LOW_RES))
+    if ya < yb and xa < xb:
+        crop = m[ya - my : yb - my, xa - mx : xb - mx].astype(np.float64)
+        ay = _cell_overlap(ya - oy, yb - oy, nh / h)
+        ax = _cell_overlap(xa - ox, xb - ox, nw / w)
+        p = ay @ crop @ ax.T / (_CELL * _CELL)
+    p = np.clip(p, EPS, 1.0 - EPS)
+    return np.log(p / (1.0 - p)).astype(np.float32)
+
+
+#: side of a low-res cell in the 1024 frame
+_CELL = PROMPT_FRAME // LOW_RES
+
+
+def _cell_overlap(start: int, stop: int, scale: float) -> np.ndarray:
+    """(256, stop - start) lengths of overlap between pixels ``start..stop`` (each ``scale``
+    long in the 1024 frame) and the 256 low-res cells (each 4 long)."""
+    lo = np.arange(start, stop, dtype=np.float64)[None] * scale
+    hi = lo + scale
+    c_lo = np.arange(LOW_RES, dtype=np.float64)[:, None] * _CELL
+    return np.clip(np.minimum(hi, c_lo + _CELL) - np.maximum(lo, c_lo), 0.0, None)

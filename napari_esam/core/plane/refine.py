@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from napari_esam.core.plane.everything import Cancelled
 from napari_esam.core.plane.labels import paint_order
+from napari_esam.core.plane.mask_prompts import EPS, region_logits
 from napari_esam.core.plane.predictor import Predictor
 from napari_esam.models.base import PromptableModel
 
@@ -56,10 +57,7 @@ IOU_THRESHOLD = 0.5
 #: objects decoded per decoder call
 DEFAULT_BATCH = 16
 #: mask-input probabilities are clipped to [LOGIT_EPS, 1 - LOGIT_EPS] before the logit
-LOGIT_EPS = 1e-3
-#: SAM's low-res mask frame (256 x 256 cells of 4 x 4 pixels of the 1024 prompt frame)
-LOW_RES = 256
-_CELL = 4
+LOGIT_EPS = EPS
 
 Box = tuple[int, int, int, int]  # (y0, x0, y1, x1), end exclusive, plane pixels
 
@@ -171,44 +169,20 @@ def label_objects(labels: Any) -> list[LabelObject]:
 # --------------------------------------------------------------------------- mask input
 
 
-def _cell_overlap(start: int, stop: int, scale: float) -> np.ndarray:
-    """(256, stop - start) lengths of overlap between pixels ``start..stop`` (each
-    ``scale`` long in the 1024 frame) and the 256 low-res cells (each 4 long)."""
-    lo = np.arange(start, stop, dtype=np.float64)[None] * scale
-    hi = lo + scale
-    c_lo = np.arange(LOW_RES, dtype=np.float64)[:, None] * _CELL
-    return np.clip(np.minimum(hi, c_lo + _CELL) - np.maximum(lo, c_lo), 0.0, None)
-
-
 def mask_input_logits(
     obj: LabelObject,
     origin: tuple[int, int],
     size: tuple[int, int],
     input_size: tuple[int, int],
 ) -> np.ndarray:
-    """The object's mask as SAM mask-input logits (256, 256) float32 for a decode window.
+    """The object's mask as SAM mask-input logits (256, 256) float32 for a decode window,
+    by the one mask-prompt rule (:func:`~napari_esam.core.plane.mask_prompts.region_logits`).
 
     ``origin`` (y, x) and ``size`` (h, w): the window in plane pixels; ``input_size``: the
     (h, w) the window's content occupies in SAM's 1024 prompt frame (from the model's
-    ``preprocess``; the rest of the frame is padding). Each low-res cell gets the fraction
-    ``p`` of its area covered by the object (pixels mapped into the 1024 frame by the
-    resize, exact box filter; padding and pixels outside the window count as background),
-    then ``logit(clip(p, LOGIT_EPS, 1 - LOGIT_EPS))``: about +6.9 inside, -6.9 outside.
+    ``preprocess``); pixels outside the window count as background.
     """
-    (oy, ox), (h, w) = origin, size
-    sy, sx = input_size[0] / h, input_size[1] / w
-    y0, x0, y1, x1 = obj.box
-    # the part of the object inside the window
-    ya, xa = max(y0, oy), max(x0, ox)
-    yb, xb = min(y1, oy + h), min(x1, ox + w)
-    p = np.zeros((LOW_RES, LOW_RES))
-    if ya < yb and xa < xb:
-        crop = obj.mask[ya - y0 : yb - y0, xa - x0 : xb - x0].astype(np.float64)
-        ay = _cell_overlap(ya - oy, yb - oy, sy)
-        ax = _cell_overlap(xa - ox, xb - ox, sx)
-        p = ay @ crop @ ax.T / (_CELL * _CELL)
-    p = np.clip(p, LOGIT_EPS, 1.0 - LOGIT_EPS)
-    return np.log(p / (1.0 - p)).astype(np.float32)
+    return region_logits(obj.mask, (obj.box[0], obj.box[1]), origin, size, input_size)
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -223,18 +197,6 @@ def _prompts(objs: Sequence[LabelObject], origin: tuple[int, int]) -> tuple[Any,
     ) - np.array([ox, oy], dtype=np.float64)
     labels = np.tile(np.array([[1, 2, 3]], dtype=np.int64), (len(objs), 1))
     return torch.from_numpy(coords.astype(np.float32)), torch.from_numpy(labels)
-
-
-def _decode(predictor: Predictor, coords: Any, labels: Any, mask_input: Any) -> tuple[Any, Any]:
-    """Single-mask decoding on the predictor's embedding, with an optional mask input."""
-    predictor._require_image()
-    extra = {} if mask_input is None else {"mask_input": mask_input.to(predictor.device)}
-    with torch.inference_mode(), predictor.autocast():
-        low, iou = predictor.model.decode(
-            predictor.features, coords.to(predictor.device), labels.to(predictor.device),
-            predictor.original_size, False, **extra,
-        )
-    return low.float(), iou.float()
 
 
 def _cropped(mask: np.ndarray, origin: tuple[int, int], score: float) -> RefinedMask:
@@ -281,7 +243,7 @@ def decode_objects(
             mask_input = torch.from_numpy(np.stack([
                 mask_input_logits(o, origin, size, predictor.input_size) for o in batch
             ])[:, None])
-        low, iou = _decode(predictor, coords, labels, mask_input)
+        low, iou = predictor.decode_torch(coords, labels, False, mask_input)
         with torch.inference_mode():
             masks = predictor.model.threshold(predictor.upsample(low))[:, 0].cpu().numpy()
         scores = iou[:, 0].cpu().numpy()

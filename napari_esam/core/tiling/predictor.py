@@ -92,13 +92,11 @@ class RegionMask:
 
     def logits_in(self, window: Window) -> np.ndarray:
         """(256, 256) mask-prompt logits of this mask as seen by ``window``."""
-        from napari_esam.core.plane.mask_prompts import mask_to_logits
+        from napari_esam.core.plane.mask_prompts import region_logits
 
-        canvas = np.zeros(window.shape, dtype=bool)
-        common = self.window.intersect(window)
-        if common is not None:
-            canvas[common.relative_to(window)] = self.mask[common.relative_to(self.window)]
-        return mask_to_logits(canvas)
+        return region_logits(
+            self.mask, (self.window.y0, self.window.x0), (window.y0, window.x0), window.shape
+        )
 
 
 @dataclass
