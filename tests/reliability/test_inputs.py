@@ -1,0 +1,119 @@
+"""The adversarial probe's input defects as tests (``../shared/notes/reliability-defects.md``,
+defects 7-13): every bad input, metadata, size, format limit, checkpoint archive or parameter
+ends in one clear line (CLI: exit 2, no traceback) and loses nothing; a damaged cache is
+recomputed. One test (or more) per defect, named after its number; inputs are small and
+synthetic, the models are the fast fakes of ``tests/fakes.py`` except where the checkpoint
+loader itself is under test."""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+import tifffile
+import torch
+
+from napari_esam.cli import main
+from napari_esam.core.runs import settings as S
+from tests.fakes import BlobModel, blob_stack
+
+FAST = ["--device", "cpu", "--points-per-side", "8", "--no-progress"]
+
+
+@pytest.fixture
+def blob_models(monkeypatch):
+    """Every model the CLI builds is a fast BlobModel (no checkpoint is read)."""
+    monkeypatch.setattr(S, "_MODELS", {})
+    monkeypatch.setattr("napari_esam.models.loading.build_model",
+                        lambda *a, **k: BlobModel().eval())
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    """``napari-esam ARGV`` in this process: (exit code, stderr); stdout is dropped."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def one_line_error(err: str, *words: str) -> str:
+    """The CLI's error line (asserting it is one line, no traceback, naming ``words``)."""
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("napari-esam")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def synthetic_weights(tmp_path_factory) -> bytes:
+    """Synthetic MobileSAM weights, as the bytes of a ``torch.save`` file."""
+    from napari_esam.models.synthetic import synthetic_state_dict
+
+    path = tmp_path_factory.mktemp("weights") / "mobilesam_synth.pt"
+    torch.save({k: torch.as_tensor(v) for k, v in synthetic_state_dict("mobilesam").items()},
+               path)
+    return path.read_bytes()
+
+
+# ------------------------------------------------------------------ 12: zip checkpoints
+
+
+def test_defect_12_zip_member_outside_archive_is_refused(tmp_path, synthetic_weights, capsys):
+    """A member named ``../../..<abs path>`` must not make the loader read that file."""
+    from napari_esam.models.weights import CheckpointError, load_state_dict
+
+    outside = tmp_path / "ck" / "TRAVERSAL_MARKER.pt"
+    outside.parent.mkdir()
+    outside.write_bytes(synthetic_weights)  # valid weights outside the archive
+    archive = tmp_path / "trav.pt.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../../.." + str(outside), b"not weights")
+    with pytest.raises(CheckpointError, match="points outside the archive"):
+        load_state_dict("mobilesam", archive)
+    image = tmp_path / "img.tif"
+    tifffile.imwrite(image, blob_stack(1)[0][0])
+    code, err = cli(capsys, "everything", image, "-o", tmp_path / "t.zarr", "--checkpoint",
+                    archive, *FAST)
+    assert code == 2
+    one_line_error(err, "trav.pt.zip", "outside the archive")
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def _declare_size(archive: Path, size: int) -> None:
+    """Make the zip directory declare ``size`` uncompressed bytes for its one member."""
+    data = bytearray(archive.read_bytes())
+    at = data.index(b"PK\x01\x02")  # central directory entry; file size at offset 24
+    struct.pack_into("<I", data, at + 24, size)
+    archive.write_bytes(bytes(data))
+
+
+def test_defect_12_zip_member_size_is_checked_before_extracting(tmp_path, synthetic_weights):
+    """The zip directory's uncompressed size is checked against the limit first (a small zip
+    that would inflate to GiBs is refused without writing them)."""
+    from napari_esam.models.weights import CheckpointError, load_state_dict
+
+    archive = tmp_path / "bomb.pt.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("efficient_sam_vits.pt", synthetic_weights)
+    _declare_size(archive, 3 * 2**30)
+    with pytest.raises(CheckpointError, match=r"3\.0 GiB, more than the 2 GiB"):
+        load_state_dict("mobilesam", archive)
+
+
+def test_defect_12_a_good_zip_still_loads_and_errors_name_the_users_file(
+        tmp_path, synthetic_weights):
+    from napari_esam.models.weights import CheckpointError, load_state_dict
+
+    good = tmp_path / "good.pt.zip"
+    with zipfile.ZipFile(good, "w") as zf:
+        zf.writestr("weights/mobile_sam.pt", synthetic_weights)
+    assert len(load_state_dict("mobilesam", good)) > 100
+    bad = tmp_path / "evil.pt.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("mobile_sam.pt", b"garbage, not a torch file")
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict("mobilesam", bad)
+    assert str(bad) in str(info.value) and "mobile_sam.pt" in str(info.value)
+    assert "/tmp" not in str(info.value).replace(str(tmp_path), "")
