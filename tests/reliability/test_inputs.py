@@ -11,6 +11,7 @@ import struct
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tifffile
 import torch
@@ -117,3 +118,69 @@ def test_defect_12_a_good_zip_still_loads_and_errors_name_the_users_file(
         load_state_dict("mobilesam", bad)
     assert str(bad) in str(info.value) and "mobile_sam.pt" in str(info.value)
     assert "/tmp" not in str(info.value).replace(str(tmp_path), "")
+
+
+# ------------------------------------------------------------------ 13: bad parameters
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"points_per_side": 2.5}, "points_per_side must be a whole number"),
+    ({"points_per_side": 10**6}, "points_per_side must be in 1..1024"),
+    ({"pred_iou_thresh": NAN}, "pred_iou_thresh must be a number in"),
+    ({"box_nms_thresh": 5}, "box_nms_thresh must be a number in"),
+    ({"crop_overlap_ratio": 1.5}, "crop_overlap_ratio must be in"),
+    ({"stability_score_offset": -1}, "stability_score_offset must be >= 0"),
+    ({"point_grids": np.array([[2.0, 2.0]])}, "point_grids must hold normalised"),
+    ({"point_grids": np.array([[NAN, 0.5]])}, "point_grids must hold normalised"),
+    ({"crop_n_layers": -1}, "crop_n_layers must be in 0..4"),
+    ({"contrast_limits": (4000, 0)}, "low < high"),
+])
+def test_defect_13_segment_everything_refuses_arguments_out_of_range(kwargs, message):
+    from napari_esam.core.plane.everything import segment_everything
+
+    image = blob_stack(1)[0][0]
+    kwargs = {"points_per_side": 4, **kwargs}
+    if "point_grids" in kwargs:
+        kwargs["points_per_side"] = None
+    with pytest.raises(ValueError, match=message):
+        segment_everything(image, BlobModel().eval(), **kwargs)
+
+
+def test_defect_13_predictor_grid_and_labels_refuse_garbage():
+    from napari_esam.core.plane.labels import masks_to_labels
+    from napari_esam.core.plane.predictor import Predictor
+    from napari_esam.core.runs.settings import TilingParams
+    from napari_esam.core.tiling.grid import TileGrid
+
+    image = blob_stack(1)[0][0]
+    predictor = Predictor(BlobModel().eval())
+    for limits, message in [((4000, 0), "low < high"), ((10, 10), "low < high"),
+                            ((NAN, 10), "finite"), ((1, 2, 3), "two numbers")]:
+        with pytest.raises(ValueError, match=message):
+            predictor.set_image(image, limits)
+    assert not predictor.is_image_set  # nothing was encoded
+    predictor.set_image(image)
+    with pytest.raises(ValueError, match="point_coords is empty"):
+        predictor.predict(point_coords=np.zeros((0, 2)), point_labels=np.zeros(0))
+    with pytest.raises(ValueError, match="NaN"):
+        predictor.predict(point_coords=[[NAN, 3.0]], point_labels=[1])
+    with pytest.raises(ValueError, match=r"max_size \(10\) must be"):
+        masks_to_labels([], (4, 4), min_size=50, max_size=10)
+    with pytest.raises(ValueError, match="tile must be a whole number"):
+        TileGrid((300, 300), 100.5, 10)
+    with pytest.raises(ValueError, match="halo must be a whole number"):
+        TilingParams("on", 128, 10.5).validate()
+
+
+def test_defect_13_cli_refuses_a_huge_grid_in_one_line_and_creates_nothing(
+        tmp_path, blob_models, capsys):
+    image = tmp_path / "img.tif"
+    tifffile.imwrite(image, blob_stack(1)[0][0])
+    out = tmp_path / "p.zarr"
+    code, err = cli(capsys, "everything", image, "-o", out, *FAST, "--points-per-side",
+                    "1000000")
+    assert code == 2
+    one_line_error(err, "points_per_side must be in 1..1024")
+    assert not out.exists()

@@ -188,9 +188,10 @@ class TileTask:
         image = None
         if params.crop_n_layers:  # crops re-encode parts of the tile: they need its pixels
             image = pixels if pixels is not None else self.source.read(plane, tile.window)
-            predictor.image_key = _image_key(to_model_rgb(image, limits))
-        records = segment_everything(image, predictor, contrast_limits=limits, cancel=cancel,
-                                     progress=progress, **kwargs)
+            image = to_model_rgb(image, limits)  # the model's 8-bit RGB: no limits to pass
+            predictor.image_key = _image_key(image)
+        records = segment_everything(image, predictor, cancel=cancel, progress=progress,
+                                     **kwargs)
         kept = keep_tile_masks(grid, tile, records, coords)
         res = TaskResult(int(index), plane, 0.0, n_masks=len(kept), stats=dict(kept.stats),
                          encoder_calls=enc, store_hits=hits, embedding=written)

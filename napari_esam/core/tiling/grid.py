@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from napari_esam.core.plane.image import contrast_limits_of
+from napari_esam.core.plane.params import check_integer
 
 #: default tile side (the models' input size) and overlap
 TILE = 1024
@@ -218,7 +219,8 @@ class TileGrid:
 
     def __init__(self, shape: Sequence[int], tile: int = TILE, halo: int = HALO) -> None:
         h, w = (int(s) for s in shape[:2])
-        tile, halo = int(tile), int(halo)
+        tile = check_integer("tile", tile)
+        halo = check_integer("halo", halo)
         if h < 2 or w < 2:
             raise ValueError(f"the image is too small to tile (shape {(h, w)})")
         if tile < 16:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from napari_esam.core.plane.engine import ModelInfoMixin
+from napari_esam.core.plane.image import check_contrast_limits
 from napari_esam.core.plane.predictor import Predictor
 from napari_esam.core.tiling.grid import (
     HALO,
@@ -197,8 +198,7 @@ class TiledPredictor:
         Setting the same array object again keeps the cached tiles.
         """
         data = full_resolution(image)
-        if contrast_limits is not None:
-            contrast_limits = (float(contrast_limits[0]), float(contrast_limits[1]))
+        contrast_limits = check_contrast_limits(contrast_limits)
         if data is self.data and (contrast_limits, rgb) == self._given:
             if index is not None:
                 self.set_index(index)
@@ -295,7 +295,7 @@ class TiledPredictor:
             pixels = self.read(window)
         p = self._predictor
         before = p.encoder_calls
-        p.set_image(pixels, self.plane_limits())
+        p._set_image(pixels, self.plane_limits())
         self.encoder_calls += p.encoder_calls - before
         return p.get_image_embedding().detach().cpu(), p.input_size, tile_hash(pixels)
 
