@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import zarr
 
 from napari_esam.cli import main
 from napari_esam.core.runs import settings as S
@@ -184,3 +185,31 @@ def test_defect_13_cli_refuses_a_huge_grid_in_one_line_and_creates_nothing(
     assert code == 2
     one_line_error(err, "points_per_side must be in 1..1024")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ 11: uint64 TIFF
+
+
+def test_defect_11_uint64_labels_export_to_tiff_and_read_back(tmp_path, capsys):
+    from napari_esam import write_labels
+    from napari_esam._reader import get_reader
+    from napari_esam.core.io.label_files import read_labels
+
+    labels = np.zeros((2, 8, 8), np.uint64)
+    labels[0, 2:5, 2:5] = 2**40
+    labels[1, 4:, :3] = 2**63 + 7
+    z = zarr.open_array(tmp_path / "u64.zarr", mode="w", shape=labels.shape, dtype="u8")
+    z[:] = labels
+    code, err = cli(capsys, "export", tmp_path / "u64.zarr", "-o", tmp_path / "u64.tif")
+    assert code == 0, err
+    data, meta = read_labels(tmp_path / "u64.tif")
+    assert np.asarray(data).dtype == np.uint64 and meta["axes"] == "zyx"
+    np.testing.assert_array_equal(np.asarray(data), labels)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "u64.tif"), labels)
+    layer = get_reader(str(tmp_path / "u64.tif"))(str(tmp_path / "u64.tif"))[0]
+    np.testing.assert_array_equal(np.asarray(layer[0]), labels)
+
+    target = write_labels(tmp_path / "w.ome.tif", labels[0], scale=(0.5, 0.25))
+    data, meta = read_labels(target)
+    np.testing.assert_array_equal(np.asarray(data), labels[0])
+    assert meta["scale"] == [0.5, 0.25] and meta["napari_esam"]

@@ -10,8 +10,9 @@ Formats (chosen by the file extension):
   labels), plus our own ``attributes["napari-esam"]`` marker.
 * ``.tif``/``.tiff``: an ImageJ hyperstack when the dtype is uint8/uint16, the file is not
   BigTIFF, the compression is zlib/none and the axes fit ImageJ's TZCYX order; otherwise an
-  OME-TIFF (any unsigned dtype, BigTIFF when needed). Our metadata (scale, translate, axes,
-  units, name) is stored as JSON in the private TIFF tag :data:`TIFF_TAG`.
+  OME-TIFF (uint8 to uint32, BigTIFF when needed); uint64 labels (OME-XML has no 64-bit
+  integers) as a plain TIFF with tifffile's JSON shape description. Our metadata (scale,
+  translate, axes, units, name) is stored as JSON in the private TIFF tag :data:`TIFF_TAG`.
 
 Safety: data is written to a hidden temporary sibling and renamed into place only when
 complete; on any exception (including ``KeyboardInterrupt`` and ``ENOSPC``) the temporary
@@ -545,6 +546,9 @@ def _write_tiff(
         if xunit in _IMAGEJ_UNITS:
             md["unit"] = _IMAGEJ_UNITS[xunit]
         kwargs.update(imagej=True, metadata=md)
+    elif dtype == np.dtype(np.uint64):  # OME-XML has no 64-bit integers: tifffile's own JSON
+        md = {"axes": axes.upper(), "Name": meta["name"]}
+        kwargs.update(ome=False, imagej=False, metadata=md)
     else:
         md = {"axes": axes.upper(), "Name": meta["name"], "PhysicalSizeX": sx, "PhysicalSizeY": sy}
         if xunit in _OME_UNITS:
