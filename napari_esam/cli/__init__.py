@@ -7,7 +7,9 @@ sets ``func`` (called with the parsed ``argparse.Namespace``, returning an exit 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+import warnings
 from collections.abc import Sequence
 from importlib import import_module
 
@@ -43,6 +45,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (0 on success, 1 on interrupt, 2 on error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = functools.partial(_show_warning, args.command)
+        return _run(args)
+
+
+def _show_warning(command: str, message: Warning | str, *args: object, **kwargs: object) -> None:
+    """A warning as one line on stderr (no source line)."""
+    print(f"napari-esam {command}: warning: {message}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

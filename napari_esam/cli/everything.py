@@ -285,7 +285,9 @@ def _run_with_bars(source: Any, settings: Any, store: Path, model: Any,
 def _group_axes(output: Any) -> str | None:
     from napari_esam.core.io.label_files import MARKER
 
-    return output.group.attrs.asdict().get(MARKER, {}).get("axes")
+    marker = output.group.attrs.asdict().get(MARKER)
+    axes = marker.get("axes") if isinstance(marker, dict) else None
+    return axes if isinstance(axes, str) else None
 
 
 def _export_tiff(output: Any, target: Path, *, axes: str | None, disable: bool) -> None:

@@ -7,6 +7,8 @@ loader itself is under test."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import struct
 import zipfile
 from pathlib import Path
@@ -213,3 +215,138 @@ def test_defect_11_uint64_labels_export_to_tiff_and_read_back(tmp_path, capsys):
     data, meta = read_labels(target)
     np.testing.assert_array_equal(np.asarray(data), labels[0])
     assert meta["scale"] == [0.5, 0.25] and meta["napari_esam"]
+
+
+# ------------------------------------------------------------------ shared inputs
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> dict[str, Path]:
+    """A 4-slice TIFF stack and the finished ``everything`` output of it (made once; tests
+    copy the output before damaging it)."""
+    root = tmp_path_factory.mktemp("finished")
+    stack = root / "stack4.tif"
+    tifffile.imwrite(stack, blob_stack(4)[0], photometric="minisblack")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S, "_MODELS", {})
+        mp.setattr("napari_esam.models.loading.build_model",
+                   lambda *a, **k: BlobModel().eval())
+        assert main(["everything", str(stack), "-o", str(root / "base4.zarr"), *FAST]) == 0
+    return {"stack": stack, "output": root / "base4.zarr"}
+
+
+def copy_of(path: Path, target: Path) -> Path:
+    shutil.copytree(path, target)
+    return target
+
+
+def edit_attrs(store: Path, change) -> None:
+    """Apply ``change(attributes)`` to the root ``zarr.json`` of a Zarr v3 store."""
+    meta = json.loads((store / "zarr.json").read_text())
+    change(meta["attributes"])
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+# ------------------------------------------------------------------ 8: malformed metadata
+
+RUN = "napari-esam-run"
+
+
+@pytest.mark.parametrize(("change", "what"), [
+    (lambda a: a[RUN].__setitem__("slices", "garbage"), "'slices' is str"),
+    (lambda a: a.__setitem__(RUN, None), "it is NoneType"),
+    (lambda a: a.__setitem__(RUN, [1, 2]), "it is list"),
+    (lambda a: a[RUN].__setitem__("slices", {"0": "many"}), "slice 0 has 'many' objects"),
+    (lambda a: a[RUN].__setitem__("slices", {"abc": 1}), "slice 'abc' is not a slice index"),
+    (lambda a: a[RUN].__setitem__("slices", {"0": 3, "99": 5}),
+     "slice 99 is done but the input has 4 slices"),
+    (lambda a: a[RUN].__setitem__("complete", "yes"), "'complete' is 'yes'"),
+])
+def test_defect_08_malformed_resume_record_is_refused_until_overwrite(
+        tmp_path, finished, blob_models, capsys, change, what):
+    out = copy_of(finished["output"], tmp_path / "c1.zarr")
+    edit_attrs(out, change)
+    before = (out / "zarr.json").read_bytes()
+    code, err = cli(capsys, "everything", finished["stack"], "-o", out, *FAST)
+    assert code == 2
+    one_line_error(err, "c1.zarr", "resume record", "is damaged", what, "--overwrite")
+    assert (out / "zarr.json").read_bytes() == before  # nothing was touched
+    code, err = cli(capsys, "everything", finished["stack"], "-o", out, *FAST, "--overwrite")
+    assert code == 0, err
+    record = zarr.open_group(out, mode="r").attrs[RUN]
+    assert record["complete"] and sorted(record["slices"]) == ["0", "1", "2", "3"]
+
+
+@pytest.mark.parametrize(("change", "what"), [
+    (lambda a: a["ome"].__setitem__("multiscales", [{}]), "has no list of 'datasets'"),
+    (lambda a: a["ome"].__setitem__("multiscales", "garbage"), "not a list of mappings"),
+    (lambda a: a["ome"]["multiscales"][0]["datasets"][0].__setitem__("path", "nope"),
+     "its dataset 'nope' is not in the group"),
+])
+def test_defect_08_malformed_ome_multiscales_give_one_line(tmp_path, finished, blob_models,
+                                                           capsys, change, what):
+    from napari_esam._reader import get_reader
+    from napari_esam.core.io.label_files import read_labels
+
+    bad = copy_of(finished["output"], tmp_path / "ome_bad.zarr")
+    edit_attrs(bad, change)
+    code, err = cli(capsys, "export", bad, "-o", tmp_path / "x.tif")
+    assert code == 2
+    one_line_error(err, "ome_bad.zarr", "'multiscales' metadata is malformed", what)
+    assert not (tmp_path / "x.tif").exists()
+    code, err = cli(capsys, "everything", bad, "-o", tmp_path / "y.zarr", *FAST)
+    assert code == 2
+    one_line_error(err, "ome_bad.zarr", what)
+    with pytest.raises(ValueError, match="malformed"):
+        read_labels(bad)
+    reader = get_reader(str(bad))  # our marker is there: claimed, then a clear error
+    with pytest.raises(ValueError, match="malformed"):
+        reader(str(bad))
+
+
+def test_defect_08_tiff_tag_holding_a_json_list_or_bad_fields(tmp_path, capsys):
+    from napari_esam._reader import get_reader
+
+    listed = tmp_path / "tag_list.tif"
+    tifffile.imwrite(listed, np.ones((8, 8), np.uint8),
+                     extratags=[(65420, "s", 0, json.dumps([1, 2]), True)])
+    assert get_reader(str(listed)) is None  # not ours: napari's own reader takes it
+    fields = tmp_path / "tag_fields.tif"
+    marker = {"napari-esam": {"kind": "labels", "axes": 3, "scale": "x", "name": "ok"}}
+    tifffile.imwrite(fields, np.ones((8, 8), np.uint8),
+                     extratags=[(65420, "s", 0, json.dumps(marker), True)])
+    with pytest.warns(UserWarning, match=r"malformed napari-esam metadata 'axes' \(3\), "
+                      r"'scale' \('x'\); the defaults are used"):
+        layer = get_reader(str(fields))(str(fields))[0]
+    assert layer[1]["scale"] == (1.0, 1.0) and layer[1]["name"] == "ok"
+    code, err = cli(capsys, "export", fields, "-o", tmp_path / "t2.zarr")
+    assert code == 0 and err.count("\n") == 1
+    assert err.startswith("napari-esam export: warning: ") and "'axes' (3)" in err
+
+
+def test_defect_08_damaged_embedding_store_is_refused(tmp_path, blob_models, capsys):
+    from tests.fakes import blob_image
+
+    image = tmp_path / "img.tif"
+    tifffile.imwrite(image, blob_image((300, 400)), photometric="minisblack")
+    tiled = ["--tiled", "on", "--tile", "256", "--halo", "32"]
+    store = tmp_path / "emb.zarr"
+    assert cli(capsys, "embed", image, "-o", store, "--device", "cpu", *tiled,
+               "--no-progress")[0] == 0
+    good = tmp_path / "good.zarr"
+    shutil.copytree(store, good)
+    edit_attrs(store, lambda a: a["napari_esam_embeddings"].pop("tile"))
+    code, err = cli(capsys, "everything", image, "-o", tmp_path / "m.zarr", *FAST, *tiled,
+                    "--embeddings", store)
+    assert code == 2
+    one_line_error(err, "emb.zarr", "is damaged", "no 'tile'", "--overwrite")
+    assert not (tmp_path / "m.zarr").exists()
+    shutil.rmtree(store / "done")
+    code, err = cli(capsys, "embed", image, "-o", store, "--device", "cpu", *tiled,
+                    "--no-progress", "--overwrite")
+    assert code == 0, err
+    shutil.rmtree(good / "done")
+    code, err = cli(capsys, "everything", image, "-o", tmp_path / "m.zarr", *FAST, *tiled,
+                    "--embeddings", good)
+    assert code == 2
+    one_line_error(err, "good.zarr", "is damaged", "'done' is missing")

@@ -50,6 +50,10 @@ def open_input(source: Any) -> Any:
             return _open_picture(path)
     except (FileNotFoundError, PermissionError):
         raise
+    except ValueError as exc:
+        if str(path) in str(exc):  # our own message, naming the file already
+            raise
+        raise ValueError(f"cannot read {str(path)!r} as an image: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any reader failure is "unreadable"
         raise ValueError(f"cannot read {str(path)!r} as an image: {exc}") from exc
     raise ValueError(
@@ -72,13 +76,14 @@ def _open_tiff(path: Path) -> Any:
 def _open_zarr(path: Path) -> Any:
     import zarr
 
+    from napari_esam.core.io.ngff import full_resolution_array
+
     node = zarr.open(path, mode="r")
     if isinstance(node, zarr.Array):
         return node
-    attrs = node.attrs.asdict()
-    ome = attrs.get("ome", attrs)
-    if ome.get("multiscales"):
-        return node[ome["multiscales"][0]["datasets"][0]["path"]]
+    level = full_resolution_array(node, path)
+    if level is not None:
+        return level
     arrays = list(node.array_keys())
     if len(arrays) == 1:
         return node[arrays[0]]
@@ -117,6 +122,15 @@ def input_axes(source: Any) -> str | None:
         return None
 
 
+def _version(path: str) -> tuple:
+    """(mtime, size) of a file, (None, None) when missing: what tells a changed file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None
+    return st.st_mtime_ns, st.st_size
+
+
 _OPENED: dict[tuple, Any] = {}
 _OPENED_LOCK = threading.Lock()
 _OPENED_MAX = 8
@@ -124,12 +138,9 @@ _OPENED_MAX = 8
 
 def opened(path: str) -> Any:
     """``open_input(path)`` once per process and file version (a path is what travels to
-    other processes; a changed file is opened again)."""
-    try:
-        st = os.stat(path)
-        key = (path, st.st_mtime_ns, st.st_size)
-    except OSError:
-        key = (path, None, None)
+    other processes; a changed file, or a Zarr folder with a changed ``zarr.json``, is
+    opened again)."""
+    key = (path, *_version(path), *_version(os.path.join(path, "zarr.json")))
     with _OPENED_LOCK:
         arr = _OPENED.get(key)
         if arr is None:

@@ -623,22 +623,32 @@ def is_labels_export(path: str | os.PathLike[str]) -> bool:
     try:
         if fmt == "zarr":
             with open(p / "zarr.json", encoding="utf-8") as fh:
-                attrs = json.load(fh).get("attributes", {})
-            return isinstance(attrs.get(MARKER), dict) and attrs[MARKER].get("kind") == "labels"
+                meta = json.load(fh)
+            attrs = meta.get("attributes") if isinstance(meta, dict) else None
+            marker = attrs.get(MARKER) if isinstance(attrs, dict) else None
+            return isinstance(marker, dict) and marker.get("kind") == "labels"
         return _tiff_marker(p) is not None
     except (OSError, ValueError):
         return False
+
+
+def _tag_marker(tag: Any) -> dict | None:
+    """Our marker in the private TIFF tag (``None``: absent, not JSON or not a mapping)."""
+    if tag is None or not isinstance(tag.value, (str, bytes)):
+        return None
+    try:
+        value = json.loads(tag.value)
+    except ValueError:
+        return None
+    value = value.get(MARKER) if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else None
 
 
 def _tiff_marker(path: Path) -> dict | None:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        tag = tif.pages.first.tags.get(TIFF_TAG)
-        if tag is None:
-            return None
-        value = json.loads(tag.value).get(MARKER)
-    return value if isinstance(value, dict) else None
+        return _tag_marker(tif.pages.first.tags.get(TIFF_TAG))
 
 
 def read_labels(path: str | os.PathLike[str]) -> tuple[Any, dict]:
@@ -670,8 +680,74 @@ def _meta(path: Path, ndim: int, **given: Any) -> dict:
     return meta
 
 
+def _clean_marker(value: Any, ndim: int, path: Path) -> dict:
+    """Our marker's metadata fields that are valid for ``ndim``-D labels (the marker of a TIFF
+    tag or a Zarr group may have been edited or damaged: an invalid field is dropped with a
+    warning naming it, and the default is used)."""
+    if not isinstance(value, dict):
+        return {}
+    checks = {
+        "name": lambda v: v if isinstance(v, str) else _bad(),
+        "axes": lambda v: _check_axes(v, ndim) if isinstance(v, str) else _bad(),
+        "scale": lambda v: _check_vector("scale", _seq(v), ndim, 1.0),
+        "translate": lambda v: _check_vector("translate", _seq(v), ndim, 0.0),
+        "units": lambda v: _check_units(
+            [u if u is None or isinstance(u, str) else _bad() for u in _seq(v)], ndim),
+    }
+    out: dict[str, Any] = {"kind": value.get("kind")}
+    bad = []
+    for key, check in checks.items():
+        if value.get(key) is None:
+            continue
+        try:
+            out[key] = check(value[key])
+        except (TypeError, ValueError):
+            bad.append(f"{key!r} ({value[key]!r})")
+    if bad:
+        warnings.warn(f"{str(path)!r}: ignoring its malformed napari-esam metadata "
+                      f"{', '.join(bad)}; the defaults are used instead", stacklevel=4)
+    return out
+
+
+def _bad() -> Any:
+    raise ValueError("malformed")
+
+
+def _seq(value: Any) -> list:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError("not a list")
+    return list(value)
+
+
+def _ngff_meta(multiscale: dict, dataset: dict, ndim: int) -> dict:
+    """Name, axes, units, scale and translation of an NGFF multiscale entry; malformed or
+    mismatched entries are left out (the defaults are used)."""
+    out: dict[str, Any] = {}
+    if isinstance(multiscale.get("name"), str):
+        out["name"] = multiscale["name"]
+    transforms = dataset.get("coordinateTransformations")
+    for transform in transforms if isinstance(transforms, list) else []:
+        kind = transform.get("type") if isinstance(transform, dict) else None
+        key = {"scale": "scale", "translation": "translate"}.get(kind)
+        if key is None:
+            continue
+        with contextlib.suppress(TypeError, ValueError):
+            out[key] = _check_vector(key, _seq(transform.get(kind)), ndim, 0.0)
+    axes_meta = multiscale.get("axes")
+    if isinstance(axes_meta, list) and len(axes_meta) == ndim:
+        names = [a.get("name") if isinstance(a, dict) else a for a in axes_meta]
+        if all(isinstance(n, str) for n in names):
+            with contextlib.suppress(ValueError):
+                out["axes"] = _check_axes("".join(names).lower(), ndim)
+            units = [a.get("unit") if isinstance(a, dict) else None for a in axes_meta]
+            out["units"] = [u if isinstance(u, str) else None for u in units]
+    return out
+
+
 def _read_zarr(path: Path) -> tuple[Any, dict]:
     import zarr
+
+    from napari_esam.core.io.ngff import first_multiscale, full_resolution_array
 
     try:
         node = zarr.open(path, mode="r")
@@ -680,31 +756,25 @@ def _read_zarr(path: Path) -> tuple[Any, dict]:
     if isinstance(node, zarr.Array):
         return node, _meta(path, node.ndim)
     attrs = node.attrs.asdict()
-    ome = attrs.get("ome", attrs)  # NGFF 0.5 nests under "ome"; 0.4 is at the top level
-    multiscales = ome.get("multiscales")
-    if not multiscales:
+    found = first_multiscale(attrs, path)
+    ours_raw = attrs.get(MARKER)
+    if found is not None:
+        array = full_resolution_array(node, path)
+        ngff = _ngff_meta(*found, array.ndim)
+    elif isinstance(ours_raw, dict) and isinstance(node.get("0"), zarr.Array):
+        array, ngff = node["0"], {}  # our output without NGFF (> 5-D, or planes not last)
+    else:
         raise ValueError(f"{str(path)!r} is a Zarr group without OME-NGFF 'multiscales'")
-    dataset = multiscales[0]["datasets"][0]
-    array = node[dataset["path"]]
-    scale = translate = None
-    for transform in dataset.get("coordinateTransformations", []):
-        if transform.get("type") == "scale":
-            scale = [float(v) for v in transform["scale"]]
-        elif transform.get("type") == "translation":
-            translate = [float(v) for v in transform["translation"]]
-    axes_meta = multiscales[0].get("axes", [])
-    names = "".join(a["name"] if isinstance(a, dict) else a for a in axes_meta).lower()
-    units = [a.get("unit") if isinstance(a, dict) else None for a in axes_meta] or None
-    ours = attrs.get(MARKER) if isinstance(attrs.get(MARKER), dict) else {}
+    ours = _clean_marker(ours_raw, array.ndim, path)
     meta = _meta(
         path,
         array.ndim,
-        name=ours.get("name") or multiscales[0].get("name"),
-        axes=ours.get("axes") or (names if len(names) == array.ndim else None),
-        scale=ours.get("scale") or scale,
-        translate=ours.get("translate") or translate,
-        units=ours.get("units") or units,
-        napari_esam=bool(ours),
+        name=ours.get("name") or ngff.get("name"),
+        axes=ours.get("axes") or ngff.get("axes"),
+        scale=ours.get("scale") or ngff.get("scale"),
+        translate=ours.get("translate") or ngff.get("translate"),
+        units=ours.get("units") or ngff.get("units"),
+        napari_esam=isinstance(ours_raw, dict),
     )
     return array, meta
 
@@ -714,11 +784,7 @@ def _read_tiff(path: Path) -> tuple[Any, dict]:
 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
-        tag = tif.pages.first.tags.get(TIFF_TAG)
-        ours: dict = {}
-        if tag is not None:
-            with contextlib.suppress(ValueError, AttributeError):
-                ours = json.loads(tag.value).get(MARKER) or {}
+        ours_raw = _tag_marker(tif.pages.first.tags.get(TIFF_TAG))
         shape, dtype = series.shape, series.dtype
         tiff_axes = series.axes.lower()
         eager = math.prod(shape) * dtype.itemsize <= EAGER_TIFF_BYTES
@@ -727,6 +793,7 @@ def _read_tiff(path: Path) -> tuple[Any, dict]:
         import zarr
 
         data = zarr.open_array(tifffile.imread(path, aszarr=True), mode="r")
+    ours = _clean_marker(ours_raw, len(shape), path)
     axes = ours.get("axes")
     if axes is None and len(tiff_axes) == len(shape):
         with contextlib.suppress(ValueError):
@@ -739,6 +806,6 @@ def _read_tiff(path: Path) -> tuple[Any, dict]:
         scale=ours.get("scale"),
         translate=ours.get("translate"),
         units=ours.get("units"),
-        napari_esam=bool(ours),
+        napari_esam=ours_raw is not None,
     )
     return data, meta

@@ -34,6 +34,7 @@ __all__ = [
     "MemoryOutput",
     "TileScratch",
     "ZarrOutput",
+    "check_run_record",
     "create_label_group",
 ]
 
@@ -52,12 +53,52 @@ SCRATCH_FORMAT = 2
 
 
 def _root_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The attributes of the Zarr v3 group at ``path`` (``None``: not one)."""
+    """The attributes of the Zarr v3 group at ``path`` (``None``: not one, or unreadable)."""
     try:
         with open(Path(path) / "zarr.json", encoding="utf-8") as fh:
-            return json.load(fh).get("attributes", {})
+            meta = json.load(fh)
     except (OSError, ValueError):
         return None
+    attrs = meta.get("attributes", {}) if isinstance(meta, dict) else None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def _damaged(path: str, what: str) -> ValueError:
+    return ValueError(
+        f"{path!r}: its resume record ({RUN_ATTR!r} in zarr.json) is damaged: {what}; run "
+        "again with overwrite (CLI: --overwrite) to start over, or choose another output"
+    )
+
+
+def _slice_counts(path: str, slices: Any, n_slices: int | None) -> dict[int, int]:
+    """The record's finished slices (flat index -> objects), checked: indices in
+    ``0..n_slices-1`` (when known), counts whole numbers >= 0."""
+    if not isinstance(slices, Mapping):
+        raise _damaged(path, f"'slices' is {type(slices).__name__}, not a mapping")
+    out: dict[int, int] = {}
+    for key, value in slices.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise _damaged(path, f"slice {key!r} is not a slice index")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _damaged(path, f"slice {key} has {value!r} objects")
+        if n_slices is not None and int(key) >= n_slices:
+            raise _damaged(path, f"slice {key} is done but the input has {n_slices} slices")
+        out[int(key)] = value
+    return out
+
+
+def check_run_record(path: str, rec: Any, n_slices: int | None = None) -> dict:
+    """The resume record ``rec`` of the output ``path``, checked (:func:`_damaged` errors:
+    not a mapping, ``source``/``settings`` not mappings, bad ``slices`` or ``complete``)."""
+    if not isinstance(rec, Mapping):
+        raise _damaged(path, f"it is {type(rec).__name__}, not a mapping")
+    for key in ("source", "settings"):
+        if not isinstance(rec.get(key), Mapping):
+            raise _damaged(path, f"{key!r} is missing or not a mapping")
+    _slice_counts(path, rec.get("slices", {}), n_slices)
+    if not isinstance(rec.get("complete", False), bool):
+        raise _damaged(path, f"'complete' is {rec['complete']!r}, not true or false")
+    return dict(rec)
 
 
 class MemoryOutput:
@@ -120,6 +161,7 @@ class ZarrOutput:
         if target.exists() or target.is_symlink():
             attrs = _root_attrs(target) or {}
             if not overwrite and RUN_ATTR in attrs:
+                check_run_record(self.path, attrs[RUN_ATTR], source.n_slices)
                 self._check_resumable(record)
                 return True
             if not overwrite:
@@ -152,8 +194,12 @@ class ZarrOutput:
         return json.loads(json.dumps({"source": described,
                                       "settings": settings.record(grid)}))
 
+    def _record(self) -> dict:
+        """The stored resume record, checked (:func:`check_run_record`)."""
+        return check_run_record(self.path, self.group.attrs.asdict().get(RUN_ATTR))
+
     def _check_resumable(self, record: dict) -> None:
-        old = self.group.attrs.asdict()[RUN_ATTR]
+        old = self._record()
         diffs = _diff(old.get("source", {}), record["source"], "input ")
         diffs += _diff(old.get("settings", {}), record["settings"], "")
         if diffs:
@@ -196,8 +242,7 @@ class ZarrOutput:
 
     def done(self) -> dict[int, int]:
         """Finished slices → object count, from the record."""
-        rec = self.group.attrs.asdict()[RUN_ATTR]
-        return {int(k): int(v) for k, v in rec.get("slices", {}).items()}
+        return _slice_counts(self.path, self._record().get("slices", {}), None)
 
     def write(self, region: tuple, labels: np.ndarray) -> None:
         self.array[region] = labels
@@ -207,7 +252,7 @@ class ZarrOutput:
         self.record_many({index: n_objects})
 
     def record_many(self, counts: Mapping[int, int], complete: bool | None = None) -> None:
-        rec = dict(self.group.attrs.asdict()[RUN_ATTR])
+        rec = self._record()
         slices = dict(rec.get("slices", {}))
         slices.update({str(int(k)): int(v) for k, v in counts.items()})
         rec["slices"] = dict(sorted(slices.items(), key=lambda kv: int(kv[0])))
@@ -318,7 +363,17 @@ class TileScratch:
 
     @staticmethod
     def _attrs(path: str | os.PathLike[str]) -> dict | None:
-        return (_root_attrs(path) or {}).get(SCRATCH_ATTR)
+        """The scratch attribute, checked: ``None`` when ``path`` is not a scratch group,
+        ``{}`` when it is one whose attribute is damaged (its tiles are then recomputed)."""
+        attrs = _root_attrs(path) or {}
+        if SCRATCH_ATTR not in attrs:
+            return None
+        value = attrs[SCRATCH_ATTR]
+        ok = (isinstance(value, dict) and isinstance(value.get("record"), dict)
+              and isinstance(value.get("done", []), list)
+              and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                      for i in value.get("done", [])))
+        return value if ok else {}
 
     @classmethod
     def matches(cls, path: str | os.PathLike[str], record: dict) -> bool:
@@ -340,7 +395,7 @@ class TileScratch:
                     f"{str(target)!r} exists and is not a napari-esam scratch group; move it "
                     "away or choose another scratch path"
                 )
-            if not overwrite:
+            if not overwrite and attrs:  # a damaged attribute ({}): started anew
                 if attrs.get("record") == record:
                     return cls(target)
                 diffs = _diff(attrs.get("record", {}), record, "")
@@ -367,7 +422,7 @@ class TileScratch:
         import zarr
 
         group = zarr.open_group(self.path, mode="r+")
-        rec = dict(group.attrs[SCRATCH_ATTR])
+        rec = dict(self._attrs(self.path) or {})
         rec["done"] = sorted(set(rec.get("done", [])) | set(indices))
         group.attrs[SCRATCH_ATTR] = rec
 

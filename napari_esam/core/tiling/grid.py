@@ -54,9 +54,12 @@ def full_resolution(data: Any) -> Any:
     OME-Zarr multiscale ``zarr.Group`` (its first dataset). A plain array is returned as is.
     """
     attrs = getattr(data, "attrs", None)
-    if attrs is not None and not hasattr(data, "shape") and "multiscales" in attrs:
-        datasets = attrs["multiscales"][0]["datasets"]
-        return data[datasets[0]["path"]]
+    if attrs is not None and not hasattr(data, "shape"):
+        from napari_esam.core.io.ngff import full_resolution_array
+
+        level = full_resolution_array(data, getattr(data, "store_path", "the Zarr group"))
+        if level is not None:
+            return level
     if hasattr(data, "shape") and hasattr(data, "dtype") and not hasattr(data, "shapes"):
         return data
     if isinstance(data, (list, tuple)) or hasattr(data, "shapes"):

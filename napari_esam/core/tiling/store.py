@@ -123,20 +123,32 @@ class StoreSignature:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> StoreSignature:
-        cl = d.get("contrast_limits")
-        return cls(
-            image_shape=tuple(int(s) for s in d["image_shape"]),
-            dtype=str(d["dtype"]),
-            rgb=bool(d["rgb"]),
-            content_hash=str(d["content_hash"]),
-            contrast_limits=None if cl is None else (float(cl[0]), float(cl[1])),
-            model=str(d["model"]),
-            model_fingerprint=str(d["model_fingerprint"]),
-            tile=int(d["tile"]),
-            halo=int(d["halo"]),
-            format=int(d.get("format", 0)),
-        )
+    def from_json(cls, d: Any) -> StoreSignature:
+        """The signature stored as JSON; ``ValueError`` naming the first missing or malformed
+        field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the signature is {type(d).__name__}, not a mapping")
+        try:
+            cl = d.get("contrast_limits")
+            sig = cls(
+                image_shape=tuple(int(s) for s in d["image_shape"]),
+                dtype=str(np.dtype(d["dtype"])),
+                rgb=_flag(d["rgb"]),
+                content_hash=_text(d["content_hash"]),
+                contrast_limits=None if cl is None else (float(cl[0]), float(cl[1])),
+                model=_text(d["model"]),
+                model_fingerprint=_text(d["model_fingerprint"]),
+                tile=int(d["tile"]),
+                halo=int(d["halo"]),
+                format=int(d.get("format", 0)),
+            )
+        except KeyError as exc:
+            raise ValueError(f"the signature has no {exc.args[0]!r}") from None
+        except (TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"the signature holds a malformed value ({exc})") from None
+        if len(sig.image_shape) < 2 or min(sig.image_shape) < 1:
+            raise ValueError(f"the signature's image shape {sig.image_shape} is not an image")
+        return sig
 
     def differences(self, other: StoreSignature) -> list[str]:
         """Human-readable list of fields where ``other`` (the current input) differs."""
@@ -160,8 +172,27 @@ class StoreSignature:
         return out
 
 
-def read_signature(path: str | os.PathLike[str]) -> StoreSignature:
-    """The signature of an existing store (e.g. to reuse its model, tile and halo)."""
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{value!r} is not true or false")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
+
+
+def damaged_store(path: Any, what: str) -> ValueError:
+    """The error for an embedding store whose metadata or arrays are damaged."""
+    return ValueError(
+        f"the embedding store {path} is damaged ({what}); delete it to recompute it, or "
+        "recreate it with napari-esam embed --overwrite"
+    )
+
+
+def _open_group(path: str | os.PathLike[str]) -> Any:
     import zarr
 
     try:
@@ -172,7 +203,18 @@ def read_signature(path: str | os.PathLike[str]) -> StoreSignature:
         ) from exc
     if ATTR not in group.attrs:
         raise ValueError(f"{path} is a Zarr group but not a napari-esam embedding store")
-    return StoreSignature.from_json(dict(group.attrs[ATTR]))
+    return group
+
+
+def read_signature(path: str | os.PathLike[str]) -> StoreSignature:
+    """The signature of an existing store (e.g. to reuse its model, tile and halo);
+    ``ValueError`` if it is not a store or its signature is damaged."""
+    try:
+        return StoreSignature.from_json(_open_group(path).attrs[ATTR])
+    except ValueError as exc:
+        if "not a napari-esam embedding store" in str(exc):
+            raise
+        raise damaged_store(path, str(exc)) from None
 
 
 class EmbeddingStore:
@@ -186,10 +228,23 @@ class EmbeddingStore:
         shape = signature.image_shape
         self.lead = leading_shape(shape, signature.rgb)
         self.grid = TileGrid(plane_shape(shape, signature.rgb), signature.tile, signature.halo)
-        self._emb = group["embeddings"]
-        self._done_arr = group["done"]
-        self._input_size = group["input_size"]
-        self._hash = group["tile_hash"]
+        tiles = (*self.lead, self.grid.n_y, self.grid.n_x)
+        expected = {"embeddings": (*tiles, *EMBED_SHAPE), "done": tiles,
+                    "input_size": (*tiles, 2), "tile_hash": (*tiles, 16)}
+        arrays = {}
+        for name, shape in expected.items():
+            try:
+                arrays[name] = group[name]
+            except KeyError:
+                raise damaged_store(path, f"the array {name!r} is missing") from None
+            found = getattr(arrays[name], "shape", None)
+            if found is None or tuple(found) != shape:
+                raise damaged_store(
+                    path, f"{name!r} has shape {found}, not {shape} as its signature says")
+        self._emb = arrays["embeddings"]
+        self._done_arr = arrays["done"]
+        self._input_size = arrays["input_size"]
+        self._hash = arrays["tile_hash"]
         self._done_cache: dict[tuple[int, ...], np.ndarray] = {}
         self._meta_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         #: write only embeddings in :meth:`save`; their records wait in ``deferred``
@@ -233,7 +288,7 @@ class EmbeddingStore:
         if exists:
             if not path.is_dir() or not (path / "zarr.json").exists():
                 raise OSError(f"refusing to overwrite {path}: it is not a Zarr store")
-            read_signature(path)  # refuse to overwrite a Zarr that is not an embedding store
+            _open_group(path)  # refuse to overwrite a Zarr that is not an embedding store
         group = zarr.open_group(str(path), mode="w")
         lead = leading_shape(signature.image_shape, signature.rgb)
         grid = TileGrid(
