@@ -211,10 +211,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_details(details: dict) -> None:
+    for line in details.get("repaired", []):
+        print(f"repaired: {line}", file=sys.stderr)
     grid = details["grid"]
     parts = [f"tiles segmented {details['tiles']} (already done: {details['skipped']})",
              f"encoder runs {details['encoder_calls']}",
              f"embeddings from the store {details['store_hits']}"]
+    if details.get("store_repairs"):
+        parts.append(f"damaged store tiles recomputed {details['store_repairs']}")
     if grid.n_tiles > 1:
         parts.append(f"seam merges {details['merged']}")
     print("; ".join(parts), file=sys.stderr)

@@ -350,3 +350,122 @@ def test_defect_08_damaged_embedding_store_is_refused(tmp_path, blob_models, cap
                     "--embeddings", good)
     assert code == 2
     one_line_error(err, "good.zarr", "is damaged", "'done' is missing")
+
+
+# ------------------------------------------------------------------ 7: corrupt chunks
+
+
+def truncate(path: Path, keep: int = 50) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_defect_07_corrupt_output_chunk_is_named_by_export_and_reader(tmp_path, finished,
+                                                                       capsys):
+    from napari_esam._reader import get_reader
+    from napari_esam.core.io.label_files import read_labels
+
+    bad = copy_of(finished["output"], tmp_path / "c8.zarr")
+    truncate(bad / "0" / "c" / "0" / "0" / "0")
+    code, err = cli(capsys, "export", bad, "-o", tmp_path / "x.tif")
+    assert code == 2
+    one_line_error(err, str(bad / "0" / "c" / "0" / "0" / "0"), "chunk (0, 0, 0)",
+                   "cannot be decoded", "run the same command again")
+    assert not (tmp_path / "x.tif").exists() and not list(tmp_path.glob(".x.tif*"))
+    data, _ = read_labels(bad)
+    np.testing.assert_array_equal(data[1:], zarr.open_array(finished["output"] / "0")[1:])
+    with pytest.raises(ValueError, match=r"chunk \(0, 0, 0\) of .*c8\.zarr"):
+        np.asarray(data)
+    with pytest.raises(ValueError, match="cannot be decoded"):
+        layer = get_reader(str(bad))(str(bad))[0]
+        np.asarray(layer[0][0])
+
+
+def test_defect_07_corrupt_output_chunk_is_recomputed_on_resume(tmp_path, finished,
+                                                                blob_models, capsys):
+    bad = copy_of(finished["output"], tmp_path / "c8.zarr")
+    truncate(bad / "0" / "c" / "2" / "0" / "0")
+    code, err = cli(capsys, "everything", finished["stack"], "-o", bad, *FAST)
+    assert code == 0, err
+    assert "repaired: slice 2: chunk (2, 0, 0)" in err and "Traceback" not in err
+    assert "tiles segmented 1 (already done: 3)" in err
+    np.testing.assert_array_equal(zarr.open_array(bad / "0")[...],
+                                  zarr.open_array(finished["output"] / "0")[...])
+    assert zarr.open_group(bad, mode="r").attrs[RUN]["complete"]
+    code, err = cli(capsys, "export", bad, "-o", tmp_path / "x.tif")
+    assert code == 0, err
+
+
+def test_defect_07_corrupt_input_chunk_is_named(tmp_path, finished, blob_models, capsys):
+    src = tmp_path / "in.zarr"
+    z = zarr.open_array(src, mode="w", shape=(4, 64, 64), chunks=(1, 64, 64), dtype="u2")
+    z[:] = tifffile.imread(finished["stack"])
+    truncate(src / "c" / "1" / "0" / "0", 20)
+    code, err = cli(capsys, "everything", src, "-o", tmp_path / "out.zarr", *FAST)
+    assert code == 2
+    one_line_error(err, str(src / "c" / "1" / "0" / "0"), "cannot be decoded")
+
+
+def test_defect_07_undecodable_embedding_tile_is_recomputed_and_rewritten(
+        tmp_path, blob_models, capsys):
+    from napari_esam.core.tiling.store import EmbeddingStore, read_signature
+    from tests.fakes import blob_image
+
+    image = tmp_path / "img.tif"
+    tifffile.imwrite(image, blob_image((300, 400)), photometric="minisblack")
+    tiled = ["--tiled", "on", "--tile", "256", "--halo", "32"]
+    store = tmp_path / "e.zarr"
+    assert cli(capsys, "embed", image, "-o", store, "--device", "cpu", *tiled,
+               "--no-progress")[0] == 0
+    code, err = cli(capsys, "everything", image, "-o", tmp_path / "ref.zarr", *FAST, *tiled,
+                    "--embeddings", store)
+    assert code == 0 and "embeddings from the store 4" in err
+    tile = store / "embeddings" / "c" / "0" / "1" / "0" / "0" / "0"
+    truncate(tile, 1000)
+    for run in ("m", "m2"):  # the first run recomputes and rewrites it, the second reads it
+        code, err = cli(capsys, "everything", image, "-o", tmp_path / f"{run}.zarr", *FAST,
+                        *tiled, "--embeddings", store)
+        assert code == 0 and "Traceback" not in err, err
+        np.testing.assert_array_equal(zarr.open_array(tmp_path / f"{run}.zarr" / "0")[...],
+                                      zarr.open_array(tmp_path / "ref.zarr" / "0")[...])
+        repaired = "damaged store tiles recomputed 1" in err
+        assert repaired == (run == "m") and ("encoder runs 1" in err) == (run == "m"), err
+    opened = EmbeddingStore.open(store, read_signature(store), "r")
+    assert opened.load((), 0, 1)[0].shape == (256, 64, 64)  # decodes again
+    truncate(store / "done" / "c" / "0" / "0", 3)  # the flags themselves: all recomputed
+    code, err = cli(capsys, "everything", image, "-o", tmp_path / "m3.zarr", *FAST, *tiled,
+                    "--embeddings", store)
+    assert code == 0 and "encoder runs 4" in err, err
+
+
+def test_defect_07_undecodable_scratch_tile_is_recomputed_on_resume(tmp_path, blob_models,
+                                                                    monkeypatch, capsys):
+    """A tile kept in the scratch group of an interrupted tiled run whose chunk is damaged
+    is segmented again; the result equals an uninterrupted run."""
+    from tests.fakes import blob_image
+
+    image = tmp_path / "img.tif"
+    tifffile.imwrite(image, blob_image((300, 400)), photometric="minisblack")
+    tiled = ["--tiled", "on", "--tile", "256", "--halo", "32"]
+    assert cli(capsys, "everything", image, "-o", tmp_path / "ref.zarr", *FAST, *tiled)[0] == 0
+    calls = []
+    original = BlobModel.encode
+
+    def encode_then_interrupt(self, x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    monkeypatch.setattr(BlobModel, "encode", encode_then_interrupt)
+    out = tmp_path / "m.zarr"
+    assert cli(capsys, "everything", image, "-o", out, *FAST, *tiled)[0] == 1
+    monkeypatch.setattr(BlobModel, "encode", original)
+    scratch = tmp_path / "m.zarr.tiles.zarr"
+    assert sorted(p.name for p in scratch.glob("t*")) == ["t0", "t1"]  # 2 tiles kept
+    bits = sorted(scratch.glob("t*/bits/c/0"))  # (a tile without masks has no chunk)
+    truncate(bits[-1], 5)
+    code, err = cli(capsys, "everything", image, "-o", out, *FAST, *tiled)
+    assert code == 0, err
+    assert "tiles segmented 3 (already done: 1)" in err
+    np.testing.assert_array_equal(zarr.open_array(out / "0")[...],
+                                  zarr.open_array(tmp_path / "ref.zarr" / "0")[...])

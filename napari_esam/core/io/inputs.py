@@ -35,15 +35,17 @@ def open_input(source: Any) -> Any:
         if all(hasattr(source, a) for a in ("shape", "dtype", "__getitem__")):
             return source
         raise TypeError(f"cannot use a {type(source).__name__} as an image; pass an array")
+    from napari_esam.core.io.chunks import checked
+
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {str(path)!r}")
     suffix = path.suffix.lower()
     try:
         if suffix in TIFF_SUFFIXES:
-            return _open_tiff(path)
+            return checked(_open_tiff(path), path)
         if suffix == ".zarr" or path.is_dir():
-            return _open_zarr(path)
+            return checked(_open_zarr(path), path)
         if suffix == ".npy":
             return np.load(path, mmap_mode="r", allow_pickle=False)
         if suffix in IMAGE_SUFFIXES:

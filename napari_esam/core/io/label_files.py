@@ -747,6 +747,7 @@ def _ngff_meta(multiscale: dict, dataset: dict, ndim: int) -> dict:
 def _read_zarr(path: Path) -> tuple[Any, dict]:
     import zarr
 
+    from napari_esam.core.io.chunks import checked
     from napari_esam.core.io.ngff import first_multiscale, full_resolution_array
 
     try:
@@ -754,7 +755,7 @@ def _read_zarr(path: Path) -> tuple[Any, dict]:
     except zarr.errors.NodeNotFoundError as exc:
         raise ValueError(f"{str(path)!r} is not a Zarr array or group") from exc
     if isinstance(node, zarr.Array):
-        return node, _meta(path, node.ndim)
+        return checked(node, path), _meta(path, node.ndim)
     attrs = node.attrs.asdict()
     found = first_multiscale(attrs, path)
     ours_raw = attrs.get(MARKER)
@@ -776,7 +777,7 @@ def _read_zarr(path: Path) -> tuple[Any, dict]:
         units=ours.get("units") or ngff.get("units"),
         napari_esam=isinstance(ours_raw, dict),
     )
-    return array, meta
+    return checked(array, path), meta
 
 
 def _read_tiff(path: Path) -> tuple[Any, dict]:
@@ -792,7 +793,9 @@ def _read_tiff(path: Path) -> tuple[Any, dict]:
     if data is None:
         import zarr
 
-        data = zarr.open_array(tifffile.imread(path, aszarr=True), mode="r")
+        from napari_esam.core.io.chunks import checked
+
+        data = checked(zarr.open_array(tifffile.imread(path, aszarr=True), mode="r"), path)
     ours = _clean_marker(ours_raw, len(shape), path)
     axes = ours.get("axes")
     if axes is None and len(tiff_axes) == len(shape):

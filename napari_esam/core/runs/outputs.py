@@ -129,6 +129,8 @@ class ZarrOutput:
         self.path = str(Path(path).expanduser().resolve())
         self._array: Any = None
         self._group: Any = None
+        #: slices found damaged (and recomputed) when the output was resumed
+        self.repaired: list[str] = []
 
     def __getstate__(self) -> dict:
         return {"path": self.path}
@@ -163,6 +165,7 @@ class ZarrOutput:
             if not overwrite and RUN_ATTR in attrs:
                 check_run_record(self.path, attrs[RUN_ATTR], source.n_slices)
                 self._check_resumable(record)
+                self.repaired = self.repair(source)
                 return True
             if not overwrite:
                 legacy = [a for a in LEGACY_ATTRS if a in attrs]
@@ -231,14 +234,52 @@ class ZarrOutput:
         if self._array is None:
             import zarr
 
-            self._array = zarr.open_array(Path(self.path) / "0", mode="r+")
+            from napari_esam.core.io.chunks import checked
+
+            self._array = checked(zarr.open_array(Path(self.path) / "0", mode="r+"),
+                                  self.path)
         return self._array
 
     def read_only(self) -> Any:
-        """The labels array opened read-only (safe for a napari layer)."""
+        """The labels array opened read-only (safe for a napari layer; a damaged chunk is
+        named when read: :class:`~napari_esam.core.io.chunks.CheckedArray`)."""
         import zarr
 
-        return zarr.open_array(Path(self.path) / "0", mode="r")
+        from napari_esam.core.io.chunks import checked
+
+        return checked(zarr.open_array(Path(self.path) / "0", mode="r"), self.path)
+
+    def repair(self, source: StackSource) -> list[str]:
+        """Check that every finished slice's chunks can be read; a slice with a damaged chunk
+        has the chunk file removed and is no longer recorded as finished (so the run
+        recomputes it). Returns one line per repaired slice."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from napari_esam.core.io.chunks import bad_chunks, chunk_file
+
+        done = self.done()
+        array = self.array
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            found = dict(zip(done, pool.map(
+                lambda i: bad_chunks(array, source.out_region(i), plain=True), done),
+                strict=True))
+        lines, damaged = [], sorted(i for i, bad in found.items() if bad)
+        for i in damaged:
+            for coords, _exc in found[i]:
+                name = chunk_file(array, coords)
+                if name is not None and os.path.isfile(name):
+                    os.remove(name)
+            coords, exc = found[i][0]
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            lines.append(f"slice {i}: chunk {coords} of {self.path!r} could not be decoded "
+                         f"({detail}); the slice is recomputed")
+        if damaged:
+            rec = self._record()
+            rec["slices"] = {k: v for k, v in rec.get("slices", {}).items()
+                             if int(k) not in damaged}
+            rec["complete"] = False
+            self.group.attrs.update({RUN_ATTR: rec})
+        return lines
 
     def done(self) -> dict[int, int]:
         """Finished slices → object count, from the record."""
@@ -440,6 +481,31 @@ class TileScratch:
         group.create_array("scores", data=np.asarray(kept.scores, np.float64).reshape(n))
         group.create_array("order", data=np.asarray(kept.order, np.int64).reshape(n))
         group.attrs.update({"n": n, "stats": {k: int(v) for k, v in kept.stats.items()}})
+
+    def unreadable(self, indices: Iterable[int]) -> set[int]:
+        """The finished tiles among ``indices`` whose stored masks cannot be read back
+        (damaged chunks); they are dropped from the finished tiles, to be recomputed."""
+        import zarr
+
+        bad = set()
+        for index in indices:
+            try:
+                group = zarr.open_group(str(Path(self.path) / f"t{int(index)}"), mode="r")
+                for name in ("boxes", "bits", "scores", "order"):
+                    np.asarray(group[name][...])
+                int(group.attrs["n"])
+            except (KeyboardInterrupt, MemoryError):
+                raise
+            except Exception:  # noqa: BLE001 - any damage: recompute the tile
+                bad.add(int(index))
+        if bad:
+            import zarr
+
+            group = zarr.open_group(self.path, mode="r+")
+            rec = dict(self._attrs(self.path) or {})
+            rec["done"] = sorted(set(rec.get("done", [])) - bad)
+            group.attrs[SCRATCH_ATTR] = rec
+        return bad
 
     def read(self, index: int, plane: tuple[int, ...], iy: int, ix: int) -> TileMasks:
         """Flat tile ``index``'s :class:`TileMasks` (tile (iy, ix) of ``plane``) back from the

@@ -81,7 +81,9 @@ class BatchResult:
     """``labels``: the result (NumPy, or the Zarr array opened read-only); ``counts``:
     objects per finished plane (all runs); ``total``: planes in the stack; ``cancelled``:
     the run stopped before its planes were done; ``details``: counts of the work (tiles,
-    tiles already done, encoder runs, store hits, seam merges, grid)."""
+    tiles already done, encoder runs, store hits, seam merges, grid; ``store_repairs``:
+    stored embeddings that could not be decoded and were recomputed; ``repaired``: one line
+    per finished slice of a resumed output whose chunks could not be decoded, recomputed)."""
 
     labels: Any
     counts: dict[int, int]
@@ -220,9 +222,11 @@ def run_batch(
     todo = [i for i in wanted if i not in counts]
     ready: dict[int, set[int]] = {p: set() for p in todo}  # plane -> finished tiles
     if scratch is not None:
-        for index in scratch.done():
+        finished = [i for i in scratch.done() if i // n_tiles in ready]
+        damaged = scratch.unreadable(finished)
+        for index in finished:
             plane, t = divmod(index, n_tiles)
-            if plane in ready:
+            if index not in damaged:
                 ready[plane].add(t)
     tiles = [p * n_tiles + t for p in todo for t in range(n_tiles) if t not in ready[p]]
     tiles_total = len(wanted) * n_tiles
@@ -232,7 +236,9 @@ def run_batch(
     cancel_fn = cancel or (lambda: False)
     kept: dict[int, Any] = {}  # flat tile index -> TileMasks (several-tile planes in memory)
     details: dict[str, Any] = {"grid": grid, "tiles": len(tiles), "skipped": tiles_done,
-                               "encoder_calls": 0, "store_hits": 0, "merged": 0}
+                               "encoder_calls": 0, "store_hits": 0, "merged": 0,
+                               "store_repairs": 0,
+                               "repaired": list(getattr(output, "repaired", []))}
 
     def report(kind: str, **kw: Any) -> None:
         if progress is not None:
@@ -289,6 +295,7 @@ def run_batch(
             tiles_done += 1
             details["encoder_calls"] += res.encoder_calls
             details["store_hits"] += res.store_hits
+            details["store_repairs"] += res.store_repairs
             if store is not None and res.embedding is not None:
                 plane_t, tile = task.locate(res.index)
                 store.record(source.coords(plane_t), tile.iy, tile.ix, *res.embedding)

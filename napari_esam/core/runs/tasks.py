@@ -58,6 +58,7 @@ class TaskResult:
     stats: dict[str, int] = field(default_factory=dict)
     encoder_calls: int = 0
     store_hits: int = 0
+    store_repairs: int = 0
     embedding: tuple[tuple[int, int], str] | None = None
 
 
@@ -173,10 +174,11 @@ class TileTask:
         tp = self.predictor()
         with tp._lock:  # the plane and the embedding together (threads share tp)
             tp.set_index(coords)
-            enc0, hits0 = tp.encoder_calls, tp.store_hits
+            enc0, hits0, fixed0 = tp.encoder_calls, tp.store_hits, tp.store_repairs
             feats, input_size = tp.tile_embedding(tile, pixels)
             limits = tp.plane_limits()
             enc, hits = tp.encoder_calls - enc0, tp.store_hits - hits0
+            fixed = tp.store_repairs - fixed0
             written = None
             if tp.store is not None:
                 written = tp.store.deferred.pop((coords, tile.iy, tile.ix), None)
@@ -194,7 +196,8 @@ class TileTask:
                                      **kwargs)
         kept = keep_tile_masks(grid, tile, records, coords)
         res = TaskResult(int(index), plane, 0.0, n_masks=len(kept), stats=dict(kept.stats),
-                         encoder_calls=enc, store_hits=hits, embedding=written)
+                         encoder_calls=enc, store_hits=hits, store_repairs=fixed,
+                         embedding=written)
         if grid.n_tiles == 1:
             dtype = output_dtype(self.source.n_slices, self.settings, grid)
             labels = np.zeros(grid.shape, dtype=dtype)

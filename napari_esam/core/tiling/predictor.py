@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from napari_esam.core.io.chunks import CorruptChunkError
 from napari_esam.core.plane.engine import ModelInfoMixin
 from napari_esam.core.plane.image import check_contrast_limits
 from napari_esam.core.plane.predictor import Predictor
@@ -150,6 +151,8 @@ class TiledPredictor:
         self.encoder_calls = 0
         #: tiles whose embedding came from the on-disk store
         self.store_hits = 0
+        #: stored tiles that could not be decoded (damaged chunks) and were recomputed
+        self.store_repairs = 0
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, tuple[int, int]]] = OrderedDict()
         self._lock = threading.RLock()
         self.reset_image()
@@ -321,9 +324,13 @@ class TiledPredictor:
                     pixels = self.read(tile.window)
                 ok = tile_hash(pixels) == store.stored_tile_hash(self.index, tile.iy, tile.ix)
             if ok:
-                feats, input_size = store.load(self.index, tile.iy, tile.ix)
-                value = (torch.from_numpy(feats)[None], input_size)
-                self.store_hits += 1
+                try:
+                    feats, input_size = store.load(self.index, tile.iy, tile.ix)
+                except CorruptChunkError:  # a cache: recompute (and rewrite) the tile
+                    self.store_repairs += 1
+                else:
+                    value = (torch.from_numpy(feats)[None], input_size)
+                    self.store_hits += 1
         if value is None:
             feats, input_size, phash = self._encode_window(tile.window, pixels)
             value = (feats, input_size)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_esam.core.io.chunks import CorruptChunkError, checked
 from napari_esam.core.tiling.grid import (
     TileGrid,
     content_hash,
@@ -241,6 +242,7 @@ class EmbeddingStore:
             if found is None or tuple(found) != shape:
                 raise damaged_store(
                     path, f"{name!r} has shape {found}, not {shape} as its signature says")
+        arrays = {k: checked(v, path) for k, v in arrays.items()}
         self._emb = arrays["embeddings"]
         self._done_arr = arrays["done"]
         self._input_size = arrays["input_size"]
@@ -321,10 +323,19 @@ class EmbeddingStore:
         return plane
 
     def done_mask(self, plane: tuple[int, ...] = ()) -> np.ndarray:
-        """(ny, nx) bool: which tiles of ``plane`` are stored."""
+        """(ny, nx) bool: which tiles of ``plane`` are stored (none when the plane's flags
+        or metadata cannot be decoded: its tiles are then recomputed and recorded anew)."""
         plane = self._plane(plane)
         if plane not in self._done_cache:
-            self._done_cache[plane] = np.asarray(self._done_arr[plane]).astype(bool)
+            try:
+                done = np.asarray(self._done_arr[plane]).astype(bool)
+                self._meta(plane)
+            except CorruptChunkError:
+                shape = (self.grid.n_y, self.grid.n_x)
+                done = np.zeros(shape, bool)
+                self._meta_cache[plane] = (np.zeros((*shape, 2), np.int32),
+                                           np.zeros((*shape, 16), np.uint8))
+            self._done_cache[plane] = done
         return self._done_cache[plane]
 
     def has(self, plane: tuple[int, ...], iy: int, ix: int) -> bool:
@@ -341,7 +352,9 @@ class EmbeddingStore:
     def load(
         self, plane: tuple[int, ...], iy: int, ix: int
     ) -> tuple[np.ndarray, tuple[int, int]]:
-        """(embedding (256, 64, 64) float32, input_size) of a stored tile."""
+        """(embedding (256, 64, 64) float32, input_size) of a stored tile;
+        :class:`~napari_esam.core.io.chunks.CorruptChunkError` when its chunk cannot be
+        decoded."""
         plane = self._plane(plane)
         if not self.has(plane, iy, ix):
             raise KeyError(f"tile ({iy}, {ix}) of plane {plane} is not in the store")
@@ -412,4 +425,4 @@ class EmbeddingStore:
 
     @property
     def n_done(self) -> int:
-        return int(np.asarray(self._done_arr[...]).astype(bool).sum())
+        return sum(int(self.done_mask(p).sum()) for p in np.ndindex(*self.lead))
