@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
     tp = TiledPredictor(
         model, tile=grid.tile, halo=grid.halo, cache_size=1, store=out,
-        store_mode="w" if args.overwrite else "a",
+        store_mode="w" if args.overwrite else "a", store_space_check=not args.no_space_check,
     )
     limits = tuple(args.contrast_limits) if args.contrast_limits else None
     tp.set_image(source.planes(), limits, rgb=source.rgb)

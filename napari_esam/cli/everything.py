@@ -278,7 +278,8 @@ def _run_with_bars(source: Any, settings: Any, store: Path, model: Any,
 
     try:
         return run_batch(source, settings, store, overwrite=args.overwrite, model=model,
-                         executor=executor, embeddings=args.embeddings, progress=progress,
+                         executor=executor, embeddings=args.embeddings,
+                         check_space=not args.no_space_check, progress=progress,
                          axes=input_axes(args.input), name=Path(args.output).stem)
     finally:
         bar.close()

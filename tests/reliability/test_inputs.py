@@ -469,3 +469,81 @@ def test_defect_07_undecodable_scratch_tile_is_recomputed_on_resume(tmp_path, bl
     assert "tiles segmented 3 (already done: 1)" in err
     np.testing.assert_array_equal(zarr.open_array(out / "0")[...],
                                   zarr.open_array(tmp_path / "ref.zarr" / "0")[...])
+
+
+# ------------------------------------------------------------------ 9: huge declared shapes
+
+#: a side no machine can hold one chunk/plane of (1e12 pixels)
+HUGE = 1_000_000
+
+
+def huge_header_tiff(path: Path, side: int = HUGE) -> Path:
+    """A 126-byte TIFF whose tags declare ``side`` x ``side`` uint8 in one uncompressed strip."""
+    entries = [(256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 1), (262, 3, 1),
+               (273, 4, 122), (277, 3, 1), (278, 4, side), (279, 4, 4)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHI", tag, kind, 1)
+        + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+        for tag, kind, value in entries) + struct.pack("<I", 0)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4)
+    return path
+
+
+def test_defect_09_huge_declared_shapes_are_refused_with_their_size(tmp_path, blob_models,
+                                                                    capsys):
+    header = huge_header_tiff(tmp_path / "huge_hdr.tif")
+    code, err = cli(capsys, "everything", header, "-o", tmp_path / "h.zarr", *FAST)
+    assert code == 2
+    one_line_error(err, "huge_hdr.tif", "(1000000, 1000000) uint8", "931.3 GiB", "truncated")
+    one_chunk = tmp_path / "huge.zarr"
+    zarr.open_array(one_chunk, mode="w", shape=(HUGE, HUGE), chunks=(HUGE, HUGE), dtype="u2")
+    for argv in (["everything", one_chunk, "-o", tmp_path / "h2.zarr", *FAST],
+                 ["export", one_chunk, "-o", tmp_path / "h.tif"]):
+        code, err = cli(capsys, *argv)
+        assert code == 2
+        one_line_error(err, "huge.zarr", "chunks of (1000000, 1000000)", "1.8 TiB",
+                       "smaller chunks")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.zarr", "huge_hdr.tif"]
+
+
+def test_defect_09_huge_tiff_pages_and_untiled_planes_are_refused_before_any_work(
+        tmp_path, blob_models, capsys):
+    from napari_esam import write_labels
+    from napari_esam.core.runs.pipeline import run_batch
+
+    chunked = tmp_path / "huge2.zarr"
+    zarr.open_array(chunked, mode="w", shape=(HUGE, HUGE), chunks=(1024, 1024), dtype="u2")
+    code, err = cli(capsys, "export", chunked, "-o", tmp_path / "h.tif")
+    assert code == 2
+    one_line_error(err, "TIFF page of 1000000 x 1000000 uint16", "3.6 TiB", ".zarr instead")
+    with pytest.raises(ValueError, match="TIFF page"):
+        write_labels(tmp_path / "w.tif", zarr.open_array(chunked, mode="r"))
+    code, err = cli(capsys, "everything", chunked, "-o", tmp_path / "h.zarr", *FAST,
+                    "--tiled", "off")
+    assert code == 2
+    one_line_error(err, "tile of 1000000 x 1000000 px", "--tiled on --tile")
+    with pytest.raises(ValueError, match=r"labels held in memory .* \.zarr output"):
+        run_batch(zarr.open_array(chunked, mode="r"))  # in memory: 1.8 TiB of labels
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge2.zarr"]
+
+
+def test_defect_09_an_enormous_embedding_store_is_refused_before_writing(
+        tmp_path, blob_models, monkeypatch, capsys):
+    chunked = tmp_path / "huge2.zarr"
+    zarr.open_array(chunked, mode="w", shape=(HUGE, HUGE), chunks=(1024, 1024), dtype="u2")
+
+    def no_encoding(self, x):  # the old code started encoding 1.7 million tiles
+        raise AssertionError("a tile was encoded")
+
+    monkeypatch.setattr(BlobModel, "encode", no_encoding)
+    code, err = cli(capsys, "embed", chunked, "-o", tmp_path / "e.zarr", "--device", "cpu",
+                    "--no-progress")
+    assert code == 2
+    one_line_error(err, "e.zarr", "6.5 TiB (1695204 tiles of 4.0 MiB)", "free on its disk",
+                   "--no-space-check")
+    assert not (tmp_path / "e.zarr").exists()
+    code, err = cli(capsys, "everything", chunked, "-o", tmp_path / "m.zarr", *FAST,
+                    "--embeddings", tmp_path / "e.zarr")
+    assert code == 2
+    one_line_error(err, "e.zarr", "6.5 TiB", "--no-space-check")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge2.zarr"]

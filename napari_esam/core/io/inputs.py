@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "TIFF_SUFFIXES", "input_axes", "open_input", "opened"]
+from napari_esam.core.io.sizes import format_bytes
+
+__all__ = ["IMAGE_SUFFIXES", "TIFF_SUFFIXES", "input_axes", "open_input", "open_tiff", "opened"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -25,17 +27,22 @@ def open_input(source: Any) -> Any:
     """A lazy (H, W[, C]) / N-D array for a path or an array-like.
 
     Arrays (NumPy, Dask, Zarr, anything with ``shape``/``dtype``/``__getitem__``) are
-    returned as they are. Paths: ``.tif``/``.tiff`` open lazily as Zarr over the file
-    (first series, full resolution), ``.zarr`` (array, OME-Zarr group or a group with one
-    array) lazily, ``.npy`` memory-mapped, PNG/JPEG read into memory (palette/LA images
-    are converted to RGB/gray). Missing files raise ``FileNotFoundError``, unreadable ones
-    ``ValueError``.
+    returned as they are. Paths: ``.tif``/``.tiff`` (first series, full resolution) open
+    lazily, memory-mapped when the pixels are uncompressed and contiguous, else as Zarr over
+    the file; ``.zarr`` (array, OME-Zarr group or a group with one array) lazily, ``.npy``
+    memory-mapped, PNG/JPEG read into memory (palette/LA images are converted to
+    RGB/gray). Missing files raise ``FileNotFoundError``, unreadable ones ``ValueError``, as
+    do inputs with a chunk larger than half the available memory
+    (:func:`~napari_esam.core.io.sizes.check_chunks_fit`).
     """
+    from napari_esam.core.io.chunks import checked
+    from napari_esam.core.io.sizes import check_chunks_fit
+
     if not isinstance(source, (str, os.PathLike)):
         if all(hasattr(source, a) for a in ("shape", "dtype", "__getitem__")):
+            check_chunks_fit(source, f"the input {type(source).__name__}")
             return source
         raise TypeError(f"cannot use a {type(source).__name__} as an image; pass an array")
-    from napari_esam.core.io.chunks import checked
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -43,9 +50,14 @@ def open_input(source: Any) -> Any:
     suffix = path.suffix.lower()
     try:
         if suffix in TIFF_SUFFIXES:
-            return checked(_open_tiff(path), path)
-        if suffix == ".zarr" or path.is_dir():
-            return checked(_open_zarr(path), path)
+            arr = checked(open_tiff(path), path)
+        elif suffix == ".zarr" or path.is_dir():
+            arr = checked(_open_zarr(path), path)
+        else:
+            arr = None
+        if arr is not None:
+            check_chunks_fit(arr, path)
+            return arr
         if suffix == ".npy":
             return np.load(path, mmap_mode="r", allow_pickle=False)
         if suffix in IMAGE_SUFFIXES:
@@ -64,10 +76,29 @@ def open_input(source: Any) -> Any:
     )
 
 
-def _open_tiff(path: Path) -> Any:
+def open_tiff(path: Path) -> Any:
+    """Uncompressed contiguous pixel data memory-mapped (lazy at any size), else tifffile's
+    Zarr store (chunks = strips or tiles); a file shorter than the pixel data it declares is
+    refused naming both sizes."""
     import tifffile
     import zarr
 
+    with tifffile.TiffFile(path) as tif:
+        level = tif.series[0].levels[0]
+        offset = level.dataoffset  # None unless the pixels are contiguous and uncompressed
+        if offset is not None:
+            size = os.path.getsize(path)
+            if offset + level.nbytes > size:
+                raise ValueError(
+                    f"{str(path)!r} declares {level.shape} {level.dtype} pixels "
+                    f"({format_bytes(level.nbytes)}) but the file holds only "
+                    f"{format_bytes(size)}: it is truncated or damaged"
+                )
+    if offset is not None:
+        try:
+            return tifffile.memmap(path, series=0, level=0, mode="r")
+        except ValueError:  # not mappable after all: read it through the Zarr store
+            pass
     store = tifffile.imread(path, aszarr=True)
     node = zarr.open(store, mode="r")
     if isinstance(node, zarr.Group):  # pyramid: level 0 is full resolution

@@ -36,10 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from napari_esam.core.io.sizes import check_chunks_fit, check_fits_in_memory
+
 __all__ = [
     "MAX_COLORS",
     "NGFF_VERSION",
     "TIFF_TAG",
+    "check_tiff_limits",
     "default_axes",
     "is_labels_export",
     "label_color",
@@ -106,6 +109,25 @@ def needs_bigtiff(shape: Sequence[int], dtype: Any) -> bool:
     """
     nbytes = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize
     return nbytes > BIGTIFF_THRESHOLD
+
+
+def check_tiff_limits(shape: Sequence[int], dtype: Any) -> None:
+    """``ValueError`` when labels of ``shape``/``dtype`` cannot be written as a TIFF: more than
+    5 dimensions (TIFF axes are TZCYX at most), or a 2-D page (written whole) larger than
+    half the available memory (:func:`~napari_esam.core.io.sizes.check_fits_in_memory`).
+    Checked before anything is computed."""
+    shape = tuple(int(s) for s in shape)
+    if not 2 <= len(shape) <= 5:
+        raise ValueError(
+            f"a TIFF holds 2-D to 5-D labels (TZCYX), these have {len(shape)} dimensions "
+            f"{shape}: write them to .zarr instead"
+        )
+    h, w = shape[-2:]
+    check_fits_in_memory(
+        2 * h * w * np.dtype(dtype).itemsize,
+        f"a TIFF page of {h} x {w} {np.dtype(dtype)} labels (written whole)",
+        "write them to .zarr instead (written chunk by chunk)",
+    )
 
 
 def default_axes(ndim: int) -> str:
@@ -334,8 +356,12 @@ def write_labels(
         raise FileNotFoundError(f"directory {str(target.parent)!r} does not exist")
     _check_target(target, overwrite)
 
+    if hasattr(data, "shape") and hasattr(data, "dtype"):
+        check_chunks_fit(data, "the labels")
     x = _as_dask(data, fmt)
     ndim = x.ndim
+    if fmt == "tiff":
+        check_tiff_limits(x.shape, x.dtype)
     axes = _check_axes(axes, ndim)
     _check_dtype(np.dtype(x.dtype))
     if 0 in x.shape:
@@ -656,15 +682,16 @@ def read_labels(path: str | os.PathLike[str]) -> tuple[Any, dict]:
 
     Returns ``(array, meta)`` with ``meta`` keys ``name``, ``axes``, ``scale``,
     ``translate``, ``units`` and ``napari_esam`` (whether it is our export). Zarr data is
-    returned as a read-only ``zarr.Array`` (lazy); TIFF data as NumPy, or lazily through
-    tifffile's Zarr store when larger than :data:`EAGER_TIFF_BYTES`.
+    returned as a read-only ``zarr.Array`` (lazy); TIFF data as NumPy, or lazily (memory-
+    mapped, or through tifffile's Zarr store) when larger than :data:`EAGER_TIFF_BYTES`.
+    Data whose single chunk would not fit in memory is refused (``ValueError``).
     """
     p = Path(os.fspath(path)).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"no such file or directory: {str(p)!r}")
-    if p.is_dir() or p.suffix.lower() == ".zarr":
-        return _read_zarr(p)
-    return _read_tiff(p)
+    data, meta = _read_zarr(p) if p.is_dir() or p.suffix.lower() == ".zarr" else _read_tiff(p)
+    check_chunks_fit(data, p)
+    return data, meta
 
 
 def _meta(path: Path, ndim: int, **given: Any) -> dict:
@@ -790,12 +817,11 @@ def _read_tiff(path: Path) -> tuple[Any, dict]:
         tiff_axes = series.axes.lower()
         eager = math.prod(shape) * dtype.itemsize <= EAGER_TIFF_BYTES
         data = series.asarray() if eager else None
-    if data is None:
-        import zarr
-
+    if data is None:  # lazily: memory-mapped, or through tifffile's Zarr store
         from napari_esam.core.io.chunks import checked
+        from napari_esam.core.io.inputs import open_tiff
 
-        data = checked(zarr.open_array(tifffile.imread(path, aszarr=True), mode="r"), path)
+        data = checked(open_tiff(path), path)
     ours = _clean_marker(ours_raw, len(shape), path)
     axes = ours.get("axes")
     if axes is None and len(tiff_axes) == len(shape):

@@ -18,6 +18,7 @@ resume) are written in ``docs/rules/``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import queue
 import threading
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napari_esam.core.io.sizes import check_fits_in_memory
 from napari_esam.core.runs.executors import Executor, LocalExecutor
 from napari_esam.core.runs.outputs import (
     SCRATCH_SUFFIX,
@@ -37,6 +39,7 @@ from napari_esam.core.runs.outputs import (
 from napari_esam.core.runs.settings import BatchSettings, get_model, output_dtype
 from napari_esam.core.runs.sources import StackSource
 from napari_esam.core.runs.tasks import TaskResult, TileTask, forget_predictors, merge_plane
+from napari_esam.core.tiling.grid import check_tile_memory
 from napari_esam.core.tiling.merge import PlaneView
 
 __all__ = ["BatchProgress", "BatchResult", "iter_batch", "iter_progress", "run_batch"]
@@ -116,7 +119,7 @@ class _Clock:
 
 
 def _open_store(path: str | os.PathLike, source: StackSource, settings: BatchSettings,
-                grid: Any, model: Any) -> Any:
+                grid: Any, model: Any, check_space: bool = True) -> Any:
     """Check (or create) the embedding store before any work (a store of another image,
     model or grid: :class:`~napari_esam.core.tiling.store.StaleEmbeddingStoreError`)."""
     from napari_esam.core.tiling.store import EmbeddingStore, StoreSignature
@@ -130,7 +133,7 @@ def _open_store(path: str | os.PathLike, source: StackSource, settings: BatchSet
         source.planes(), model, tile=grid.tile, halo=grid.halo, rgb=source.rgb,
         contrast_limits=settings.params.contrast_limits,
     )
-    return EmbeddingStore.open(target.resolve(), signature, "a")
+    return EmbeddingStore.open(target.resolve(), signature, "a", check_space=check_space)
 
 
 def _check_not_input(source: StackSource, out: Path) -> None:
@@ -157,6 +160,7 @@ def run_batch(
     progress: Callable[[BatchProgress], Any] | None = None,
     cancel: Callable[[], bool] | None = None,
     embeddings: str | os.PathLike | None = None,
+    check_space: bool = True,
     model: Any = None,
     axes: str | None = None,
     scale: Sequence[float] | None = None,
@@ -170,7 +174,9 @@ def run_batch(
     id scheme (:class:`BatchSettings`). ``output``: ``None`` (a new in-memory array), a
     ``.zarr`` path / :class:`ZarrOutput` (created, or resumed: finished planes and tiles are
     skipped; ``overwrite=True`` starts over), or a :class:`MemoryOutput`.
-    ``embeddings``: an embedding store path, reused and filled (created when missing).
+    ``embeddings``: an embedding store path, reused and filled (created when missing);
+    ``check_space``: refuse it when the tiles it lacks would not fit on its disk
+    (:meth:`~napari_esam.core.tiling.store.EmbeddingStore.open`).
     ``model``: the loaded model of ``settings.model`` (in this process; default: built once
     per process). ``axes``/``scale``/``translate``/``name`` are stored as OME metadata of a
     new Zarr output. ``progress(BatchProgress)`` is called from the running thread;
@@ -184,9 +190,14 @@ def run_batch(
     if not isinstance(source, StackSource):
         source = StackSource.create(source)
     grid = settings.tiling.grid(source.plane_shape)
+    check_tile_memory(grid)
     n_tiles = grid.n_tiles
     if output is None:
-        output = MemoryOutput(source.out_shape, output_dtype(source.n_slices, settings, grid))
+        dtype = output_dtype(source.n_slices, settings, grid)
+        check_fits_in_memory(math.prod(source.out_shape) * dtype.itemsize,
+                             f"the {source.out_shape} labels held in memory",
+                             "write them to a .zarr output instead")
+        output = MemoryOutput(source.out_shape, dtype)
     elif not isinstance(output, (ZarrOutput, MemoryOutput)):
         output = ZarrOutput(output)
     on_disk = isinstance(output, ZarrOutput)
@@ -209,7 +220,7 @@ def run_batch(
     if store_path is not None:
         if model is None:
             model = get_model(settings.model)
-        store = _open_store(store_path, source, settings, grid, model)
+        store = _open_store(store_path, source, settings, grid, model, check_space)
         task = dataclasses.replace(task, model=model)
     scratch = None
     if on_disk:

@@ -147,7 +147,8 @@ class TileTask:
         grid = self.grid
         model = self.model if self.model is not None else get_model(spec)
         tp = TiledPredictor(model, tile=grid.tile, halo=grid.halo, cache_size=1,
-                            store=self.store, store_mode="a")
+                            store=self.store, store_mode="a",
+                            store_space_check=False)  # the driver checked it
         tp.set_image(self.source.planes(), self.settings.params.contrast_limits,
                      rgb=self.source.rgb)
         if tp.store is not None:

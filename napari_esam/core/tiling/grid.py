@@ -31,6 +31,8 @@ from napari_esam.core.plane.params import check_integer
 #: default tile side (the models' input size) and overlap
 TILE = 1024
 HALO = 256
+#: smallest tile side
+MIN_SIDE = 16
 #: longest plane side (pixels) above which tiled mode "auto" tiles (widgets, CLI, Python)
 TILING_THRESHOLD = 2048
 #: the lazy global sample (contrast limits and content hash): images up to this many pixels
@@ -318,6 +320,26 @@ class TileGrid:
 
     def signature(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "tile": self.tile, "halo": self.halo}
+
+
+#: memory a tile needs at least per pixel while it is encoded and segmented (its pixels as
+#: float32 RGB and 8-bit RGB, and a few full-size masks)
+TILE_BYTES_PER_PIXEL = 16
+
+
+def check_tile_memory(grid: TileGrid) -> None:
+    """``ValueError`` when one tile of ``grid`` (a whole plane when untiled) would need more
+    than half the available memory (:data:`TILE_BYTES_PER_PIXEL`), before anything is read."""
+    from napari_esam.core.io.sizes import available_memory, check_fits_in_memory
+
+    side = max(MIN_SIDE, math.isqrt(available_memory() // 2 // TILE_BYTES_PER_PIXEL))
+    check_fits_in_memory(
+        grid.tile_h * grid.tile_w * TILE_BYTES_PER_PIXEL,
+        f"segmenting a tile of {grid.tile_h} x {grid.tile_w} px (a whole plane when it is "
+        "not tiled)",
+        f"cut the planes into tiles of at most {min(side, TILE)} px (tiled mode on; CLI "
+        f"--tiled on --tile {min(side, TILE)})",
+    )
 
 
 def centred_window(extent: Window, shape: Sequence[int], size: tuple[int, int]) -> Window:

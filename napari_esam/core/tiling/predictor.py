@@ -46,6 +46,7 @@ from napari_esam.core.tiling.grid import (
     TileGrid,
     Window,
     centred_window,
+    check_tile_memory,
     full_resolution,
     is_rgb_shape,
     leading_shape,
@@ -133,6 +134,7 @@ class TiledPredictor:
         cache_size: int = 16,
         store: EmbeddingStore | str | os.PathLike[str] | None = None,
         store_mode: str = "a",
+        store_space_check: bool = True,
         verify_tiles: bool = False,
         context: int | None = None,
         refine: bool = True,
@@ -143,6 +145,7 @@ class TiledPredictor:
         self.cache_size = int(cache_size)
         self.store_arg = store
         self.store_mode = store_mode
+        self.store_space_check = store_space_check
         self.verify_tiles = verify_tiles
         self.context = self.halo // 2 if context is None else int(context)
         self.refine = refine
@@ -227,6 +230,7 @@ class TiledPredictor:
             raise ValueError(f"the image is too small to segment (shape {shape})")
         given = (contrast_limits, rgb)
         grid = TileGrid(plane_hw, self.tile, self.halo)
+        check_tile_memory(grid)
         store = None
         if self.store_arg is not None:
             self.signature = StoreSignature.for_image(
@@ -242,7 +246,8 @@ class TiledPredictor:
                         "grid: " + "; ".join(diff)
                     )
             else:
-                store = EmbeddingStore.open(self.store_arg, self.signature, self.store_mode)
+                store = EmbeddingStore.open(self.store_arg, self.signature, self.store_mode,
+                                            check_space=self.store_space_check)
         self.data, self.rgb, self.grid, self.store = data, is_rgb, grid, store
         self.contrast_limits = contrast_limits
         self._plane_limits: dict[tuple[int, ...], tuple[float, float] | None] = {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,35 @@ class StoreSignature:
         return out
 
 
+#: disk space one stored tile takes at most: its float32 embedding (hardly compressible)
+TILE_BYTES = 4 * int(np.prod(EMBED_SHAPE))
+#: a store estimated above this size is announced with a warning before it is written
+WARN_BYTES = 10 * 2**30
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (a store about to be replaced frees them)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _check_space(path: Path, n_tiles: int, reclaimed: int = 0) -> None:
+    """Refuse (or announce) ``n_tiles`` tiles still to write into the store ``path``
+    (``reclaimed``: bytes freed first, by replacing an old store)."""
+    from napari_esam.core.io.sizes import format_bytes, free_disk
+
+    need, free = n_tiles * TILE_BYTES, free_disk(path) + reclaimed
+    size = f"about {format_bytes(need)} ({n_tiles} tiles of {format_bytes(TILE_BYTES)})"
+    if need > free:
+        raise ValueError(
+            f"the embedding store {path} would need {size} but only {format_bytes(free)} are "
+            "free on its disk; free space, put the store on another disk, use fewer planes, "
+            "or pass --no-space-check (check_space=False) if you know it fits"
+        )
+    if need > WARN_BYTES:
+        warnings.warn(f"the embedding store {path} will take {size} of disk space",
+                      stacklevel=3)
+
+
 def _flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{value!r} is not true or false")
@@ -263,10 +293,15 @@ class EmbeddingStore:
         path: str | os.PathLike[str],
         signature: StoreSignature,
         mode: str = "a",
+        *,
+        check_space: bool = True,
     ) -> EmbeddingStore:
         """Open (``"r"``: must exist; ``"a"``: create if missing) or recreate (``"w"``).
 
         An existing store must have the same signature, else :class:`StaleEmbeddingStoreError`.
+        ``check_space``: before anything is written, the size of the tiles still missing
+        (:data:`TILE_BYTES` each) is estimated; more than the free disk space is refused
+        (``ValueError``), more than :data:`WARN_BYTES` gives a warning with the size.
         """
         import zarr
 
@@ -286,11 +321,20 @@ class EmbeddingStore:
                     + ". Use another store path, or delete it to recompute"
                 )
             group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
-            return cls(path, group, stored, writable=mode != "r")
+            store = cls(path, group, stored, writable=mode != "r")
+            if check_space and store.writable:
+                _check_space(path, store.n_total - store.n_done)
+            return store
         if exists:
             if not path.is_dir() or not (path / "zarr.json").exists():
                 raise OSError(f"refusing to overwrite {path}: it is not a Zarr store")
             _open_group(path)  # refuse to overwrite a Zarr that is not an embedding store
+        if check_space:
+            lead = leading_shape(signature.image_shape, signature.rgb)
+            grid = TileGrid(plane_shape(signature.image_shape, signature.rgb),
+                            signature.tile, signature.halo)
+            _check_space(path, int(np.prod(lead, dtype=np.int64)) * grid.n_tiles,
+                         _tree_bytes(path) if exists else 0)
         group = zarr.open_group(str(path), mode="w")
         lead = leading_shape(signature.image_shape, signature.rgb)
         grid = TileGrid(
