@@ -173,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("OUTPUT must not be the INPUT")
 
     tiff = suffix in (".tif", ".tiff")
+    if tiff:  # the TIFF's limits, before any work (its pages are the planes)
+        _check_tiff_output(source, settings)
     store = Path(str(out) + TIFF_WORK_SUFFIX) if tiff else out
     if tiff and out.exists() and not store.exists() and not args.overwrite:
         raise UserError(
@@ -203,8 +205,7 @@ def run(args: argparse.Namespace) -> int:
                             ) from None
     _print_details(result.details)
     if tiff:
-        output = result.output
-        _export_tiff(output, out, axes=_group_axes(output), disable=args.no_progress)
+        _export_tiff(store, out, disable=args.no_progress)
         outputs._remove_store(store)
     _print_summary(result.counts, n, out)
     return 0
@@ -287,19 +288,29 @@ def _run_with_bars(source: Any, settings: Any, store: Path, model: Any,
             tiles.close()
 
 
-def _group_axes(output: Any) -> str | None:
-    from napari_esam.core.io.label_files import MARKER
+def _check_tiff_output(source: Any, settings: Any) -> None:
+    """Refuse (before any work) labels a TIFF cannot hold (more than 5 dimensions, a page too
+    large for memory), naming the working store the run would otherwise leave."""
+    from napari_esam.core.io.label_files import check_tiff_limits
+    from napari_esam.core.runs.settings import output_dtype
 
-    marker = output.group.attrs.asdict().get(MARKER)
-    axes = marker.get("axes") if isinstance(marker, dict) else None
-    return axes if isinstance(axes, str) else None
+    shape = source.out_shape
+    planes = source.out_plane_axes
+    pages = [s for a, s in enumerate(shape) if a not in planes] + [shape[a] for a in planes]
+    dtype = output_dtype(source.n_slices, settings, settings.tiling.grid(source.plane_shape))
+    try:
+        check_tiff_limits(pages, dtype)
+    except ValueError as exc:
+        raise UserError(f"OUTPUT: {exc} (nothing was computed)") from None
 
 
-def _export_tiff(output: Any, target: Path, *, axes: str | None, disable: bool) -> None:
+def _export_tiff(store: Path, target: Path, *, disable: bool) -> None:
+    """Write the finished working store as the TIFF (planes as pages, its metadata)."""
     from tqdm import tqdm
 
-    from napari_esam.core.io.label_files import write_labels
+    from napari_esam.core.io.label_files import read_labels, write_labels
 
+    data, meta = read_labels(store)
     with tqdm(unit="page", desc=f"writing {target.name}", disable=disable,
               file=sys.stderr) as bar:
 
@@ -308,7 +319,9 @@ def _export_tiff(output: Any, target: Path, *, axes: str | None, disable: bool) 
             bar.n = done
             bar.refresh()
 
-        write_labels(target, output.read_only(), axes=axes, overwrite=True, progress=progress)
+        write_labels(target, data, axes=meta["axes"], scale=meta["scale"],
+                     translate=meta["translate"], units=meta["units"], overwrite=True,
+                     progress=progress)
 
 
 def _print_summary(counts: dict[int, int], n: int, out: Path) -> None:

@@ -547,3 +547,62 @@ def test_defect_09_an_enormous_embedding_store_is_refused_before_writing(
     assert code == 2
     one_line_error(err, "e.zarr", "6.5 TiB", "--no-space-check")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["huge2.zarr"]
+
+
+# ------------------------------------------------------------------ 10: late failures
+
+
+def test_defect_10_six_d_input_to_tiff_is_refused_before_any_work(tmp_path, blob_models,
+                                                                   monkeypatch, capsys):
+    stack = blob_stack(4, size=48)[0].reshape(2, 1, 2, 1, 48, 48)
+    np.save(tmp_path / "d6.npy", stack)
+
+    def no_encoding(self, x):
+        raise AssertionError("a plane was segmented before the refusal")
+
+    monkeypatch.setattr(BlobModel, "encode", no_encoding)
+    code, err = cli(capsys, "everything", tmp_path / "d6.npy", "-o", tmp_path / "e42.tif",
+                    *FAST)
+    assert code == 2
+    one_line_error(err, "6 dimensions", ".zarr instead", "nothing was computed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d6.npy"]
+
+
+def test_defect_10_own_outputs_open_in_export_and_reader(tmp_path, blob_models, capsys):
+    from napari_esam._reader import get_reader
+    from napari_esam.core.io.label_files import read_labels
+
+    stack = blob_stack(4, size=48)[0]
+    np.save(tmp_path / "d6.npy", stack.reshape(2, 1, 2, 1, 48, 48))
+    assert cli(capsys, "everything", tmp_path / "d6.npy", "-o", tmp_path / "e09.zarr",
+               *FAST)[0] == 0
+    labels6 = zarr.open_array(tmp_path / "e09.zarr" / "0")[...]
+    assert labels6.shape == (2, 1, 2, 1, 48, 48) and labels6.any()
+    layer = get_reader(str(tmp_path / "e09.zarr"))(str(tmp_path / "e09.zarr"))[0]
+    np.testing.assert_array_equal(np.asarray(layer[0]), labels6)
+    code, err = cli(capsys, "export", tmp_path / "e09.zarr", "-o", tmp_path / "x9.zarr")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.asarray(read_labels(tmp_path / "x9.zarr")[0]), labels6)
+    code, err = cli(capsys, "export", tmp_path / "e09.zarr", "-o", tmp_path / "x9.tif")
+    assert code == 2
+    one_line_error(err, "6 dimensions", ".zarr instead")
+
+    np.save(tmp_path / "zlast.npy", np.moveaxis(stack, 0, 2).copy())  # (48, 48, 4): z last
+    axis = ["--axis", "2", "--channel-axis", "none"]
+    assert cli(capsys, "everything", tmp_path / "zlast.npy", "-o", tmp_path / "e43.zarr",
+               *axis, *FAST)[0] == 0
+    stored = zarr.open_array(tmp_path / "e43.zarr" / "0")[...]
+    planes = np.moveaxis(stored, 2, 0)  # the planes, as pages
+    assert stored.shape == (48, 48, 4) and planes.any()
+    data, meta = read_labels(tmp_path / "e43.zarr")
+    assert data.shape == (4, 48, 48) and meta["axes"] == "zyx"
+    np.testing.assert_array_equal(np.asarray(data), planes)
+    layer = get_reader(str(tmp_path / "e43.zarr"))(str(tmp_path / "e43.zarr"))[0]
+    np.testing.assert_array_equal(np.asarray(layer[0]), planes)
+    code, err = cli(capsys, "export", tmp_path / "e43.zarr", "-o", tmp_path / "x43.tif")
+    assert code == 0, err
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "x43.tif"), planes)
+    code, err = cli(capsys, "everything", tmp_path / "zlast.npy", "-o", tmp_path / "e44.tif",
+                    *axis, *FAST)
+    assert code == 0, err
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "e44.tif"), planes)

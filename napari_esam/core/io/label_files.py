@@ -330,8 +330,9 @@ def write_labels(
 
     Args:
         path: target; its parent directory must exist.
-        data: 2-D to 5-D integer or bool labels (NumPy, Dask, Zarr or array-like). Bool is
-            stored as 0/1; floats and negative values raise ``ValueError``.
+        data: 2-D to 5-D integer or bool labels (NumPy, Dask, Zarr or array-like); more
+            dimensions only to ``.zarr`` (our marker, no OME-NGFF metadata, which stops at
+            5-D). Bool is stored as 0/1; floats and negative values raise ``ValueError``.
         scale, translate: per-axis pixel size and origin (e.g. a napari layer's).
         axes: letters from ``tczyx`` in that order, ending in ``yx`` (default by ndim:
             ``yx``, ``zyx``, ``tzyx``, ``tczyx``).
@@ -362,7 +363,11 @@ def write_labels(
     ndim = x.ndim
     if fmt == "tiff":
         check_tiff_limits(x.shape, x.dtype)
-    axes = _check_axes(axes, ndim)
+    if ndim > 5:  # beyond OME-NGFF: a Zarr group with our marker only (read_labels opens it)
+        if axes is not None:
+            raise ValueError(f"axes cannot be given for {ndim}-D labels (at most 5: tczyx)")
+    else:
+        axes = _check_axes(axes, ndim)
     _check_dtype(np.dtype(x.dtype))
     if 0 in x.shape:
         raise ValueError(f"labels array is empty (shape {tuple(x.shape)})")
@@ -508,7 +513,7 @@ def _write_zarr(
         chunks=chunks,
         compressors=_zarr_compressors(compression),
         fill_value=0,
-        dimension_names=list(meta["axes"]),
+        dimension_names=list(meta["axes"]) if meta["axes"] else None,
         config={"write_empty_chunks": False},
     )
     checked = x.map_blocks(
@@ -516,9 +521,10 @@ def _write_zarr(
     )
     # chunk-aligned blocks: each task writes whole chunks, so no lock is needed
     da.store(checked, array, lock=False, scheduler="threads", pool=pool)
-    group.attrs.update(
-        {"ome": _ngff_attrs(meta, converter.labels), MARKER: _marker(meta, converter.dtype)}
-    )
+    attrs = {MARKER: _marker(meta, converter.dtype)}
+    if meta["axes"]:
+        attrs["ome"] = _ngff_attrs(meta, converter.labels)
+    group.attrs.update(attrs)
 
 
 def _tiff_pages(x, converter: _BlockConverter, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
@@ -682,7 +688,9 @@ def read_labels(path: str | os.PathLike[str]) -> tuple[Any, dict]:
 
     Returns ``(array, meta)`` with ``meta`` keys ``name``, ``axes``, ``scale``,
     ``translate``, ``units`` and ``napari_esam`` (whether it is our export). Zarr data is
-    returned as a read-only ``zarr.Array`` (lazy); TIFF data as NumPy, or lazily (memory-
+    returned as a read-only ``zarr.Array`` (lazy; a run output whose planes are not its last
+    two axes, e.g. of ``--axis 2``, as a lazy Dask view with the planes moved last, so that
+    napari shows and the exports write them as planes); TIFF data as NumPy, or lazily (memory-
     mapped, or through tifffile's Zarr store) when larger than :data:`EAGER_TIFF_BYTES`.
     Data whose single chunk would not fit in memory is refused (``ValueError``).
     """
@@ -794,6 +802,15 @@ def _read_zarr(path: Path) -> tuple[Any, dict]:
     else:
         raise ValueError(f"{str(path)!r} is a Zarr group without OME-NGFF 'multiscales'")
     ours = _clean_marker(ours_raw, array.ndim, path)
+    array = checked(array, path)
+    planes = _plane_axes(ours_raw, array.ndim)
+    if planes is not None:  # a run output whose planes are not the last two axes
+        import dask.array as da
+
+        order = [a for a in range(array.ndim) if a not in planes] + list(planes)
+        array = da.from_array(array, chunks=array.chunks, name=False).transpose(order)
+        ours = {k: [v[a] for a in order] if k in ("scale", "translate", "units") else v
+                for k, v in ours.items() if k != "axes"}
     meta = _meta(
         path,
         array.ndim,
@@ -804,7 +821,18 @@ def _read_zarr(path: Path) -> tuple[Any, dict]:
         units=ours.get("units") or ngff.get("units"),
         napari_esam=isinstance(ours_raw, dict),
     )
-    return checked(array, path), meta
+    return array, meta
+
+
+def _plane_axes(marker: Any, ndim: int) -> tuple[int, int] | None:
+    """The ``plane_axes`` our marker records for a run output whose 2-D planes are not its
+    last two axes (``None``: they are, or the field is missing or malformed)."""
+    planes = marker.get("plane_axes") if isinstance(marker, dict) else None
+    if (isinstance(planes, list) and len(planes) == 2
+            and all(isinstance(a, int) and 0 <= a < ndim for a in planes)
+            and planes[0] < planes[1] and planes != [ndim - 2, ndim - 1]):
+        return planes[0], planes[1]
+    return None
 
 
 def _read_tiff(path: Path) -> tuple[Any, dict]:

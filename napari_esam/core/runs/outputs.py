@@ -343,7 +343,10 @@ def create_label_group(
         dimension_names=list(axes) if axes else None,
         config={"write_empty_chunks": False},
     )
-    new_attrs = {**attrs, labels_io.MARKER: labels_io._marker(meta, dtype)}
+    marker = labels_io._marker(meta, dtype)
+    if source.out_plane_axes != (ndim - 2, ndim - 1):  # read_labels moves the planes last
+        marker["plane_axes"] = list(source.out_plane_axes)
+    new_attrs = {**attrs, labels_io.MARKER: marker}
     if axes:
         new_attrs["ome"] = labels_io._ngff_attrs(meta, None)
     group.attrs.update(new_attrs)
