@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from importlib import import_module
 
@@ -88,6 +90,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGTERM, 2 on error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = functools.partial(_show_warning, args.command)
+        return _run(args)
+
+
+def _show_warning(command: str, message: Warning | str, *args: object, **kwargs: object) -> None:
+    """A warning as one line on stderr (no source line)."""
+    print(f"napari-esam {command}: warning: {message}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         with _sigterm_as_interrupt():
             return int(args.func(args) or 0)

@@ -166,8 +166,10 @@ def _embed(args: argparse.Namespace, source: Any, spec: Any, tiling: Any, work: 
         model = get_model(spec)
     except CheckpointError as exc:
         raise UserError(str(exc)) from exc
-    tp = TiledPredictor(model, tile=grid.tile, halo=grid.halo, cache_size=1, store=work,
-                        store_mode=mode)
+    tp = TiledPredictor(
+        model, tile=grid.tile, halo=grid.halo, cache_size=1, store=work, store_mode=mode,
+        store_space_check=not args.no_space_check,
+    )
     limits = tuple(args.contrast_limits) if args.contrast_limits else None
     try:
         tp.set_image(source.planes(), limits, rgb=source.rgb)

@@ -251,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
             if csv.exists() and not args.overwrite:
                 raise UserError(f"{str(csv)!r} already exists; pass --overwrite to replace it")
     tiff = suffix in (".tif", ".tiff")
+    if tiff:  # the TIFF's limits, before any work (its pages are the planes)
+        _check_tiff_output(source, settings)
     store = work_store(out, linked)
     for path in {out, store}:
         check_not_input(source.data, path)
@@ -328,8 +330,7 @@ def _run(args: argparse.Namespace, source: Any, settings: Any, executor: Any, ou
         _link(result.output, out, args)
         return 0
     if tiff:
-        output = result.output
-        _export_tiff(output, out, axes=_group_axes(output), disable=args.no_progress)
+        _export_tiff(store, out, disable=args.no_progress)
         outputs._remove_store(store)
     _print_summary(result.counts, n, out)
     return 0
@@ -360,10 +361,14 @@ def _link(output: Any, out: Path, args: argparse.Namespace) -> None:
 
 
 def _print_details(details: dict) -> None:
+    for line in details.get("repaired", []):
+        print(f"repaired: {line}", file=sys.stderr)
     grid = details["grid"]
     parts = [f"tiles segmented {details['tiles']} (already done: {details['skipped']})",
              f"encoder runs {details['encoder_calls']}",
              f"embeddings from the store {details['store_hits']}"]
+    if details.get("store_repairs"):
+        parts.append(f"damaged store tiles recomputed {details['store_repairs']}")
     if grid.n_tiles > 1:
         parts.append(f"seam merges {details['merged']}")
     print("; ".join(parts), file=sys.stderr)
@@ -423,7 +428,8 @@ def _run_with_bars(source: Any, settings: Any, store: Path, model: Any,
 
     try:
         return run_batch(source, settings, store, overwrite=args.overwrite, model=model,
-                         executor=executor, embeddings=args.embeddings, progress=progress,
+                         executor=executor, embeddings=args.embeddings,
+                         check_space=not args.no_space_check, progress=progress,
                          axes=input_axes(args.input), name=Path(args.output).stem)
     finally:
         bar.close()
@@ -431,17 +437,29 @@ def _run_with_bars(source: Any, settings: Any, store: Path, model: Any,
             tiles.close()
 
 
-def _group_axes(output: Any) -> str | None:
-    from napari_esam.core.io.label_files import MARKER
+def _check_tiff_output(source: Any, settings: Any) -> None:
+    """Refuse (before any work) labels a TIFF cannot hold (more than 5 dimensions, a page too
+    large for memory), naming the working store the run would otherwise leave."""
+    from napari_esam.core.io.label_files import check_tiff_limits
+    from napari_esam.core.runs.settings import output_dtype
 
-    return output.group.attrs.asdict().get(MARKER, {}).get("axes")
+    shape = source.out_shape
+    planes = source.out_plane_axes
+    pages = [s for a, s in enumerate(shape) if a not in planes] + [shape[a] for a in planes]
+    dtype = output_dtype(source.n_slices, settings, settings.tiling.grid(source.plane_shape))
+    try:
+        check_tiff_limits(pages, dtype)
+    except ValueError as exc:
+        raise UserError(f"OUTPUT: {exc} (nothing was computed)") from None
 
 
-def _export_tiff(output: Any, target: Path, *, axes: str | None, disable: bool) -> None:
+def _export_tiff(store: Path, target: Path, *, disable: bool) -> None:
+    """Write the finished working store as the TIFF (planes as pages, its metadata)."""
     from tqdm import tqdm
 
-    from napari_esam.core.io.label_files import write_labels
+    from napari_esam.core.io.label_files import read_labels, write_labels
 
+    data, meta = read_labels(store)
     with tqdm(unit="page", desc=f"writing {target.name}", disable=disable,
               file=sys.stderr) as bar:
 
@@ -450,7 +468,9 @@ def _export_tiff(output: Any, target: Path, *, axes: str | None, disable: bool) 
             bar.n = done
             bar.refresh()
 
-        write_labels(target, output.read_only(), axes=axes, overwrite=True, progress=progress)
+        write_labels(target, data, axes=meta["axes"], scale=meta["scale"],
+                     translate=meta["translate"], units=meta["units"], overwrite=True,
+                     progress=progress)
 
 
 def _print_summary(counts: dict[int, int], n: int, out: Path) -> None:

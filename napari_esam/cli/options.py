@@ -70,6 +70,9 @@ def add_tiling_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--merge-iou", type=float, default=MERGE_IOU, metavar="F",
                    help="IoU inside the tiles' overlap from which two tiles' masks are one "
                    "object")
+    g.add_argument("--no-space-check", action="store_true",
+                   help="write the embedding store even when its estimated size (4 MiB per "
+                   "tile) exceeds the free disk space")
     return g
 
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,13 +182,18 @@ def checkpoint_path(model: str, *, download: bool = True, progressbar: bool = Tr
 
 #: how PyTorch files begin: a zip archive (torch.save since 1.6) or a pickle (older ones)
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+#: largest uncompressed size of a zip member read as a checkpoint (the zip's own directory
+#: says it before anything is extracted); the largest official checkpoint is under 1 GB
+MAX_ZIP_MEMBER_BYTES = 2 * 2**30
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, shown: str | os.PathLike | None = None) -> Any:
+    """``torch.load`` with ``weights_only=True``; errors name ``shown`` (default: ``path``)."""
     import pickle
 
     import torch
 
+    name = str(path if shown is None else shown)
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
@@ -202,12 +208,12 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{path} is not a plain weights file: it holds objects other than tensors, so it "
+            f"{name} is not a plain weights file: it holds objects other than tensors, so it "
             f"was refused (loading it could run code){_unpickler_detail(exc)}"
         ) from exc
     except Exception as exc:  # torch raises many kinds (RuntimeError, EOFError, IndexError...)
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {exc}"
+            f"{name} is not a readable PyTorch checkpoint (corrupt or truncated?): {exc}"
         ) from exc
 
 
@@ -220,6 +226,37 @@ def _unpickler_detail(exc: BaseException) -> str:
                 ("Weights only load failed", "Check the documentation", "Please file")):
             return ": " + line.removeprefix("WeightsUnpickler error: ").rstrip(".")
     return ""
+def _safe_member(path: Path, member: str) -> str:
+    """``member`` if it names a file inside the archive (no absolute path, no ``..``, no
+    drive), else :class:`CheckpointError`."""
+    parts = member.replace("\\", "/").split("/")
+    if member.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
+        raise CheckpointError(
+            f"{path} is a zip archive whose member {member!r} points outside the archive; "
+            "refused (use a zip holding a plain .pt file, or the .pt file itself)"
+        )
+    return member
+
+
+def _read_zip_member(path: Path, zf: zipfile.ZipFile, member: str) -> Any:
+    """Load ``member`` of the open archive ``zf`` (the user's file ``path``): its size from the
+    zip directory is checked first, then it is copied (at most that many bytes) into a temporary
+    file of our own naming and loaded from there."""
+    info = zf.getinfo(_safe_member(path, member))
+    if info.file_size > MAX_ZIP_MEMBER_BYTES:
+        raise CheckpointError(
+            f"{path}: the member {member!r} would unpack to {info.file_size / 2**30:.1f} GiB, "
+            f"more than the {MAX_ZIP_MEMBER_BYTES / 2**30:.0f} GiB a checkpoint may have; "
+            "refused (is it the right file?)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "member.pt"
+        try:
+            with zf.open(info) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+            raise CheckpointError(f"{path} is a corrupt zip archive: {exc}") from exc
+        return _torch_load(target, shown=f"{path} (member {member!r})")
 
 
 def _read_checkpoint_file(path: Path, spec: CheckpointSpec | None) -> Any:
@@ -227,24 +264,23 @@ def _read_checkpoint_file(path: Path, spec: CheckpointSpec | None) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            is_torch_archive = any(n.endswith("data.pkl") for n in names)
-            if not is_torch_archive:
-                members = [n for n in names if n.endswith((".pt", ".pth")) and not n.endswith("/")]
-                if spec is not None and spec.zip_member in names:
-                    members = [spec.zip_member]
-                if len(members) != 1:
-                    raise CheckpointError(
-                        f"{path} is a zip archive but does not hold exactly one .pt file "
-                        f"(found {members or 'none'})"
-                    )
-                with tempfile.TemporaryDirectory() as tmp:
-                    try:
-                        zf.extract(members[0], tmp)
-                    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                        raise CheckpointError(f"{path} is a corrupt zip archive: {exc}") from exc
-                    return _torch_load(Path(tmp) / members[0])
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+                is_torch_archive = any(n.endswith("data.pkl") for n in names)
+                if not is_torch_archive:
+                    members = [n for n in names
+                               if n.endswith((".pt", ".pth")) and not n.endswith("/")]
+                    if spec is not None and spec.zip_member in names:
+                        members = [spec.zip_member]
+                    if len(members) != 1:
+                        raise CheckpointError(
+                            f"{path} is a zip archive but does not hold exactly one .pt file "
+                            f"(found {members or 'none'})"
+                        )
+                    return _read_zip_member(path, zf, members[0])
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(f"{path} is a corrupt zip archive: {exc}") from exc
     return _torch_load(path)
 
 

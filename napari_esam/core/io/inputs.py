@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_esam.core.io.sizes import format_bytes
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "TIFF_SUFFIXES",
@@ -25,6 +27,7 @@ __all__ = [
     "input_axes",
     "is_zarr_folder",
     "open_input",
+    "open_tiff",
     "opened",
 ]
 
@@ -36,16 +39,23 @@ def open_input(source: Any) -> Any:
     """A lazy (H, W[, C]) / N-D array for a path or an array-like.
 
     Arrays (NumPy, Dask, Zarr, anything with ``shape``/``dtype``/``__getitem__``) are
-    returned as they are. Paths: ``.tif``/``.tiff`` open lazily as Zarr over the file
-    (first series, full resolution), ``.zarr`` (array, OME-Zarr group or a group with one
-    array) lazily, ``.npy`` memory-mapped, PNG/JPEG read into memory (palette/LA images
-    are converted to RGB/gray). Missing files raise ``FileNotFoundError``, unreadable ones
-    ``ValueError``.
+    returned as they are. Paths: ``.tif``/``.tiff`` (first series, full resolution) open
+    lazily, memory-mapped when the pixels are uncompressed and contiguous, else as Zarr over
+    the file; ``.zarr`` (array, OME-Zarr group or a group with one array) lazily, ``.npy``
+    memory-mapped, PNG/JPEG read into memory (palette/LA images are converted to
+    RGB/gray). Missing files raise ``FileNotFoundError``, unreadable ones ``ValueError``, as
+    do inputs with a chunk larger than half the available memory
+    (:func:`~napari_esam.core.io.sizes.check_chunks_fit`).
     """
+    from napari_esam.core.io.chunks import checked
+    from napari_esam.core.io.sizes import check_chunks_fit
+
     if not isinstance(source, (str, os.PathLike)):
         if all(hasattr(source, a) for a in ("shape", "dtype", "__getitem__")):
+            check_chunks_fit(source, f"the input {type(source).__name__}")
             return source
         raise TypeError(f"cannot use a {type(source).__name__} as an image; pass an array")
+
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {str(path)!r}")
@@ -59,15 +69,24 @@ def open_input(source: Any) -> Any:
         check_tiff(path)  # names the file and what is wrong with it
     try:
         if suffix in TIFF_SUFFIXES:
-            return _open_tiff(path)
-        if suffix == ".zarr" or path.is_dir():
-            return _open_zarr(path)
+            arr = checked(open_tiff(path), path)
+        elif suffix == ".zarr" or path.is_dir():
+            arr = checked(_open_zarr(path), path)
+        else:
+            arr = None
+        if arr is not None:
+            check_chunks_fit(arr, path)
+            return arr
         if suffix == ".npy":
             return np.load(path, mmap_mode="r", allow_pickle=False)
         if suffix in IMAGE_SUFFIXES:
             return _open_picture(path)
     except (FileNotFoundError, PermissionError):
         raise
+    except ValueError as exc:
+        if str(path) in str(exc):  # our own message, naming the file already
+            raise
+        raise ValueError(f"cannot read {str(path)!r} as an image: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any reader failure is "unreadable"
         raise ValueError(f"cannot read {str(path)!r} as an image: {exc}") from exc
     raise ValueError(
@@ -152,10 +171,29 @@ def _tiff_damage(path: Path, exc: BaseException | None, warned: list[str]) -> st
     return f"{str(path)!r} is not a readable TIFF (damaged or truncated?): {detail}"
 
 
-def _open_tiff(path: Path) -> Any:
+def open_tiff(path: Path) -> Any:
+    """Uncompressed contiguous pixel data memory-mapped (lazy at any size), else tifffile's
+    Zarr store (chunks = strips or tiles); a file shorter than the pixel data it declares is
+    refused naming both sizes."""
     import tifffile
     import zarr
 
+    with tifffile.TiffFile(path) as tif:
+        level = tif.series[0].levels[0]
+        offset = level.dataoffset  # None unless the pixels are contiguous and uncompressed
+        if offset is not None:
+            size = os.path.getsize(path)
+            if offset + level.nbytes > size:
+                raise ValueError(
+                    f"{str(path)!r} declares {level.shape} {level.dtype} pixels "
+                    f"({format_bytes(level.nbytes)}) but the file holds only "
+                    f"{format_bytes(size)}: it is truncated or damaged"
+                )
+    if offset is not None:
+        try:
+            return tifffile.memmap(path, series=0, level=0, mode="r")
+        except ValueError:  # not mappable after all: read it through the Zarr store
+            pass
     store = tifffile.imread(path, aszarr=True)
     node = zarr.open(store, mode="r")
     if isinstance(node, zarr.Group):  # pyramid: level 0 is full resolution
@@ -166,13 +204,14 @@ def _open_tiff(path: Path) -> Any:
 def _open_zarr(path: Path) -> Any:
     import zarr
 
+    from napari_esam.core.io.ngff import full_resolution_array
+
     node = zarr.open(path, mode="r")
     if isinstance(node, zarr.Array):
         return node
-    attrs = node.attrs.asdict()
-    ome = attrs.get("ome", attrs)
-    if ome.get("multiscales"):
-        return node[ome["multiscales"][0]["datasets"][0]["path"]]
+    level = full_resolution_array(node, path)
+    if level is not None:
+        return level
     arrays = list(node.array_keys())
     if len(arrays) == 1:
         return node[arrays[0]]
@@ -211,6 +250,15 @@ def input_axes(source: Any) -> str | None:
         return None
 
 
+def _version(path: str) -> tuple:
+    """(mtime, size) of a file, (None, None) when missing: what tells a changed file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None
+    return st.st_mtime_ns, st.st_size
+
+
 _OPENED: dict[tuple, Any] = {}
 _OPENED_LOCK = threading.Lock()
 _OPENED_MAX = 8
@@ -218,12 +266,9 @@ _OPENED_MAX = 8
 
 def opened(path: str) -> Any:
     """``open_input(path)`` once per process and file version (a path is what travels to
-    other processes; a changed file is opened again)."""
-    try:
-        st = os.stat(path)
-        key = (path, st.st_mtime_ns, st.st_size)
-    except OSError:
-        key = (path, None, None)
+    other processes; a changed file, or a Zarr folder with a changed ``zarr.json``, is
+    opened again)."""
+    key = (path, *_version(path), *_version(os.path.join(path, "zarr.json")))
     with _OPENED_LOCK:
         arr = _OPENED.get(key)
         if arr is None:

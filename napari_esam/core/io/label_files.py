@@ -10,8 +10,9 @@ Formats (chosen by the file extension):
   labels), plus our own ``attributes["napari-esam"]`` marker.
 * ``.tif``/``.tiff``: an ImageJ hyperstack when the dtype is uint8/uint16, the file is not
   BigTIFF, the compression is zlib/none and the axes fit ImageJ's TZCYX order; otherwise an
-  OME-TIFF (any unsigned dtype, BigTIFF when needed). Our metadata (scale, translate, axes,
-  units, name) is stored as JSON in the private TIFF tag :data:`TIFF_TAG`.
+  OME-TIFF (uint8 to uint32, BigTIFF when needed); uint64 labels (OME-XML has no 64-bit
+  integers) as a plain TIFF with tifffile's JSON shape description. Our metadata (scale,
+  translate, axes, units, name) is stored as JSON in the private TIFF tag :data:`TIFF_TAG`.
 
 Safety: data is written to a hidden temporary sibling and renamed into place only when
 complete; on any exception (including ``KeyboardInterrupt`` and ``ENOSPC``) the temporary
@@ -29,6 +30,7 @@ import math
 import os
 import secrets
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,11 +46,13 @@ from napari_esam.core.io.replacing import (
     remove_path,
     remove_stale_temporaries,
 )
+from napari_esam.core.io.sizes import check_chunks_fit, check_fits_in_memory
 
 __all__ = [
     "MAX_COLORS",
     "NGFF_VERSION",
     "TIFF_TAG",
+    "check_tiff_limits",
     "default_axes",
     "is_labels_export",
     "label_color",
@@ -115,6 +119,25 @@ def needs_bigtiff(shape: Sequence[int], dtype: Any) -> bool:
     """
     nbytes = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize
     return nbytes > BIGTIFF_THRESHOLD
+
+
+def check_tiff_limits(shape: Sequence[int], dtype: Any) -> None:
+    """``ValueError`` when labels of ``shape``/``dtype`` cannot be written as a TIFF: more than
+    5 dimensions (TIFF axes are TZCYX at most), or a 2-D page (written whole) larger than
+    half the available memory (:func:`~napari_esam.core.io.sizes.check_fits_in_memory`).
+    Checked before anything is computed."""
+    shape = tuple(int(s) for s in shape)
+    if not 2 <= len(shape) <= 5:
+        raise ValueError(
+            f"a TIFF holds 2-D to 5-D labels (TZCYX), these have {len(shape)} dimensions "
+            f"{shape}: write them to .zarr instead"
+        )
+    h, w = shape[-2:]
+    check_fits_in_memory(
+        2 * h * w * np.dtype(dtype).itemsize,
+        f"a TIFF page of {h} x {w} {np.dtype(dtype)} labels (written whole)",
+        "write them to .zarr instead (written chunk by chunk)",
+    )
 
 
 def default_axes(ndim: int) -> str:
@@ -317,8 +340,9 @@ def write_labels(
 
     Args:
         path: target; its parent directory must exist.
-        data: 2-D to 5-D integer or bool labels (NumPy, Dask, Zarr or array-like). Bool is
-            stored as 0/1; floats and negative values raise ``ValueError``.
+        data: 2-D to 5-D integer or bool labels (NumPy, Dask, Zarr or array-like); more
+            dimensions only to ``.zarr`` (our marker, no OME-NGFF metadata, which stops at
+            5-D). Bool is stored as 0/1; floats and negative values raise ``ValueError``.
         scale, translate: per-axis pixel size and origin (e.g. a napari layer's).
         axes: letters from ``tczyx`` in that order, ending in ``yx`` (default by ndim:
             ``yx``, ``zyx``, ``tzyx``, ``tczyx``).
@@ -343,9 +367,17 @@ def write_labels(
         raise FileNotFoundError(f"directory {str(target.parent)!r} does not exist")
     _check_target(target, overwrite)
 
+    if hasattr(data, "shape") and hasattr(data, "dtype"):
+        check_chunks_fit(data, "the labels")
     x = _as_dask(data, fmt)
     ndim = x.ndim
-    axes = _check_axes(axes, ndim)
+    if fmt == "tiff":
+        check_tiff_limits(x.shape, x.dtype)
+    if ndim > 5:  # beyond OME-NGFF: a Zarr group with our marker only (read_labels opens it)
+        if axes is not None:
+            raise ValueError(f"axes cannot be given for {ndim}-D labels (at most 5: tczyx)")
+    else:
+        axes = _check_axes(axes, ndim)
     _check_dtype(np.dtype(x.dtype))
     if 0 in x.shape:
         raise ValueError(f"labels array is empty (shape {tuple(x.shape)})")
@@ -524,7 +556,7 @@ def _write_zarr(
         chunks=chunks,
         compressors=_zarr_compressors(compression),
         fill_value=0,
-        dimension_names=list(meta["axes"]),
+        dimension_names=list(meta["axes"]) if meta["axes"] else None,
         config={"write_empty_chunks": False},
     )
     checked = x.map_blocks(
@@ -532,9 +564,10 @@ def _write_zarr(
     )
     # chunk-aligned blocks: each task writes whole chunks, so no lock is needed
     da.store(checked, array, lock=False, scheduler="threads", pool=pool)
-    group.attrs.update(
-        {"ome": _ngff_attrs(meta, converter.labels), MARKER: _marker(meta, converter.dtype)}
-    )
+    attrs = {MARKER: _marker(meta, converter.dtype)}
+    if meta["axes"]:
+        attrs["ome"] = _ngff_attrs(meta, converter.labels)
+    group.attrs.update(attrs)
 
 
 def _tiff_pages(x, converter: _BlockConverter, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
@@ -588,6 +621,9 @@ def _write_tiff(
         if xunit in _IMAGEJ_UNITS:
             md["unit"] = _IMAGEJ_UNITS[xunit]
         kwargs.update(imagej=True, metadata=md)
+    elif dtype == np.dtype(np.uint64):  # OME-XML has no 64-bit integers: tifffile's own JSON
+        md = {"axes": axes.upper(), "Name": meta["name"]}
+        kwargs.update(ome=False, imagej=False, metadata=md)
     else:
         md = {"axes": axes.upper(), "Name": meta["name"], "PhysicalSizeX": sx, "PhysicalSizeY": sy}
         if xunit in _OME_UNITS:
@@ -632,22 +668,32 @@ def is_labels_export(path: str | os.PathLike[str]) -> bool:
     try:
         if fmt == "zarr":
             with open(p / "zarr.json", encoding="utf-8") as fh:
-                attrs = json.load(fh).get("attributes", {})
-            return isinstance(attrs.get(MARKER), dict) and attrs[MARKER].get("kind") == "labels"
+                meta = json.load(fh)
+            attrs = meta.get("attributes") if isinstance(meta, dict) else None
+            marker = attrs.get(MARKER) if isinstance(attrs, dict) else None
+            return isinstance(marker, dict) and marker.get("kind") == "labels"
         return _tiff_marker(p) is not None
     except (OSError, ValueError):
         return False
+
+
+def _tag_marker(tag: Any) -> dict | None:
+    """Our marker in the private TIFF tag (``None``: absent, not JSON or not a mapping)."""
+    if tag is None or not isinstance(tag.value, (str, bytes)):
+        return None
+    try:
+        value = json.loads(tag.value)
+    except ValueError:
+        return None
+    value = value.get(MARKER) if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else None
 
 
 def _tiff_marker(path: Path) -> dict | None:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        tag = tif.pages.first.tags.get(TIFF_TAG)
-        if tag is None:
-            return None
-        value = json.loads(tag.value).get(MARKER)
-    return value if isinstance(value, dict) else None
+        return _tag_marker(tif.pages.first.tags.get(TIFF_TAG))
 
 
 def read_labels(path: str | os.PathLike[str]) -> tuple[Any, dict]:
@@ -655,26 +701,32 @@ def read_labels(path: str | os.PathLike[str]) -> tuple[Any, dict]:
 
     Returns ``(array, meta)`` with ``meta`` keys ``name``, ``axes``, ``scale``,
     ``translate``, ``units`` and ``napari_esam`` (whether it is our export). Zarr data is
-    returned as a read-only ``zarr.Array`` (lazy); TIFF data as NumPy, or lazily through
-    tifffile's Zarr store when larger than :data:`EAGER_TIFF_BYTES`.
+    returned as a read-only ``zarr.Array`` (lazy; a run output whose planes are not its last
+    two axes, e.g. of ``--axis 2``, as a lazy Dask view with the planes moved last, so that
+    napari shows and the exports write them as planes); TIFF data as NumPy, or lazily (memory-
+    mapped, or through tifffile's Zarr store) when larger than :data:`EAGER_TIFF_BYTES`.
+    Data whose single chunk would not fit in memory is refused (``ValueError``).
     """
     p = Path(os.fspath(path)).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"no such file or directory: {str(p)!r}")
     if p.is_dir() or p.suffix.lower() == ".zarr":
-        return _read_zarr(p)
-    if p.suffix.lower() not in (".tif", ".tiff"):
-        raise ValueError(
-            f"unsupported labels format {p.suffix or '(no extension)'!r} for {str(p)!r}: labels "
-            "are read from Zarr (.zarr) or TIFF (.tif, .tiff)"
-        )
-    check_tiff(p)
-    try:
-        return _read_tiff(p)
-    except (MemoryError, FileNotFoundError, PermissionError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - tifffile raises many kinds
-        raise ValueError(f"cannot read {str(p)!r} as TIFF labels: {exc}") from None
+        data, meta = _read_zarr(p)
+    else:
+        if p.suffix.lower() not in (".tif", ".tiff"):
+            raise ValueError(
+                f"unsupported labels format {p.suffix or '(no extension)'!r} for {str(p)!r}: "
+                "labels are read from Zarr (.zarr) or TIFF (.tif, .tiff)"
+            )
+        check_tiff(p)
+        try:
+            data, meta = _read_tiff(p)
+        except (MemoryError, FileNotFoundError, PermissionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - tifffile raises many kinds
+            raise ValueError(f"cannot read {str(p)!r} as TIFF labels: {exc}") from None
+    check_chunks_fit(data, p)
+    return data, meta
 
 
 def _meta(path: Path, ndim: int, **given: Any) -> dict:
@@ -690,43 +742,124 @@ def _meta(path: Path, ndim: int, **given: Any) -> dict:
     return meta
 
 
+def _clean_marker(value: Any, ndim: int, path: Path) -> dict:
+    """Our marker's metadata fields that are valid for ``ndim``-D labels (the marker of a TIFF
+    tag or a Zarr group may have been edited or damaged: an invalid field is dropped with a
+    warning naming it, and the default is used)."""
+    if not isinstance(value, dict):
+        return {}
+    checks = {
+        "name": lambda v: v if isinstance(v, str) else _bad(),
+        "axes": lambda v: _check_axes(v, ndim) if isinstance(v, str) else _bad(),
+        "scale": lambda v: _check_vector("scale", _seq(v), ndim, 1.0),
+        "translate": lambda v: _check_vector("translate", _seq(v), ndim, 0.0),
+        "units": lambda v: _check_units(
+            [u if u is None or isinstance(u, str) else _bad() for u in _seq(v)], ndim),
+    }
+    out: dict[str, Any] = {"kind": value.get("kind")}
+    bad = []
+    for key, check in checks.items():
+        if value.get(key) is None:
+            continue
+        try:
+            out[key] = check(value[key])
+        except (TypeError, ValueError):
+            bad.append(f"{key!r} ({value[key]!r})")
+    if bad:
+        warnings.warn(f"{str(path)!r}: ignoring its malformed napari-esam metadata "
+                      f"{', '.join(bad)}; the defaults are used instead", stacklevel=4)
+    return out
+
+
+def _bad() -> Any:
+    raise ValueError("malformed")
+
+
+def _seq(value: Any) -> list:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError("not a list")
+    return list(value)
+
+
+def _ngff_meta(multiscale: dict, dataset: dict, ndim: int) -> dict:
+    """Name, axes, units, scale and translation of an NGFF multiscale entry; malformed or
+    mismatched entries are left out (the defaults are used)."""
+    out: dict[str, Any] = {}
+    if isinstance(multiscale.get("name"), str):
+        out["name"] = multiscale["name"]
+    transforms = dataset.get("coordinateTransformations")
+    for transform in transforms if isinstance(transforms, list) else []:
+        kind = transform.get("type") if isinstance(transform, dict) else None
+        key = {"scale": "scale", "translation": "translate"}.get(kind)
+        if key is None:
+            continue
+        with contextlib.suppress(TypeError, ValueError):
+            out[key] = _check_vector(key, _seq(transform.get(kind)), ndim, 0.0)
+    axes_meta = multiscale.get("axes")
+    if isinstance(axes_meta, list) and len(axes_meta) == ndim:
+        names = [a.get("name") if isinstance(a, dict) else a for a in axes_meta]
+        if all(isinstance(n, str) for n in names):
+            with contextlib.suppress(ValueError):
+                out["axes"] = _check_axes("".join(names).lower(), ndim)
+            units = [a.get("unit") if isinstance(a, dict) else None for a in axes_meta]
+            out["units"] = [u if isinstance(u, str) else None for u in units]
+    return out
+
+
 def _read_zarr(path: Path) -> tuple[Any, dict]:
     import zarr
+
+    from napari_esam.core.io.chunks import checked
+    from napari_esam.core.io.ngff import first_multiscale, full_resolution_array
 
     try:
         node = zarr.open(path, mode="r")
     except zarr.errors.NodeNotFoundError as exc:
         raise ValueError(f"{str(path)!r} is not a Zarr array or group") from exc
     if isinstance(node, zarr.Array):
-        return node, _meta(path, node.ndim)
+        return checked(node, path), _meta(path, node.ndim)
     attrs = node.attrs.asdict()
-    ome = attrs.get("ome", attrs)  # NGFF 0.5 nests under "ome"; 0.4 is at the top level
-    multiscales = ome.get("multiscales")
-    if not multiscales:
+    found = first_multiscale(attrs, path)
+    ours_raw = attrs.get(MARKER)
+    if found is not None:
+        array = full_resolution_array(node, path)
+        ngff = _ngff_meta(*found, array.ndim)
+    elif isinstance(ours_raw, dict) and isinstance(node.get("0"), zarr.Array):
+        array, ngff = node["0"], {}  # our output without NGFF (> 5-D, or planes not last)
+    else:
         raise ValueError(f"{str(path)!r} is a Zarr group without OME-NGFF 'multiscales'")
-    dataset = multiscales[0]["datasets"][0]
-    array = node[dataset["path"]]
-    scale = translate = None
-    for transform in dataset.get("coordinateTransformations", []):
-        if transform.get("type") == "scale":
-            scale = [float(v) for v in transform["scale"]]
-        elif transform.get("type") == "translation":
-            translate = [float(v) for v in transform["translation"]]
-    axes_meta = multiscales[0].get("axes", [])
-    names = "".join(a["name"] if isinstance(a, dict) else a for a in axes_meta).lower()
-    units = [a.get("unit") if isinstance(a, dict) else None for a in axes_meta] or None
-    ours = attrs.get(MARKER) if isinstance(attrs.get(MARKER), dict) else {}
+    ours = _clean_marker(ours_raw, array.ndim, path)
+    array = checked(array, path)
+    planes = _plane_axes(ours_raw, array.ndim)
+    if planes is not None:  # a run output whose planes are not the last two axes
+        import dask.array as da
+
+        order = [a for a in range(array.ndim) if a not in planes] + list(planes)
+        array = da.from_array(array, chunks=array.chunks, name=False).transpose(order)
+        ours = {k: [v[a] for a in order] if k in ("scale", "translate", "units") else v
+                for k, v in ours.items() if k != "axes"}
     meta = _meta(
         path,
         array.ndim,
-        name=ours.get("name") or multiscales[0].get("name"),
-        axes=ours.get("axes") or (names if len(names) == array.ndim else None),
-        scale=ours.get("scale") or scale,
-        translate=ours.get("translate") or translate,
-        units=ours.get("units") or units,
-        napari_esam=bool(ours),
+        name=ours.get("name") or ngff.get("name"),
+        axes=ours.get("axes") or ngff.get("axes"),
+        scale=ours.get("scale") or ngff.get("scale"),
+        translate=ours.get("translate") or ngff.get("translate"),
+        units=ours.get("units") or ngff.get("units"),
+        napari_esam=isinstance(ours_raw, dict),
     )
     return array, meta
+
+
+def _plane_axes(marker: Any, ndim: int) -> tuple[int, int] | None:
+    """The ``plane_axes`` our marker records for a run output whose 2-D planes are not its
+    last two axes (``None``: they are, or the field is missing or malformed)."""
+    planes = marker.get("plane_axes") if isinstance(marker, dict) else None
+    if (isinstance(planes, list) and len(planes) == 2
+            and all(isinstance(a, int) and 0 <= a < ndim for a in planes)
+            and planes[0] < planes[1] and planes != [ndim - 2, ndim - 1]):
+        return planes[0], planes[1]
+    return None
 
 
 def _read_tiff(path: Path) -> tuple[Any, dict]:
@@ -734,19 +867,17 @@ def _read_tiff(path: Path) -> tuple[Any, dict]:
 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
-        tag = tif.pages.first.tags.get(TIFF_TAG)
-        ours: dict = {}
-        if tag is not None:
-            with contextlib.suppress(ValueError, AttributeError):
-                ours = json.loads(tag.value).get(MARKER) or {}
+        ours_raw = _tag_marker(tif.pages.first.tags.get(TIFF_TAG))
         shape, dtype = series.shape, series.dtype
         tiff_axes = series.axes.lower()
         eager = math.prod(shape) * dtype.itemsize <= EAGER_TIFF_BYTES
         data = series.asarray() if eager else None
-    if data is None:
-        import zarr
+    if data is None:  # lazily: memory-mapped, or through tifffile's Zarr store
+        from napari_esam.core.io.chunks import checked
+        from napari_esam.core.io.inputs import open_tiff
 
-        data = zarr.open_array(tifffile.imread(path, aszarr=True), mode="r")
+        data = checked(open_tiff(path), path)
+    ours = _clean_marker(ours_raw, len(shape), path)
     axes = ours.get("axes")
     if axes is None and len(tiff_axes) == len(shape):
         with contextlib.suppress(ValueError):
@@ -759,6 +890,6 @@ def _read_tiff(path: Path) -> tuple[Any, dict]:
         scale=ours.get("scale"),
         translate=ours.get("translate"),
         units=ours.get("units"),
-        napari_esam=bool(ours),
+        napari_esam=ours_raw is not None,
     )
     return data, meta

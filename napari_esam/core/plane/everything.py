@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from napari_esam.core.plane import amg_utils as U
+from napari_esam.core.plane.params import check_everything_args, check_point_grids
 from napari_esam.core.plane.predictor import Predictor
 from napari_esam.models.base import PromptableModel
 
@@ -243,10 +244,10 @@ def segment_everything(
     centres per crop (or ``point_grids``: normalised (N, 2) (x, y) in [0, 1], one array or
     one per crop layer); keep candidates with predicted IoU > ``pred_iou_thresh`` and
     stability (logit thresholds ±``stability_score_offset``) >= ``stability_score_thresh``
-    (a threshold <= 0 disables its filter); NMS per crop at ``box_nms_thresh`` by predicted
-    IoU; with ``crop_n_layers`` > 0 NMS across crops at ``crop_nms_thresh`` preferring
-    smaller crops; with ``min_mask_region_area`` > 0 remove holes then islands smaller than
-    it and re-run NMS with score 1 for unchanged and 0 for changed masks.
+    (0 disables a filter); NMS per crop at ``box_nms_thresh`` by predicted IoU; with
+    ``crop_n_layers`` > 0 NMS across crops at ``crop_nms_thresh`` preferring smaller crops;
+    with ``min_mask_region_area`` > 0 remove holes then islands smaller than it and re-run NMS
+    with score 1 for unchanged and 0 for changed masks.
 
     ``method="efficientsam"`` (EfficientSAM notebook), keyword mapping:
     ``points_per_side`` -> grid size G (points ``x_i = 0.5 + i/G*W``, ``y_j = 0.5 + j/G*H``,
@@ -264,33 +265,35 @@ def segment_everything(
     polled between batches and masks, and :class:`Cancelled` is raised when it returns True.
     ``details``: optional dict filled with intermediates (for tests and debugging).
 
+    Arguments are checked first (:func:`~napari_esam.core.plane.params.check_everything_args`:
+    whole numbers, thresholds in [0, 1], at most 1024 points per side and 4 crop layers,
+    grids in [0, 1], ``contrast_limits`` finite with low < high); a bad one raises
+    ``ValueError``.
+
     Tie order in NMS reproduces the reference on the CPU (see :mod:`amg_utils`).
     """
-    if method not in ("sam", "efficientsam"):
-        raise ValueError(f"method must be 'sam' or 'efficientsam', not {method!r}")
+    check_everything_args(
+        points_per_side=points_per_side, points_per_batch=points_per_batch,
+        pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+        stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh,
+        crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
+        crop_overlap_ratio=crop_overlap_ratio,
+        crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+        min_mask_region_area=min_mask_region_area, point_grids=point_grids, method=method,
+        contrast_limits=contrast_limits,
+    )
     predictor = _as_predictor(predictor_or_model)
     if image is not None:
         predictor.set_image(image, contrast_limits)
     elif not predictor.is_image_set:
         raise ValueError("no image: pass one, or set it on the predictor first")
-    if point_grids is None and (points_per_side is None or points_per_side < 1):
-        raise ValueError("give points_per_side >= 1 or point_grids")
-    if points_per_batch is not None and points_per_batch < 1:
-        raise ValueError("points_per_batch must be >= 1 (or None for automatic)")
-    grids: list[np.ndarray] | None = None
-    if point_grids is not None:
-        grids = (
-            [np.asarray(point_grids, dtype=np.float64)]
-            if isinstance(point_grids, np.ndarray) and point_grids.ndim == 2
-            else [np.asarray(g, dtype=np.float64) for g in point_grids]
-        )
-        for g in grids:
-            if g.ndim != 2 or g.shape[1] != 2:
-                raise ValueError("point_grids must be (N, 2) arrays of normalised (x, y)")
+    grids = None if point_grids is None else check_point_grids(point_grids)
+    if grids is None:
+        points_per_side = int(points_per_side)
+    crop_n_layers = int(crop_n_layers)
+    crop_n_points_downscale_factor = int(crop_n_points_downscale_factor)
     with torch.inference_mode():
         if method == "efficientsam":
-            if crop_n_layers:
-                raise ValueError("crops (crop_n_layers > 0) are only supported with method='sam'")
             return _everything_efficientsam(
                 predictor,
                 grid_size=points_per_side,

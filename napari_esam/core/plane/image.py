@@ -15,6 +15,7 @@ Rule (documented in ``docs/api.md#images``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,28 @@ def check_image_shape(shape: Sequence[int]) -> None:
         raise ValueError(
             f"the image is too small to segment (shape {shape}); it needs at least 2x2 pixels"
         )
+
+
+def check_contrast_limits(contrast_limits: Any) -> tuple[float, float] | None:
+    """Given contrast limits as ``(lo, hi)`` floats (``None`` stays ``None``); ``ValueError``
+    unless they are two finite numbers with ``lo < hi`` (equal or inverted limits would map
+    every pixel to one grey value)."""
+    if contrast_limits is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in contrast_limits)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"contrast_limits must be two numbers (low, high), got {contrast_limits!r}"
+        ) from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"contrast_limits must be finite, got {contrast_limits}")
+    if not lo < hi:
+        raise ValueError(
+            f"contrast_limits must be (low, high) with low < high, got "
+            f"{tuple(contrast_limits)}: every pixel would map to one grey value"
+        )
+    return lo, hi
 
 
 def contrast_limits_of(image: np.ndarray, percentiles: tuple[float, float] = PERCENTILES):

@@ -80,6 +80,11 @@ def masks_to_labels(
         raise ValueError(f"shape must be (H, W), got {shape}")
     if min_size < 0 or (max_size is not None and max_size < 0):
         raise ValueError("min_size and max_size must be >= 0")
+    if max_size is not None and max_size < max(1, min_size):
+        raise ValueError(
+            f"max_size ({max_size}) must be >= 1 and >= min_size ({min_size}): no object "
+            "could be kept"
+        )
 
     areas: list[int] = []
     scores: list[float] = []

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_esam.core.plane.image import to_model_rgb
+from napari_esam.core.plane.image import check_contrast_limits, to_model_rgb
 from napari_esam.models.base import PromptableModel
 
 
@@ -57,8 +57,14 @@ class Predictor:
     ) -> None:
         """Encode ``image`` ((H, W) or (H, W, 3), any integer/float dtype; see ``to_model_rgb``).
 
-        Setting the same pixels again does not re-run the encoder.
+        Setting the same pixels again does not re-run the encoder. ``contrast_limits``:
+        ``(lo, hi)`` with ``lo < hi`` (``None``: the image's own, see ``to_model_rgb``).
         """
+        self._set_image(image, check_contrast_limits(contrast_limits))
+
+    def _set_image(self, image: Any, contrast_limits: tuple[float, float] | None) -> None:
+        """:meth:`set_image` with limits computed by the caller (equal limits, those of a
+        constant plane, give a black image)."""
         rgb = to_model_rgb(image, contrast_limits)
         key = _image_key(rgb)
         if key == self.image_key and self.features is not None:
@@ -124,6 +130,8 @@ class Predictor:
                 )
             if not np.isin(lbl, (0, 1)).all():
                 raise ValueError("point_labels must be 1 (foreground) or 0 (background)")
+            if pts.shape[1] == 0 and boxes is None:
+                raise ValueError("point_coords is empty: give at least one (x, y) point or a box")
             if not np.isfinite(pts).all():
                 raise ValueError("point_coords contain NaN or infinite values")
             outside = (pts[..., 0] < 0) | (pts[..., 0] > w) | (pts[..., 1] < 0) | (pts[..., 1] > h)

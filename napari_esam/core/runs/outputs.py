@@ -46,6 +46,7 @@ __all__ = [
     "MemoryOutput",
     "TileScratch",
     "ZarrOutput",
+    "check_run_record",
     "create_label_group",
 ]
 
@@ -66,12 +67,52 @@ OWN_ATTRS = (RUN_ATTR, *LEGACY_ATTRS, MARKER)
 
 
 def _root_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The attributes of the Zarr v3 group at ``path`` (``None``: not one)."""
+    """The attributes of the Zarr v3 group at ``path`` (``None``: not one, or unreadable)."""
     try:
         with open(Path(path) / "zarr.json", encoding="utf-8") as fh:
-            return json.load(fh).get("attributes", {})
+            meta = json.load(fh)
     except (OSError, ValueError):
         return None
+    attrs = meta.get("attributes", {}) if isinstance(meta, dict) else None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def _damaged(path: str, what: str) -> ValueError:
+    return ValueError(
+        f"{path!r}: its resume record ({RUN_ATTR!r} in zarr.json) is damaged: {what}; run "
+        "again with overwrite (CLI: --overwrite) to start over, or choose another output"
+    )
+
+
+def _slice_counts(path: str, slices: Any, n_slices: int | None) -> dict[int, int]:
+    """The record's finished slices (flat index -> objects), checked: indices in
+    ``0..n_slices-1`` (when known), counts whole numbers >= 0."""
+    if not isinstance(slices, Mapping):
+        raise _damaged(path, f"'slices' is {type(slices).__name__}, not a mapping")
+    out: dict[int, int] = {}
+    for key, value in slices.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise _damaged(path, f"slice {key!r} is not a slice index")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _damaged(path, f"slice {key} has {value!r} objects")
+        if n_slices is not None and int(key) >= n_slices:
+            raise _damaged(path, f"slice {key} is done but the input has {n_slices} slices")
+        out[int(key)] = value
+    return out
+
+
+def check_run_record(path: str, rec: Any, n_slices: int | None = None) -> dict:
+    """The resume record ``rec`` of the output ``path``, checked (:func:`_damaged` errors:
+    not a mapping, ``source``/``settings`` not mappings, bad ``slices`` or ``complete``)."""
+    if not isinstance(rec, Mapping):
+        raise _damaged(path, f"it is {type(rec).__name__}, not a mapping")
+    for key in ("source", "settings"):
+        if not isinstance(rec.get(key), Mapping):
+            raise _damaged(path, f"{key!r} is missing or not a mapping")
+    _slice_counts(path, rec.get("slices", {}), n_slices)
+    if not isinstance(rec.get("complete", False), bool):
+        raise _damaged(path, f"'complete' is {rec['complete']!r}, not true or false")
+    return dict(rec)
 
 
 class MemoryOutput:
@@ -104,6 +145,8 @@ class ZarrOutput:
         self.replaces = replaces
         self._array: Any = None
         self._group: Any = None
+        #: slices found damaged (and recomputed) when the output was resumed
+        self.repaired: list[str] = []
 
     def __getstate__(self) -> dict:
         return {"path": self.path}
@@ -169,6 +212,7 @@ class ZarrOutput:
         if target.exists() or target.is_symlink():
             attrs = _root_attrs(target) or {}
             if not overwrite and RUN_ATTR in attrs:
+                check_run_record(self.path, attrs[RUN_ATTR], source.n_slices)
                 problem = self.damage()
                 if problem is not None:
                     raise ValueError(
@@ -176,6 +220,7 @@ class ZarrOutput:
                         "(CLI: --overwrite), or choose another output"
                     )
                 self._check_resumable(record)
+                self.repaired = self.repair(source)
                 return True
             if not overwrite:
                 legacy = [a for a in LEGACY_ATTRS if a in attrs]
@@ -217,8 +262,12 @@ class ZarrOutput:
         return json.loads(json.dumps({"source": described,
                                       "settings": settings.record(grid)}))
 
+    def _record(self) -> dict:
+        """The stored resume record, checked (:func:`check_run_record`)."""
+        return check_run_record(self.path, self.group.attrs.asdict().get(RUN_ATTR))
+
     def _check_resumable(self, record: dict) -> None:
-        old = self.group.attrs.asdict()[RUN_ATTR]
+        old = self._record()
         diffs = _diff(old.get("source", {}), record["source"], "input ")
         diffs += _diff(old.get("settings", {}), record["settings"], "")
         if diffs:
@@ -277,19 +326,56 @@ class ZarrOutput:
         if self._array is None:
             import zarr
 
-            self._array = zarr.open_array(Path(self.path) / "0", mode="r+")
+            from napari_esam.core.io.chunks import checked
+
+            self._array = checked(zarr.open_array(Path(self.path) / "0", mode="r+"),
+                                  self.path)
         return self._array
 
     def read_only(self) -> Any:
-        """The labels array opened read-only (safe for a napari layer)."""
+        """The labels array opened read-only (safe for a napari layer; a damaged chunk is
+        named when read: :class:`~napari_esam.core.io.chunks.CheckedArray`)."""
         import zarr
 
-        return zarr.open_array(Path(self.path) / "0", mode="r")
+        from napari_esam.core.io.chunks import checked
+
+        return checked(zarr.open_array(Path(self.path) / "0", mode="r"), self.path)
+
+    def repair(self, source: StackSource) -> list[str]:
+        """Check that every finished slice's chunks can be read; a slice with a damaged chunk
+        has the chunk file removed and is no longer recorded as finished (so the run
+        recomputes it). Returns one line per repaired slice."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from napari_esam.core.io.chunks import bad_chunks, chunk_file
+
+        done = self.done()
+        array = self.array
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            found = dict(zip(done, pool.map(
+                lambda i: bad_chunks(array, source.out_region(i), plain=True), done),
+                strict=True))
+        lines, damaged = [], sorted(i for i, bad in found.items() if bad)
+        for i in damaged:
+            for coords, _exc in found[i]:
+                name = chunk_file(array, coords)
+                if name is not None and os.path.isfile(name):
+                    os.remove(name)
+            coords, exc = found[i][0]
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            lines.append(f"slice {i}: chunk {coords} of {self.path!r} could not be decoded "
+                         f"({detail}); the slice is recomputed")
+        if damaged:
+            rec = self._record()
+            rec["slices"] = {k: v for k, v in rec.get("slices", {}).items()
+                             if int(k) not in damaged}
+            rec["complete"] = False
+            self.group.attrs.update({RUN_ATTR: rec})
+        return lines
 
     def done(self) -> dict[int, int]:
         """Finished slices → object count, from the record."""
-        rec = self.group.attrs.asdict()[RUN_ATTR]
-        return {int(k): int(v) for k, v in rec.get("slices", {}).items()}
+        return _slice_counts(self.path, self._record().get("slices", {}), None)
 
     def write(self, region: tuple, labels: np.ndarray) -> None:
         self.array[region] = labels
@@ -299,7 +385,7 @@ class ZarrOutput:
         self.record_many({index: n_objects})
 
     def record_many(self, counts: Mapping[int, int], complete: bool | None = None) -> None:
-        rec = dict(self.group.attrs.asdict()[RUN_ATTR])
+        rec = self._record()
         slices = dict(rec.get("slices", {}))
         slices.update({str(int(k)): int(v) for k, v in counts.items()})
         rec["slices"] = dict(sorted(slices.items(), key=lambda kv: int(kv[0])))
@@ -349,7 +435,10 @@ def create_label_group(
         dimension_names=list(axes) if axes else None,
         config={"write_empty_chunks": False},
     )
-    new_attrs = {**attrs, labels_io.MARKER: labels_io._marker(meta, dtype)}
+    marker = labels_io._marker(meta, dtype)
+    if source.out_plane_axes != (ndim - 2, ndim - 1):  # read_labels moves the planes last
+        marker["plane_axes"] = list(source.out_plane_axes)
+    new_attrs = {**attrs, labels_io.MARKER: marker}
     if axes:
         new_attrs["ome"] = labels_io._ngff_attrs(meta, None)
     group.attrs.update(new_attrs)
@@ -415,7 +504,17 @@ class TileScratch:
 
     @staticmethod
     def _attrs(path: str | os.PathLike[str]) -> dict | None:
-        return (_root_attrs(path) or {}).get(SCRATCH_ATTR)
+        """The scratch attribute, checked: ``None`` when ``path`` is not a scratch group,
+        ``{}`` when it is one whose attribute is damaged (its tiles are then recomputed)."""
+        attrs = _root_attrs(path) or {}
+        if SCRATCH_ATTR not in attrs:
+            return None
+        value = attrs[SCRATCH_ATTR]
+        ok = (isinstance(value, dict) and isinstance(value.get("record"), dict)
+              and isinstance(value.get("done", []), list)
+              and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                      for i in value.get("done", [])))
+        return value if ok else {}
 
     @classmethod
     def matches(cls, path: str | os.PathLike[str], record: dict) -> bool:
@@ -437,7 +536,7 @@ class TileScratch:
                     f"{str(target)!r} exists and is not a napari-esam scratch group; move it "
                     "away or choose another scratch path"
                 )
-            if not overwrite:
+            if not overwrite and attrs:  # a damaged attribute ({}): started anew
                 if attrs.get("record") == record:
                     return cls(target)
                 diffs = _diff(attrs.get("record", {}), record, "")
@@ -464,7 +563,7 @@ class TileScratch:
         import zarr
 
         group = zarr.open_group(self.path, mode="r+")
-        rec = dict(group.attrs[SCRATCH_ATTR])
+        rec = dict(self._attrs(self.path) or {})
         rec["done"] = sorted(set(rec.get("done", [])) | set(indices))
         group.attrs[SCRATCH_ATTR] = rec
 
@@ -482,6 +581,31 @@ class TileScratch:
         group.create_array("scores", data=np.asarray(kept.scores, np.float64).reshape(n))
         group.create_array("order", data=np.asarray(kept.order, np.int64).reshape(n))
         group.attrs.update({"n": n, "stats": {k: int(v) for k, v in kept.stats.items()}})
+
+    def unreadable(self, indices: Iterable[int]) -> set[int]:
+        """The finished tiles among ``indices`` whose stored masks cannot be read back
+        (damaged chunks); they are dropped from the finished tiles, to be recomputed."""
+        import zarr
+
+        bad = set()
+        for index in indices:
+            try:
+                group = zarr.open_group(str(Path(self.path) / f"t{int(index)}"), mode="r")
+                for name in ("boxes", "bits", "scores", "order"):
+                    np.asarray(group[name][...])
+                int(group.attrs["n"])
+            except (KeyboardInterrupt, MemoryError):
+                raise
+            except Exception:  # noqa: BLE001 - any damage: recompute the tile
+                bad.add(int(index))
+        if bad:
+            import zarr
+
+            group = zarr.open_group(self.path, mode="r+")
+            rec = dict(self._attrs(self.path) or {})
+            rec["done"] = sorted(set(rec.get("done", [])) - bad)
+            group.attrs[SCRATCH_ATTR] = rec
+        return bad
 
     def read(self, index: int, plane: tuple[int, ...], iy: int, ix: int) -> TileMasks:
         """Flat tile ``index``'s :class:`TileMasks` (tile (iy, ix) of ``plane``) back from the

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import queue
 import threading
@@ -30,6 +31,7 @@ from typing import Any
 
 from napari_esam.core.io.locks import hold
 from napari_esam.core.io.replacing import check_not_input, remove_path
+from napari_esam.core.io.sizes import check_fits_in_memory
 from napari_esam.core.runs.executors import Executor, LocalExecutor
 from napari_esam.core.runs.outputs import (
     SCRATCH_SUFFIX,
@@ -40,6 +42,7 @@ from napari_esam.core.runs.outputs import (
 from napari_esam.core.runs.settings import BatchSettings, get_model, output_dtype
 from napari_esam.core.runs.sources import StackSource
 from napari_esam.core.runs.tasks import TaskResult, TileTask, forget_predictors, merge_plane
+from napari_esam.core.tiling.grid import check_tile_memory
 from napari_esam.core.tiling.merge import PlaneView
 
 __all__ = ["BatchProgress", "BatchResult", "iter_batch", "iter_progress", "run_batch"]
@@ -84,7 +87,9 @@ class BatchResult:
     """``labels``: the result (NumPy, or the Zarr array opened read-only); ``counts``:
     objects per finished plane (all runs); ``total``: planes in the stack; ``cancelled``:
     the run stopped before its planes were done; ``details``: counts of the work (tiles,
-    tiles already done, encoder runs, store hits, seam merges, grid)."""
+    tiles already done, encoder runs, store hits, seam merges, grid; ``store_repairs``:
+    stored embeddings that could not be decoded and were recomputed; ``repaired``: one line
+    per finished slice of a resumed output whose chunks could not be decoded, recomputed)."""
 
     labels: Any
     counts: dict[int, int]
@@ -117,7 +122,7 @@ class _Clock:
 
 
 def _open_store(path: str | os.PathLike, source: StackSource, settings: BatchSettings,
-                grid: Any, model: Any) -> Any:
+                grid: Any, model: Any, check_space: bool = True) -> Any:
     """Check (or create) the embedding store before any work (a store of another image,
     model or grid: :class:`~napari_esam.core.tiling.store.StaleEmbeddingStoreError`)."""
     from napari_esam.core.tiling.store import EmbeddingStore, StoreSignature
@@ -131,7 +136,7 @@ def _open_store(path: str | os.PathLike, source: StackSource, settings: BatchSet
         source.planes(), model, tile=grid.tile, halo=grid.halo, rgb=source.rgb,
         contrast_limits=settings.params.contrast_limits,
     )
-    return EmbeddingStore.open(target.resolve(), signature, "a")
+    return EmbeddingStore.open(target.resolve(), signature, "a", check_space=check_space)
 
 
 def _check_not_input(source: StackSource, out: Path) -> None:
@@ -152,6 +157,7 @@ def run_batch(
     progress: Callable[[BatchProgress], Any] | None = None,
     cancel: Callable[[], bool] | None = None,
     embeddings: str | os.PathLike | None = None,
+    check_space: bool = True,
     model: Any = None,
     axes: str | None = None,
     scale: Sequence[float] | None = None,
@@ -170,7 +176,9 @@ def run_batch(
     locked for the run: a second run on either raises
     :class:`~napari_esam.core.io.locks.LockedError` naming the first
     (``docs/rules/outputs.md``).
-    ``embeddings``: an embedding store path, reused and filled (created when missing).
+    ``embeddings``: an embedding store path, reused and filled (created when missing);
+    ``check_space``: refuse it when the tiles it lacks would not fit on its disk
+    (:meth:`~napari_esam.core.tiling.store.EmbeddingStore.open`).
     ``model``: the loaded model of ``settings.model`` (in this process; default: built once
     per process). ``axes``/``scale``/``translate``/``name`` are stored as OME metadata of a
     new Zarr output. ``progress(BatchProgress)`` is called from the running thread;
@@ -181,9 +189,14 @@ def run_batch(
     settings.validate()
     if not isinstance(source, StackSource):
         source = StackSource.create(source)
+    grid = settings.tiling.grid(source.plane_shape)
+    check_tile_memory(grid)
     if output is None:
-        grid = settings.tiling.grid(source.plane_shape)
-        output = MemoryOutput(source.out_shape, output_dtype(source.n_slices, settings, grid))
+        dtype = output_dtype(source.n_slices, settings, grid)
+        check_fits_in_memory(math.prod(source.out_shape) * dtype.itemsize,
+                             f"the {source.out_shape} labels held in memory",
+                             "write them to a .zarr output instead")
+        output = MemoryOutput(source.out_shape, dtype)
     elif not isinstance(output, (ZarrOutput, MemoryOutput)):
         output = ZarrOutput(output)
     store_path = None if embeddings is None else str(Path(embeddings).expanduser().resolve())
@@ -197,13 +210,14 @@ def run_batch(
             held.enter_context(hold(store_path))
         return _run(source, settings, output, overwrite=overwrite, indices=indices,
                     executor=executor, progress=progress, cancel=cancel, store_path=store_path,
-                    model=model, axes=axes, scale=scale, translate=translate, name=name)
+                    check_space=check_space, model=model, axes=axes, scale=scale,
+                    translate=translate, name=name)
 
 
 def _run(source: StackSource, settings: BatchSettings, target: ZarrOutput | MemoryOutput, *,
          overwrite: bool, indices: Sequence[int] | None, executor: Executor | None,
          progress: Callable[[BatchProgress], Any] | None, cancel: Callable[[], bool] | None,
-         store_path: str | None, model: Any, axes: str | None,
+         store_path: str | None, check_space: bool, model: Any, axes: str | None,
          scale: Sequence[float] | None, translate: Sequence[float] | None,
          name: str | None) -> BatchResult:
     """:func:`run_batch` with its arguments checked and its locks held."""
@@ -231,7 +245,7 @@ def _run(source: StackSource, settings: BatchSettings, target: ZarrOutput | Memo
     if store_path is not None:
         if model is None:
             model = get_model(settings.model)
-        store = _open_store(store_path, source, settings, grid, model)
+        store = _open_store(store_path, source, settings, grid, model, check_space)
         task = dataclasses.replace(task, model=model)
     scratch = None
     created = False  # this run made the output store (removed again if it fails at once)
@@ -273,9 +287,11 @@ def _compute(source: StackSource, settings: BatchSettings, output: ZarrOutput | 
     todo = [i for i in wanted if i not in counts]
     ready: dict[int, set[int]] = {p: set() for p in todo}  # plane -> finished tiles
     if scratch is not None:
-        for index in scratch.done():
+        finished = [i for i in scratch.done() if i // n_tiles in ready]
+        damaged = scratch.unreadable(finished)
+        for index in finished:
             plane, t = divmod(index, n_tiles)
-            if plane in ready:
+            if index not in damaged:
                 ready[plane].add(t)
     tiles = [p * n_tiles + t for p in todo for t in range(n_tiles) if t not in ready[p]]
     tiles_total = len(wanted) * n_tiles
@@ -285,7 +301,9 @@ def _compute(source: StackSource, settings: BatchSettings, output: ZarrOutput | 
     cancel_fn = cancel or (lambda: False)
     kept: dict[int, Any] = {}  # flat tile index -> TileMasks (several-tile planes in memory)
     details: dict[str, Any] = {"grid": grid, "tiles": len(tiles), "skipped": tiles_done,
-                               "encoder_calls": 0, "store_hits": 0, "merged": 0}
+                               "encoder_calls": 0, "store_hits": 0, "merged": 0,
+                               "store_repairs": 0,
+                               "repaired": list(getattr(output, "repaired", []))}
 
     def report(kind: str, **kw: Any) -> None:
         if progress is not None:
@@ -342,6 +360,7 @@ def _compute(source: StackSource, settings: BatchSettings, output: ZarrOutput | 
             tiles_done += 1
             details["encoder_calls"] += res.encoder_calls
             details["store_hits"] += res.store_hits
+            details["store_repairs"] += res.store_repairs
             if store is not None and res.embedding is not None:
                 plane_t, tile = task.locate(res.index)
                 store.record(source.coords(plane_t), tile.iy, tile.ix, *res.embedding)

@@ -74,8 +74,13 @@ class TilingParams:
         return default_halo(self.tile) if self.halo is None else int(self.halo)
 
     def validate(self) -> None:
+        from napari_esam.core.plane.params import check_integer
+
         if self.mode not in TILED_MODES:
             raise ValueError(f"tiled mode must be one of {TILED_MODES}, not {self.mode!r}")
+        check_integer("the tile", self.tile)
+        if self.halo is not None:
+            check_integer("the halo", self.halo)
         if int(self.tile) < MIN_TILE:
             raise ValueError(f"the tile must be at least {MIN_TILE} pixels, got {self.tile}")
         if not 0 <= self.halo_px <= int(self.tile) // 2:
@@ -153,46 +158,17 @@ class EverythingParams:
         return {n: getattr(self, n) for n in names}
 
     def validate(self) -> None:
-        if self.points_per_side < 1:
-            raise ValueError(f"points_per_side must be >= 1, got {self.points_per_side}")
-        if self.points_per_batch is not None and self.points_per_batch < 1:
-            raise ValueError(f"points_per_batch must be >= 1, got {self.points_per_batch}")
-        if self.method not in ("sam", "efficientsam"):
-            raise ValueError(f"method must be 'sam' or 'efficientsam', not {self.method!r}")
-        if self.crop_n_layers < 0:
-            raise ValueError(f"crop_n_layers must be >= 0, got {self.crop_n_layers}")
-        if self.crop_n_layers and self.method != "sam":
-            raise ValueError("crops (crop_n_layers > 0) are only supported with method 'sam'")
-        if self.crop_n_points_downscale_factor < 1:
-            raise ValueError("crop_n_points_downscale_factor must be >= 1")
-        if self.min_size < 0:
-            raise ValueError(f"min_size must be >= 0, got {self.min_size}")
-        if self.max_size is not None and self.max_size < max(1, self.min_size):
+        """``ValueError`` naming the first parameter out of range (the rules of
+        :func:`~napari_esam.core.plane.params.check_everything_args`, plus the size filter)."""
+        from napari_esam.core.plane.params import check_everything_args, check_integer
+
+        check_everything_args(**self.everything_kwargs())
+        check_integer("min_size", self.min_size, 0)
+        if self.max_size is not None and check_integer("max_size", self.max_size, 0) < max(
+                1, self.min_size):
             raise ValueError(
                 f"max_size ({self.max_size}) must be >= 1 and >= min_size ({self.min_size})"
             )
-        if self.contrast_limits is not None:
-            lo, hi = self.contrast_limits
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise ValueError(f"contrast_limits must be finite, got {self.contrast_limits}")
-            if not lo < hi:
-                raise ValueError(
-                    f"contrast_limits must be (low, high) with low < high, got "
-                    f"{self.contrast_limits}: every pixel would map to one grey value"
-                )
-        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh",
-                     "crop_nms_thresh"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise ValueError(f"{name} must be a number in [0, 1], got {value}")
-        if not (math.isfinite(self.stability_score_offset) and self.stability_score_offset >= 0):
-            raise ValueError(
-                f"stability_score_offset must be >= 0, got {self.stability_score_offset}")
-        if not (math.isfinite(self.crop_overlap_ratio) and 0.0 <= self.crop_overlap_ratio < 1.0):
-            raise ValueError(f"crop_overlap_ratio must be in [0, 1), got {self.crop_overlap_ratio}")
-        if self.min_mask_region_area < 0:
-            raise ValueError(
-                f"min_mask_region_area must be >= 0, got {self.min_mask_region_area}")
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ class TaskResult:
     stats: dict[str, int] = field(default_factory=dict)
     encoder_calls: int = 0
     store_hits: int = 0
+    store_repairs: int = 0
     embedding: tuple[tuple[int, int], str] | None = None
 
 
@@ -146,7 +147,8 @@ class TileTask:
         grid = self.grid
         model = self.model if self.model is not None else get_model(spec)
         tp = TiledPredictor(model, tile=grid.tile, halo=grid.halo, cache_size=1,
-                            store=self.store, store_mode="a")
+                            store=self.store, store_mode="a",
+                            store_space_check=False)  # the driver checked it
         tp.set_image(self.source.planes(), self.settings.params.contrast_limits,
                      rgb=self.source.rgb)
         if tp.store is not None:
@@ -173,10 +175,11 @@ class TileTask:
         tp = self.predictor()
         with tp._lock:  # the plane and the embedding together (threads share tp)
             tp.set_index(coords)
-            enc0, hits0 = tp.encoder_calls, tp.store_hits
+            enc0, hits0, fixed0 = tp.encoder_calls, tp.store_hits, tp.store_repairs
             feats, input_size = tp.tile_embedding(tile, pixels)
             limits = tp.plane_limits()
             enc, hits = tp.encoder_calls - enc0, tp.store_hits - hits0
+            fixed = tp.store_repairs - fixed0
             written = None
             if tp.store is not None:
                 written = tp.store.deferred.pop((coords, tile.iy, tile.ix), None)
@@ -188,12 +191,14 @@ class TileTask:
         image = None
         if params.crop_n_layers:  # crops re-encode parts of the tile: they need its pixels
             image = pixels if pixels is not None else self.source.read(plane, tile.window)
-            predictor.image_key = _image_key(to_model_rgb(image, limits))
-        records = segment_everything(image, predictor, contrast_limits=limits, cancel=cancel,
-                                     progress=progress, **kwargs)
+            image = to_model_rgb(image, limits)  # the model's 8-bit RGB: no limits to pass
+            predictor.image_key = _image_key(image)
+        records = segment_everything(image, predictor, cancel=cancel, progress=progress,
+                                     **kwargs)
         kept = keep_tile_masks(grid, tile, records, coords)
         res = TaskResult(int(index), plane, 0.0, n_masks=len(kept), stats=dict(kept.stats),
-                         encoder_calls=enc, store_hits=hits, embedding=written)
+                         encoder_calls=enc, store_hits=hits, store_repairs=fixed,
+                         embedding=written)
         if grid.n_tiles == 1:
             dtype = output_dtype(self.source.n_slices, self.settings, grid)
             labels = np.zeros(grid.shape, dtype=dtype)

@@ -26,10 +26,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from napari_esam.core.plane.image import contrast_limits_of
+from napari_esam.core.plane.params import check_integer
 
 #: default tile side (the models' input size) and overlap
 TILE = 1024
 HALO = 256
+#: smallest tile side
+MIN_SIDE = 16
 #: longest plane side (pixels) above which tiled mode "auto" tiles (widgets, CLI, Python)
 TILING_THRESHOLD = 2048
 #: smallest tile side accepted
@@ -55,9 +58,12 @@ def full_resolution(data: Any) -> Any:
     OME-Zarr multiscale ``zarr.Group`` (its first dataset). A plain array is returned as is.
     """
     attrs = getattr(data, "attrs", None)
-    if attrs is not None and not hasattr(data, "shape") and "multiscales" in attrs:
-        datasets = attrs["multiscales"][0]["datasets"]
-        return data[datasets[0]["path"]]
+    if attrs is not None and not hasattr(data, "shape"):
+        from napari_esam.core.io.ngff import full_resolution_array
+
+        level = full_resolution_array(data, getattr(data, "store_path", "the Zarr group"))
+        if level is not None:
+            return level
     if hasattr(data, "shape") and hasattr(data, "dtype") and not hasattr(data, "shapes"):
         return data
     if isinstance(data, (list, tuple)) or hasattr(data, "shapes"):
@@ -234,7 +240,8 @@ class TileGrid:
 
     def __init__(self, shape: Sequence[int], tile: int = TILE, halo: int = HALO) -> None:
         h, w = (int(s) for s in shape[:2])
-        tile, halo = int(tile), int(halo)
+        tile = check_integer("tile", tile)
+        halo = check_integer("halo", halo)
         if h < 2 or w < 2:
             raise ValueError(f"the image is too small to tile (shape {(h, w)})")
         if tile < MIN_TILE:
@@ -329,6 +336,26 @@ class TileGrid:
 
     def signature(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "tile": self.tile, "halo": self.halo}
+
+
+#: memory a tile needs at least per pixel while it is encoded and segmented (its pixels as
+#: float32 RGB and 8-bit RGB, and a few full-size masks)
+TILE_BYTES_PER_PIXEL = 16
+
+
+def check_tile_memory(grid: TileGrid) -> None:
+    """``ValueError`` when one tile of ``grid`` (a whole plane when untiled) would need more
+    than half the available memory (:data:`TILE_BYTES_PER_PIXEL`), before anything is read."""
+    from napari_esam.core.io.sizes import available_memory, check_fits_in_memory
+
+    side = max(MIN_SIDE, math.isqrt(available_memory() // 2 // TILE_BYTES_PER_PIXEL))
+    check_fits_in_memory(
+        grid.tile_h * grid.tile_w * TILE_BYTES_PER_PIXEL,
+        f"segmenting a tile of {grid.tile_h} x {grid.tile_w} px (a whole plane when it is "
+        "not tiled)",
+        f"cut the planes into tiles of at most {min(side, TILE)} px (tiled mode on; CLI "
+        f"--tiled on --tile {min(side, TILE)})",
+    )
 
 
 def centred_window(extent: Window, shape: Sequence[int], size: tuple[int, int]) -> Window:

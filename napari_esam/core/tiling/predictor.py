@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from napari_esam.core.io.chunks import CorruptChunkError
+from napari_esam.core.plane.image import check_contrast_limits
 from napari_esam.core.plane.predictor import Predictor
 from napari_esam.core.tiling.grid import (
     HALO,
@@ -43,6 +45,7 @@ from napari_esam.core.tiling.grid import (
     TileGrid,
     Window,
     centred_window,
+    check_tile_memory,
     full_resolution,
     is_rgb_shape,
     leading_shape,
@@ -159,6 +162,7 @@ class TiledPredictor:
         cache_size: int = 16,
         store: EmbeddingStore | str | os.PathLike[str] | None = None,
         store_mode: str = "a",
+        store_space_check: bool = True,
         verify_tiles: bool = False,
         context: int | None = None,
         refine: bool = True,
@@ -169,6 +173,7 @@ class TiledPredictor:
         self.cache_size = int(cache_size)
         self.store_arg = store
         self.store_mode = store_mode
+        self.store_space_check = store_space_check
         self.verify_tiles = verify_tiles
         self.context = self.halo // 2 if context is None else int(context)
         self.refine = refine
@@ -177,6 +182,8 @@ class TiledPredictor:
         self.encoder_calls = 0
         #: tiles whose embedding came from the on-disk store
         self.store_hits = 0
+        #: stored tiles that could not be decoded (damaged chunks) and were recomputed
+        self.store_repairs = 0
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, tuple[int, int]]] = OrderedDict()
         self._lock = threading.RLock()
         self.reset_image()
@@ -225,8 +232,7 @@ class TiledPredictor:
         Setting the same array object again keeps the cached tiles.
         """
         data = full_resolution(image)
-        if contrast_limits is not None:
-            contrast_limits = (float(contrast_limits[0]), float(contrast_limits[1]))
+        contrast_limits = check_contrast_limits(contrast_limits)
         if data is self.data and (contrast_limits, rgb) == self._given:
             if index is not None:
                 self.set_index(index)
@@ -252,6 +258,7 @@ class TiledPredictor:
             raise ValueError(f"the image is too small to segment (shape {shape})")
         given = (contrast_limits, rgb)
         grid = TileGrid(plane_hw, self.tile, self.halo)
+        check_tile_memory(grid)
         store = None
         if self.store_arg is not None:
             self.signature = StoreSignature.for_image(
@@ -267,7 +274,8 @@ class TiledPredictor:
                         "grid: " + "; ".join(diff)
                     )
             else:
-                store = EmbeddingStore.open(self.store_arg, self.signature, self.store_mode)
+                store = EmbeddingStore.open(self.store_arg, self.signature, self.store_mode,
+                                            check_space=self.store_space_check)
         self.data, self.rgb, self.grid, self.store = data, is_rgb, grid, store
         self.contrast_limits = contrast_limits
         self._plane_limits: dict[tuple[int, ...], tuple[float, float] | None] = {}
@@ -327,7 +335,7 @@ class TiledPredictor:
             pixels = self.read(window)
         p = self._predictor
         before = p.encoder_calls
-        p.set_image(pixels, self.plane_limits())
+        p._set_image(pixels, self.plane_limits())
         self.encoder_calls += p.encoder_calls - before
         return p.get_image_embedding().detach().cpu(), p.input_size, tile_hash(pixels)
 
@@ -353,9 +361,13 @@ class TiledPredictor:
                     pixels = self.read(tile.window)
                 ok = tile_hash(pixels) == store.stored_tile_hash(self.index, tile.iy, tile.ix)
             if ok:
-                feats, input_size = store.load(self.index, tile.iy, tile.ix)
-                value = (torch.from_numpy(feats)[None], input_size)
-                self.store_hits += 1
+                try:
+                    feats, input_size = store.load(self.index, tile.iy, tile.ix)
+                except CorruptChunkError:  # a cache: recompute (and rewrite) the tile
+                    self.store_repairs += 1
+                else:
+                    value = (torch.from_numpy(feats)[None], input_size)
+                    self.store_hits += 1
         if value is None:
             feats, input_size, phash = self._encode_window(tile.window, pixels)
             value = (feats, input_size)

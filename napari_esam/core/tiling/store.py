@@ -22,12 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from napari_esam.core.io.chunks import CorruptChunkError, checked
 from napari_esam.core.tiling.grid import (
     TileGrid,
     content_hash,
@@ -123,20 +125,32 @@ class StoreSignature:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> StoreSignature:
-        cl = d.get("contrast_limits")
-        return cls(
-            image_shape=tuple(int(s) for s in d["image_shape"]),
-            dtype=str(d["dtype"]),
-            rgb=bool(d["rgb"]),
-            content_hash=str(d["content_hash"]),
-            contrast_limits=None if cl is None else (float(cl[0]), float(cl[1])),
-            model=str(d["model"]),
-            model_fingerprint=str(d["model_fingerprint"]),
-            tile=int(d["tile"]),
-            halo=int(d["halo"]),
-            format=int(d.get("format", 0)),
-        )
+    def from_json(cls, d: Any) -> StoreSignature:
+        """The signature stored as JSON; ``ValueError`` naming the first missing or malformed
+        field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the signature is {type(d).__name__}, not a mapping")
+        try:
+            cl = d.get("contrast_limits")
+            sig = cls(
+                image_shape=tuple(int(s) for s in d["image_shape"]),
+                dtype=str(np.dtype(d["dtype"])),
+                rgb=_flag(d["rgb"]),
+                content_hash=_text(d["content_hash"]),
+                contrast_limits=None if cl is None else (float(cl[0]), float(cl[1])),
+                model=_text(d["model"]),
+                model_fingerprint=_text(d["model_fingerprint"]),
+                tile=int(d["tile"]),
+                halo=int(d["halo"]),
+                format=int(d.get("format", 0)),
+            )
+        except KeyError as exc:
+            raise ValueError(f"the signature has no {exc.args[0]!r}") from None
+        except (TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"the signature holds a malformed value ({exc})") from None
+        if len(sig.image_shape) < 2 or min(sig.image_shape) < 1:
+            raise ValueError(f"the signature's image shape {sig.image_shape} is not an image")
+        return sig
 
     def differences(self, other: StoreSignature) -> list[str]:
         """Human-readable list of fields where ``other`` (the current input) differs."""
@@ -160,8 +174,56 @@ class StoreSignature:
         return out
 
 
-def read_signature(path: str | os.PathLike[str]) -> StoreSignature:
-    """The signature of an existing store (e.g. to reuse its model, tile and halo)."""
+#: disk space one stored tile takes at most: its float32 embedding (hardly compressible)
+TILE_BYTES = 4 * int(np.prod(EMBED_SHAPE))
+#: a store estimated above this size is announced with a warning before it is written
+WARN_BYTES = 10 * 2**30
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (a store about to be replaced frees them)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _check_space(path: Path, n_tiles: int, reclaimed: int = 0) -> None:
+    """Refuse (or announce) ``n_tiles`` tiles still to write into the store ``path``
+    (``reclaimed``: bytes freed first, by replacing an old store)."""
+    from napari_esam.core.io.sizes import format_bytes, free_disk
+
+    need, free = n_tiles * TILE_BYTES, free_disk(path) + reclaimed
+    size = f"about {format_bytes(need)} ({n_tiles} tiles of {format_bytes(TILE_BYTES)})"
+    if need > free:
+        raise ValueError(
+            f"the embedding store {path} would need {size} but only {format_bytes(free)} are "
+            "free on its disk; free space, put the store on another disk, use fewer planes, "
+            "or pass --no-space-check (check_space=False) if you know it fits"
+        )
+    if need > WARN_BYTES:
+        warnings.warn(f"the embedding store {path} will take {size} of disk space",
+                      stacklevel=3)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{value!r} is not true or false")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
+
+
+def damaged_store(path: Any, what: str) -> ValueError:
+    """The error for an embedding store whose metadata or arrays are damaged."""
+    return ValueError(
+        f"the embedding store {path} is damaged ({what}); delete it to recompute it, or "
+        "recreate it with napari-esam embed --overwrite"
+    )
+
+
+def _open_group(path: str | os.PathLike[str]) -> Any:
     import zarr
 
     try:
@@ -172,7 +234,18 @@ def read_signature(path: str | os.PathLike[str]) -> StoreSignature:
         ) from exc
     if ATTR not in group.attrs:
         raise ValueError(f"{path} is a Zarr group but not a napari-esam embedding store")
-    return StoreSignature.from_json(dict(group.attrs[ATTR]))
+    return group
+
+
+def read_signature(path: str | os.PathLike[str]) -> StoreSignature:
+    """The signature of an existing store (e.g. to reuse its model, tile and halo);
+    ``ValueError`` if it is not a store or its signature is damaged."""
+    try:
+        return StoreSignature.from_json(_open_group(path).attrs[ATTR])
+    except ValueError as exc:
+        if "not a napari-esam embedding store" in str(exc):
+            raise
+        raise damaged_store(path, str(exc)) from None
 
 
 class EmbeddingStore:
@@ -186,10 +259,24 @@ class EmbeddingStore:
         shape = signature.image_shape
         self.lead = leading_shape(shape, signature.rgb)
         self.grid = TileGrid(plane_shape(shape, signature.rgb), signature.tile, signature.halo)
-        self._emb = group["embeddings"]
-        self._done_arr = group["done"]
-        self._input_size = group["input_size"]
-        self._hash = group["tile_hash"]
+        tiles = (*self.lead, self.grid.n_y, self.grid.n_x)
+        expected = {"embeddings": (*tiles, *EMBED_SHAPE), "done": tiles,
+                    "input_size": (*tiles, 2), "tile_hash": (*tiles, 16)}
+        arrays = {}
+        for name, shape in expected.items():
+            try:
+                arrays[name] = group[name]
+            except KeyError:
+                raise damaged_store(path, f"the array {name!r} is missing") from None
+            found = getattr(arrays[name], "shape", None)
+            if found is None or tuple(found) != shape:
+                raise damaged_store(
+                    path, f"{name!r} has shape {found}, not {shape} as its signature says")
+        arrays = {k: checked(v, path) for k, v in arrays.items()}
+        self._emb = arrays["embeddings"]
+        self._done_arr = arrays["done"]
+        self._input_size = arrays["input_size"]
+        self._hash = arrays["tile_hash"]
         self._done_cache: dict[tuple[int, ...], np.ndarray] = {}
         self._meta_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         #: write only embeddings in :meth:`save`; their records wait in ``deferred``
@@ -206,10 +293,15 @@ class EmbeddingStore:
         path: str | os.PathLike[str],
         signature: StoreSignature,
         mode: str = "a",
+        *,
+        check_space: bool = True,
     ) -> EmbeddingStore:
         """Open (``"r"``: must exist; ``"a"``: create if missing) or recreate (``"w"``).
 
         An existing store must have the same signature, else :class:`StaleEmbeddingStoreError`.
+        ``check_space``: before anything is written, the size of the tiles still missing
+        (:data:`TILE_BYTES` each) is estimated; more than the free disk space is refused
+        (``ValueError``), more than :data:`WARN_BYTES` gives a warning with the size.
         """
         import zarr
 
@@ -229,11 +321,20 @@ class EmbeddingStore:
                     + ". Use another store path, or delete it to recompute"
                 )
             group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
-            return cls(path, group, stored, writable=mode != "r")
+            store = cls(path, group, stored, writable=mode != "r")
+            if check_space and store.writable:
+                _check_space(path, store.n_total - store.n_done)
+            return store
         if exists:
             if not path.is_dir() or not (path / "zarr.json").exists():
                 raise OSError(f"refusing to overwrite {path}: it is not a Zarr store")
-            read_signature(path)  # refuse to overwrite a Zarr that is not an embedding store
+            _open_group(path)  # refuse to overwrite a Zarr that is not an embedding store
+        if check_space:
+            lead = leading_shape(signature.image_shape, signature.rgb)
+            grid = TileGrid(plane_shape(signature.image_shape, signature.rgb),
+                            signature.tile, signature.halo)
+            _check_space(path, int(np.prod(lead, dtype=np.int64)) * grid.n_tiles,
+                         _tree_bytes(path) if exists else 0)
         group = zarr.open_group(str(path), mode="w")
         lead = leading_shape(signature.image_shape, signature.rgb)
         grid = TileGrid(
@@ -266,10 +367,19 @@ class EmbeddingStore:
         return plane
 
     def done_mask(self, plane: tuple[int, ...] = ()) -> np.ndarray:
-        """(ny, nx) bool: which tiles of ``plane`` are stored."""
+        """(ny, nx) bool: which tiles of ``plane`` are stored (none when the plane's flags
+        or metadata cannot be decoded: its tiles are then recomputed and recorded anew)."""
         plane = self._plane(plane)
         if plane not in self._done_cache:
-            self._done_cache[plane] = np.asarray(self._done_arr[plane]).astype(bool)
+            try:
+                done = np.asarray(self._done_arr[plane]).astype(bool)
+                self._meta(plane)
+            except CorruptChunkError:
+                shape = (self.grid.n_y, self.grid.n_x)
+                done = np.zeros(shape, bool)
+                self._meta_cache[plane] = (np.zeros((*shape, 2), np.int32),
+                                           np.zeros((*shape, 16), np.uint8))
+            self._done_cache[plane] = done
         return self._done_cache[plane]
 
     def has(self, plane: tuple[int, ...], iy: int, ix: int) -> bool:
@@ -286,7 +396,9 @@ class EmbeddingStore:
     def load(
         self, plane: tuple[int, ...], iy: int, ix: int
     ) -> tuple[np.ndarray, tuple[int, int]]:
-        """(embedding (256, 64, 64) float32, input_size) of a stored tile."""
+        """(embedding (256, 64, 64) float32, input_size) of a stored tile;
+        :class:`~napari_esam.core.io.chunks.CorruptChunkError` when its chunk cannot be
+        decoded."""
         plane = self._plane(plane)
         if not self.has(plane, iy, ix):
             raise KeyError(f"tile ({iy}, {ix}) of plane {plane} is not in the store")
@@ -357,4 +469,4 @@ class EmbeddingStore:
 
     @property
     def n_done(self) -> int:
-        return int(np.asarray(self._done_arr[...]).astype(bool).sum())
+        return sum(int(self.done_mask(p).sum()) for p in np.ndindex(*self.lead))

@@ -395,7 +395,11 @@ def test_open_input_reads_every_format_lazily(tmp_path, stack):
     img = stack[0]
     tifffile.imwrite(tmp_path / "s.tif", img)
     t = open_input(tmp_path / "s.tif")
-    assert isinstance(t, zarr.Array)  # lazy, not read into memory
+    assert isinstance(t, np.memmap)  # uncompressed: memory-mapped, not read into memory
+    np.testing.assert_array_equal(t[2], img[2])
+    tifffile.imwrite(tmp_path / "z.tif", img, compression="zlib")
+    t = open_input(tmp_path / "z.tif")
+    assert isinstance(t, zarr.Array)  # compressed: lazily through tifffile's Zarr store
     np.testing.assert_array_equal(t[2], img[2])
     zarr.save_array(tmp_path / "s.zarr", img)
     np.testing.assert_array_equal(open_input(tmp_path / "s.zarr")[4], img[4])
