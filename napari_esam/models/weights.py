@@ -198,10 +198,10 @@ def _torch_load(path: Path, shown: str | os.PathLike | None = None) -> Any:
         with open(path, "rb") as fh:
             head = fh.read(8)
     except OSError as exc:
-        raise CheckpointError(f"cannot read the checkpoint {path}: {exc.strerror}") from exc
+        raise CheckpointError(f"cannot read the checkpoint {name}: {exc.strerror}") from exc
     if not head.startswith(_TORCH_MAGIC):
         raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint (it starts with {head!r}, not a zip archive "
+            f"{name} is not a PyTorch checkpoint (it starts with {head!r}, not a zip archive "
             "or a pickle): give the .pt/.pth file of the model's weights"
         )
     try:
