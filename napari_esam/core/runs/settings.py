@@ -284,7 +284,7 @@ class BatchSettings:
         params.pop("points_per_batch")
         if params["contrast_limits"] is not None:
             params["contrast_limits"] = [float(v) for v in params["contrast_limits"]]
-        objects = {name: params.pop(name) for name in OBJECT_FIELDS[1:]}
+        objects = {name: params.pop(name) for name in OBJECT_FIELDS[1:]}  # all but prompts
         if self.params.prompts == "grid":  # the record of runs before object prompts
             params.pop("prompts")
         else:  # no grid; the detector's settings in one entry (one line when they differ)
