@@ -20,6 +20,8 @@ _EXPORTS = {
     "Predictor": "napari_esam.core.plane.predictor",
     "to_model_rgb": "napari_esam.core.plane.image",
     "segment_everything": "napari_esam.core.plane.everything",
+    "segment_everything_objects": "napari_esam.core.plane.object_prompts",
+    "detect_object_prompts": "napari_esam.core.plane.object_prompts",
     "masks_to_labels": "napari_esam.core.plane.labels",
     "write_labels": "napari_esam.core.io.label_files",
     "read_labels": "napari_esam.core.io.label_files",

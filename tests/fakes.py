@@ -100,7 +100,20 @@ class FakeModel(PromptableModel):
 
 # --- image-aware stand-ins for batch runs (BlobModel) and synthetic cell stacks
 
+def prompt_centres(coords: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """(B, 2) (x, y): each row's first point, or the centre of its box (labels 2 and 3)."""
+    pts = coords[:, 0, :].detach().cpu().numpy().astype(np.float64)
+    lab = labels.detach().cpu().numpy()
+    box = (lab[:, 0] == 2) & (lab.shape[1] > 1)
+    if box.any():
+        pts[box] = coords[box][:, :2].detach().cpu().numpy().mean(axis=1)
+    return pts
+
+
 class BlobModel(FakeModel):
+    """The bright 8-connected blob of the embedding's 64 x 64 grid under each prompt's
+    first point (or its box's centre); predicted IoU 0.95 on a blob, 0.1 off."""
+
     name = "blob"
 
     def decode(self, embedding, coords, labels, original_size, multimask_output=True):
@@ -108,7 +121,7 @@ class BlobModel(FakeModel):
         img = embedding[0, 0].detach().cpu().numpy()  # (64, 64) mean intensity, 0..255
         comp, _ = ndimage.label(img > 100)
         s = 1024 / max(h, w) / 16  # original px -> 64 grid
-        pts = coords[:, 0, :].detach().cpu().numpy() * s
+        pts = prompt_centres(coords, labels) * s
         ix = np.clip(pts[:, 0].astype(int), 0, 63)
         iy = np.clip(pts[:, 1].astype(int), 0, 63)
         ids = comp[iy, ix]
@@ -220,6 +233,20 @@ class MaskFake(CountingFake):
         if mask_input is not None:
             low = torch.maximum(low, mask_input.to(low.device).clamp(-10, 10))
         return low, iou
+
+
+class PromptRecorder(FakeModel):
+    """FakeModel recording what every decoder call receives: ``calls`` holds
+    (coords (B, N, 2) in image pixels, labels (B, N), multimask_output) as NumPy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[np.ndarray, np.ndarray, bool]] = []
+
+    def decode(self, embedding, coords, labels, original_size, multimask_output=True):
+        self.calls.append((coords.detach().cpu().numpy().astype(np.float64),
+                           labels.detach().cpu().numpy(), bool(multimask_output)))
+        return super().decode(embedding, coords, labels, original_size, multimask_output)
 
 
 def model_input(pixels: np.ndarray, rgb: bool = False) -> np.ndarray:
@@ -489,7 +516,8 @@ class ObjectsModel(PromptableModel):
     tile, so the expected segmentation is known exactly.
 
     ``encode`` records the tile (thresholded at 128 after contrast scaling) and returns an
-    embedding filled with the tile's id; ``decode`` puts (tile id, component id) in the
+    embedding filled with the tile's id; ``decode`` (a positive point, or else a box's
+    centre, picks the component) puts (tile id, component id) in the
     low-res logits (predicted IoU 0.95 on an object for the first candidate, else 0.1);
     ``postprocess_masks`` rebuilds the exact component as +-10 logits at full resolution.
     """
@@ -522,10 +550,11 @@ class ObjectsModel(PromptableModel):
         n = 3 if multimask_output else 1
         low = torch.zeros(coords.shape[0], n, 256, 256)
         iou = torch.full((coords.shape[0], n), 0.1)
+        centres = prompt_centres(coords, labels)
         for i in range(coords.shape[0]):
             pos = coords[i][labels[i] == 1]
-            if len(pos):
-                x, y = (int(v) for v in pos[0].tolist())
+            if len(pos) or (labels[i] == 2).any():
+                x, y = (int(v) for v in (pos[0].tolist() if len(pos) else centres[i]))
                 c = int(comp[min(y, comp.shape[0] - 1), min(x, comp.shape[1] - 1)])
                 low[i, :, 0, 0], low[i, :, 0, 1] = k, c
                 iou[i, 0] = 0.95 if c else 0.1

@@ -87,6 +87,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="drop objects smaller than this (pixels)")
     g.add_argument("--max-size", type=int, default=d.max_size,
                    help="drop objects larger than this (pixels), e.g. a background mask")
+    add_object_prompt_args(p, d)
     g = p.add_argument_group(
         "3-D objects and tracks",
         "link each slice's objects into one id per 3-D object or per track "
@@ -180,6 +181,33 @@ def _state(paths: Any) -> list[tuple[bool, int]]:
     return out
 
 
+def add_object_prompt_args(p: argparse.ArgumentParser, d: Any) -> None:
+    """``--prompts`` and the object detector's options (``d``: the default parameters)."""
+    from napari_esam.core.plane.object_prompts import DECODINGS, POLARITIES
+    from napari_esam.core.runs.settings import PROMPTS
+
+    g = p.add_argument_group(
+        "prompts (docs/everything.md#grid-or-object-prompts)",
+        "grid: --points-per-side^2 points per tile (any objects); objects: one prompt per "
+        "blob-like object (cells, nuclei) found by a detector, much faster",
+    )
+    g.add_argument("--prompts", choices=PROMPTS, default=d.prompts,
+                   help="the prompt set of segment-everything")
+    g.add_argument("--object-diameter", type=float, nargs=2, default=list(d.object_diameter),
+                   metavar=("MIN", "MAX"),
+                   help="with --prompts objects: smallest and largest object diameter (pixels)")
+    g.add_argument("--object-threshold", type=float, default=d.object_threshold, metavar="F",
+                   help="with --prompts objects: the detector's threshold (lower finds "
+                   "fainter objects; ~0.74 x an object's contrast in the display range)")
+    g.add_argument("--object-polarity", choices=POLARITIES, default=d.object_polarity,
+                   help="with --prompts objects: bright objects on a dark background "
+                   "(fluorescence) or dark ones on a bright background")
+    g.add_argument("--object-decoding", choices=DECODINGS, default=d.object_decoding,
+                   help="with --prompts objects: a positive point per object (SAM's filters "
+                   "as for the grid) or its box (MobileSAMv2: one mask per object, no "
+                   "IoU/stability filters; fastest)")
+
+
 def _batch_size(text: str) -> int | None:
     if text.lower() == "auto":
         return None
@@ -209,6 +237,11 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         min_size=args.min_size,
         max_size=args.max_size,
         contrast_limits=tuple(args.contrast_limits) if args.contrast_limits else None,
+        prompts=args.prompts,
+        object_diameter=tuple(args.object_diameter),
+        object_threshold=args.object_threshold,
+        object_polarity=args.object_polarity,
+        object_decoding=args.object_decoding,
     )
     return BatchSettings(model=model_spec(args), params=params, id_scope=args.id_scope,
                          tiling=tiling_params(args))

@@ -223,6 +223,7 @@ def segment_everything(
     crop_n_points_downscale_factor: int = 1,
     min_mask_region_area: int = 0,
     point_grids: np.ndarray | Sequence[np.ndarray] | None = None,
+    prompt_boxes: np.ndarray | None = None,
     method: str = "sam",
     progress: Callable[[int, int], Any] | None = None,
     cancel: Callable[[], bool] | None = None,
@@ -258,6 +259,11 @@ def segment_everything(
     ``box_nms_thresh`` -> nms_thresh. Crops are not part of this procedure
     (``crop_n_layers`` must be 0).
 
+    ``prompt_boxes`` (``method="sam"``, no crops; MobileSAMv2's decoding): (N, 4) XYXY boxes
+    in image pixels, one per point of ``point_grids``; each point is decoded as its box
+    (single-mask output) instead of as a positive point, and stays the record's
+    ``point_coords``. The filters and NMS apply as given (thresholds <= 0 disable them).
+
     ``points_per_batch``: points decoded per model call (results do not depend on it, up
     to the decoder's last-bit float rounding, which BLAS may vary with the batch size);
     ``None`` picks it from free memory (:func:`auto_points_per_batch`).
@@ -292,6 +298,15 @@ def segment_everything(
         points_per_side = int(points_per_side)
     crop_n_layers = int(crop_n_layers)
     crop_n_points_downscale_factor = int(crop_n_points_downscale_factor)
+    boxes = None
+    if prompt_boxes is not None:
+        boxes = np.asarray(prompt_boxes, dtype=np.float64)
+        if method != "sam" or crop_n_layers:
+            raise ValueError("prompt_boxes need method='sam' and no crops (crop_n_layers=0)")
+        if grids is None or len(grids) != 1 or boxes.shape != (len(grids[0]), 4):
+            raise ValueError("prompt_boxes must be (N, 4) XYXY, one per point of point_grids")
+        if not np.isfinite(boxes).all():
+            raise ValueError("prompt_boxes contain NaN or infinite values")
     with torch.inference_mode():
         if method == "efficientsam":
             return _everything_efficientsam(
@@ -314,6 +329,7 @@ def segment_everything(
             contrast_limits=contrast_limits,
             points_per_side=points_per_side,
             grids=grids,
+            boxes=boxes,
             points_per_batch=points_per_batch,
             pred_iou_thresh=pred_iou_thresh,
             stability_score_thresh=stability_score_thresh,
@@ -340,6 +356,17 @@ def _decode_points(predictor: Predictor, points: np.ndarray) -> tuple[Tensor, Te
     return predictor.decode_torch(coords, labels, multimask_output=True)
 
 
+def _decode_boxes(predictor: Predictor, boxes: np.ndarray) -> tuple[Tensor, Tensor]:
+    """One XYXY box per row -> (low-res (B, 1, 256, 256), iou (B, 1)): single-mask output,
+    the corners labelled 2 and 3 (SAM's box prompt)."""
+    h, w = predictor.original_size
+    b = np.ascontiguousarray(boxes, dtype=np.float64)
+    b = np.clip(b, 0, [w, h, w, h])
+    coords = torch.from_numpy(b.reshape(-1, 2, 2))
+    labels = torch.tensor([[2, 3]], dtype=torch.int64).expand(coords.shape[0], 2)
+    return predictor.decode_torch(coords, labels.contiguous(), multimask_output=False)
+
+
 def _sam_batch(
     predictor: Predictor,
     points: np.ndarray,
@@ -350,9 +377,13 @@ def _sam_batch(
     stability_score_thresh: float,
     stability_score_offset: float,
     out: _Candidates,
+    boxes: np.ndarray | None = None,
 ) -> None:
     model = predictor.model
-    low_res, iou = _decode_points(predictor, points)
+    if boxes is None:
+        low_res, iou = _decode_points(predictor, points)
+    else:
+        low_res, iou = _decode_boxes(predictor, boxes)
     k = low_res.shape[1]
     low_res = low_res.flatten(0, 1)
     iou = iou.flatten(0, 1)
@@ -395,6 +426,7 @@ def _everything_sam(
     contrast_limits: tuple[float, float] | None,
     points_per_side: int | None,
     grids: list[np.ndarray] | None,
+    boxes: np.ndarray | None,
     points_per_batch: int | None,
     pred_iou_thresh: float,
     stability_score_thresh: float,
@@ -457,6 +489,7 @@ def _everything_sam(
                 stability_score_thresh,
                 stability_score_offset,
                 cand,
+                None if boxes is None else boxes[start : start + ppb],
             )
             steps.step()
         data = cand.cat()

@@ -35,6 +35,15 @@ The detector, step by step (all on a float32 copy; cost is a few Gaussian filter
 
 Prompts are (x, y) in pixels, SAM's convention: pixel (row r, column c) spans
 ``[c, c + 1) x [r, r + 1)`` and its centre is ``(c + 0.5, r + 0.5)``.
+
+Two ways to decode the detected objects (``decoding``):
+
+* ``"point"``: one positive point per object, three candidate masks each, SAM's filters
+  (predicted IoU, stability) and NMS, exactly as for a grid;
+* ``"box"`` (MobileSAMv2's decoding): each object is prompted by the box
+  ``centre +- BOX_SCALE x radius`` (``radius``: the detector's blob radius, half the
+  diameter of its scale), with single-mask output; every mask is kept (no predicted-IoU or
+  stability filter), NMS still removes duplicates. Fastest: one mask per object.
 """
 
 from __future__ import annotations
@@ -47,15 +56,26 @@ import numpy as np
 from napari_esam.core.plane.image import as_checked_image, contrast_limits_of
 
 __all__ = [
+    "BOX_SCALE",
+    "DECODINGS",
+    "POLARITIES",
     "detect_object_prompts",
-    "segment_everything_objects",
-    "object_scales",
+    "max_object_prompts",
     "normalised_grey",
+    "object_boxes",
+    "object_scales",
+    "segment_detected_objects",
+    "segment_everything_objects",
 ]
 
 #: largest ratio between consecutive detection scales
 SCALE_STEP = 1.5
-_POLARITIES = ("bright", "dark")
+#: the detector's object polarities and the decoding modes (module doc)
+POLARITIES = ("bright", "dark")
+DECODINGS = ("point", "box")
+#: box decoding: the half-side of an object's box in blob radii (a blob's scale is within
+#: a factor ~1.2 of its size, and nuclei are elongated: 1.5 keeps the object in its box)
+BOX_SCALE = 1.5
 
 
 def object_scales(min_diameter: float, max_diameter: float) -> np.ndarray:
@@ -87,7 +107,7 @@ def _check_args(
     if max_prompts is not None and (isinstance(max_prompts, bool) or int(max_prompts) < 1
                                     or int(max_prompts) != max_prompts):
         raise ValueError(f"max_prompts must be a positive integer or None, got {max_prompts!r}")
-    if polarity not in _POLARITIES:
+    if polarity not in POLARITIES:
         raise ValueError(f"polarity must be 'bright' or 'dark', not {polarity!r}")
 
 
@@ -97,7 +117,7 @@ def normalised_grey(
     polarity: str = "bright",
 ) -> np.ndarray:
     """(H, W) float32 in [0, 1]: grey, contrast-normalised, objects bright (module doc, 1)."""
-    if polarity not in _POLARITIES:
+    if polarity not in POLARITIES:
         raise ValueError(f"polarity must be 'bright' or 'dark', not {polarity!r}")
     image = as_checked_image(image)
     grey = image.astype(np.float32)
@@ -224,6 +244,83 @@ def detect_object_prompts(
     return points
 
 
+def max_object_prompts(shape: tuple[int, int], min_diameter: float) -> int:
+    """The most prompts :func:`detect_object_prompts` can give on an image of ``shape``.
+
+    Accepted blobs lie at least their radius (>= ``min_diameter / 2``) apart (step 4 of the
+    module doc), so discs of radius ``min_diameter / 4`` around them are disjoint and lie in
+    the image grown by that radius: their number is at most that area over one disc's.
+    """
+    r = float(min_diameter) / 2
+    h, w = (int(v) for v in shape[:2])
+    return max(1, int((h + r) * (w + r) / (math.pi * r * r / 4)))
+
+
+def object_boxes(
+    points: np.ndarray, radii: np.ndarray, shape: tuple[int, int], scale: float = BOX_SCALE
+) -> np.ndarray:
+    """(N, 4) float64 XYXY boxes ``point +- scale x radius`` clipped to an image of ``shape``
+    ((H, W, ...)); the box prompts of ``decoding="box"``."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    half = float(scale) * np.asarray(radii, dtype=np.float64).reshape(-1, 1)
+    if half.shape[0] != pts.shape[0]:
+        raise ValueError(f"{pts.shape[0]} points but {half.shape[0]} radii")
+    h, w = (int(v) for v in shape[:2])
+    boxes = np.concatenate([pts - half, pts + half], axis=1)
+    return np.clip(boxes, 0, [w, h, w, h])
+
+
+def segment_detected_objects(
+    image: Any,
+    predictor_or_model: Any,
+    points: np.ndarray,
+    radii: np.ndarray | None = None,
+    *,
+    decoding: str = "point",
+    box_scale: float = BOX_SCALE,
+    **everything_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Segment the objects at ``points`` ((N, 2) (x, y) pixels, e.g. detected) with
+    :func:`~napari_esam.core.plane.everything.segment_everything`.
+
+    ``image``: as for ``segment_everything`` (``None``: the image already set on the
+    predictor, whose size gives the frame). ``decoding``: ``"point"`` (the points are the
+    prompt grid: three candidates each, the filters and NMS as given) or ``"box"`` (each
+    point's box ``point +- box_scale x radius``, ``radii`` (N,) required, single-mask
+    output; ``pred_iou_thresh``, ``stability_score_thresh`` and ``method`` do not apply:
+    every mask is kept, then NMS). Other keywords go to ``segment_everything`` (no
+    ``points_per_side``, ``point_grids`` or crops). No points give ``[]`` without running
+    the model.
+    """
+    from napari_esam.core.plane.everything import _as_predictor, segment_everything
+
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be 'point' or 'box', not {decoding!r}")
+    for key in ("points_per_side", "point_grids", "prompt_boxes"):
+        if key in everything_kwargs:
+            raise ValueError(f"{key} cannot be combined with object prompts")
+    if everything_kwargs.get("crop_n_layers", 0):
+        raise ValueError("object prompts do not support crops (crop_n_layers must be 0)")
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if not len(points):
+        return []
+    predictor = _as_predictor(predictor_or_model)
+    if image is not None:
+        predictor.set_image(image, everything_kwargs.get("contrast_limits"))
+        image = None  # set: segment_everything reuses it
+    elif not predictor.is_image_set:
+        raise ValueError("no image: pass one, or set it on the predictor first")
+    h, w = predictor.original_size
+    grid = points / np.array([[w, h]], dtype=np.float64)
+    if decoding == "box":
+        if radii is None:
+            raise ValueError("box decoding needs the objects' radii")
+        everything_kwargs.update(method="sam", pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                                 prompt_boxes=object_boxes(points, radii, (h, w), box_scale))
+    return segment_everything(image, predictor, points_per_side=None, point_grids=grid,
+                              **everything_kwargs)
+
+
 def segment_everything_objects(
     image: Any,
     predictor_or_model: Any,
@@ -233,30 +330,34 @@ def segment_everything_objects(
     threshold: float = 0.05,
     polarity: str = "bright",
     max_prompts: int | None = None,
+    decoding: str = "point",
     contrast_limits: tuple[float, float] | None = None,
     details: dict | None = None,
     **everything_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Segment everything with one positive point per detected object as the prompt set.
+    """Segment everything with one prompt per detected object.
 
-    Detector keywords as in :func:`detect_object_prompts`; the other keywords go to
-    :func:`~napari_esam.core.plane.everything.segment_everything` (``method``, thresholds,
-    ``points_per_batch``, ``progress``, ``cancel``...), which gets the points as its
-    ``point_grids`` (normalised by the image width and height). Records are SAM-style and
-    their ``point_coords`` are the detected points. No crops (``crop_n_layers`` must be 0)
-    and no ``points_per_side``/``point_grids``. An image without candidates gives ``[]``
-    without running the model. ``details`` also receives ``"object_prompts"`` (N, 2).
+    Detector keywords as in :func:`detect_object_prompts`; ``decoding``: ``"point"`` (one
+    positive point per object, SAM's filters as for a grid) or ``"box"`` (MobileSAMv2: the
+    object's box, single-mask output, no IoU/stability filters; module doc). The other
+    keywords go to :func:`~napari_esam.core.plane.everything.segment_everything`
+    (``method``, thresholds, ``points_per_batch``, ``progress``, ``cancel``...), which gets
+    the points as its ``point_grids`` (normalised by the image width and height). Records
+    are SAM-style and their ``point_coords`` are the detected points. No crops
+    (``crop_n_layers`` must be 0) and no ``points_per_side``/``point_grids``. An image
+    without candidates gives ``[]`` without running the model. ``details`` also receives
+    ``"object_prompts"`` (N, 2) and ``"object_radii"`` (N,).
     """
-    from napari_esam.core.plane.everything import segment_everything
-
-    for key in ("points_per_side", "point_grids"):
+    for key in ("points_per_side", "point_grids", "prompt_boxes"):
         if key in everything_kwargs:
             raise ValueError(f"{key} cannot be combined with object prompts")
     if everything_kwargs.get("crop_n_layers", 0):
         raise ValueError("object prompts do not support crops (crop_n_layers must be 0)")
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be 'point' or 'box', not {decoding!r}")
     if image is None:
         raise ValueError("object prompts need the image pixels: pass the image")
-    points = detect_object_prompts(
+    points, found = detect_object_prompts(
         image,
         min_diameter=min_diameter,
         max_diameter=max_diameter,
@@ -264,19 +365,12 @@ def segment_everything_objects(
         polarity=polarity,
         max_prompts=max_prompts,
         contrast_limits=contrast_limits,
+        return_details=True,
     )
     if details is not None:
         details["object_prompts"] = points
-    if not len(points):
-        return []
-    h, w = (image.shape if hasattr(image, "shape") else np.asarray(image).shape)[:2]
-    grid = points / np.array([[w, h]], dtype=np.float64)
-    return segment_everything(
-        image,
-        predictor_or_model,
-        points_per_side=None,
-        point_grids=grid,
-        contrast_limits=contrast_limits,
-        details=details,
-        **everything_kwargs,
+        details["object_radii"] = found["radius"]
+    return segment_detected_objects(
+        image, predictor_or_model, points, found["radius"], decoding=decoding,
+        contrast_limits=contrast_limits, details=details, **everything_kwargs,
     )

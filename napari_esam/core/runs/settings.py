@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib
 import math
+import numbers
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from napari_esam.core.tiling.grid import (
 __all__ = [
     "MERGE_IOU",
     "MIN_TILE",
+    "OBJECT_FIELDS",
+    "PROMPTS",
     "BatchSettings",
     "EverythingParams",
     "ModelSpec",
@@ -45,6 +48,11 @@ __all__ = [
 
 #: default IoU inside the tiles' overlap from which two tiles' masks are one object
 MERGE_IOU = 0.5
+#: the prompt sets of segment-everything (``EverythingParams.prompts``)
+PROMPTS = ("grid", "objects")
+#: the settings of object prompts (recorded only when ``prompts="objects"``)
+OBJECT_FIELDS = ("prompts", "object_diameter", "object_threshold", "object_polarity",
+                 "object_decoding")
 
 
 def default_halo(tile: int) -> int:
@@ -129,6 +137,13 @@ class EverythingParams:
     drop objects by area (pixels) when building the labels; ``max_size`` is the usual way to
     drop a "background" mask. ``contrast_limits`` are applied to every plane (``None``:
     each plane's own, ``docs/rules/tiling.md#contrast``).
+
+    ``prompts``: ``"grid"`` (``points_per_side``² points per tile) or ``"objects"`` (one
+    prompt per object found by :func:`~napari_esam.core.plane.object_prompts.
+    detect_object_prompts` in each tile, ``docs/everything.md#grid-or-object-prompts``), with
+    ``object_diameter`` (min, max) in pixels, ``object_threshold``, ``object_polarity``
+    (``"bright"``/``"dark"``) and ``object_decoding`` (``"point"``: SAM's filters as for the
+    grid; ``"box"``: MobileSAMv2's box prompts, single mask, no IoU/stability filters).
     """
 
     points_per_side: int = 32
@@ -146,6 +161,18 @@ class EverythingParams:
     min_size: int = 0
     max_size: int | None = None
     contrast_limits: tuple[float, float] | None = None
+    prompts: str = "grid"
+    object_diameter: tuple[float, float] = (8.0, 40.0)
+    object_threshold: float = 0.05
+    object_polarity: str = "bright"
+    object_decoding: str = "point"
+
+    def object_kwargs(self) -> dict[str, Any]:
+        """The detector's keywords (:func:`~napari_esam.core.plane.object_prompts.
+        detect_object_prompts`)."""
+        lo, hi = self.object_diameter
+        return {"min_diameter": float(lo), "max_diameter": float(hi),
+                "threshold": float(self.object_threshold), "polarity": self.object_polarity}
 
     def everything_kwargs(self) -> dict[str, Any]:
         """The keywords for :func:`napari_esam.core.plane.everything.segment_everything`."""
@@ -169,6 +196,36 @@ class EverythingParams:
             raise ValueError(
                 f"max_size ({self.max_size}) must be >= 1 and >= min_size ({self.min_size})"
             )
+        self._validate_prompts()
+
+    def _validate_prompts(self) -> None:
+        from napari_esam.core.plane.object_prompts import DECODINGS, POLARITIES
+
+        if self.prompts not in PROMPTS:
+            raise ValueError(f"prompts must be 'grid' or 'objects', not {self.prompts!r}")
+        try:
+            lo, hi = (float(v) for v in self.object_diameter)
+            if any(isinstance(v, (bool, str)) for v in self.object_diameter):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise ValueError(f"object_diameter must be (min, max) in pixels, got "
+                             f"{self.object_diameter!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and 2 <= lo <= hi):
+            raise ValueError(f"object_diameter must be (min, max) pixels with 2 <= min <= max, "
+                             f"got {self.object_diameter!r}")
+        t = self.object_threshold
+        if not (isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t)
+                and t > 0):
+            raise ValueError(f"object_threshold must be > 0 (e.g. 0.05), got "
+                             f"{self.object_threshold}")
+        if self.object_polarity not in POLARITIES:
+            raise ValueError(f"object_polarity must be 'bright' or 'dark', not "
+                             f"{self.object_polarity!r}")
+        if self.object_decoding not in DECODINGS:
+            raise ValueError(f"object_decoding must be 'point' or 'box', not "
+                             f"{self.object_decoding!r}")
+        if self.prompts == "objects" and self.crop_n_layers:
+            raise ValueError("object prompts do not support crops (crop_n_layers must be 0)")
 
 
 @dataclass(frozen=True)
@@ -194,7 +251,8 @@ class BatchSettings:
     def id_stride(self, grid: TileGrid) -> int:
         """Ids reserved per plane: the smallest power of ten above the most objects a plane
         of ``grid`` can give (``docs/rules/labels.md``)."""
-        return 10 ** (len(str(max_objects_per_tile(self.params) * grid.n_tiles)))
+        tile = (grid.tile_h, grid.tile_w)
+        return 10 ** (len(str(max_objects_per_tile(self.params, tile) * grid.n_tiles)))
 
     def record(self, grid: TileGrid) -> dict[str, Any]:
         """The JSON record compared on resume (device and batch size do not change results)."""
@@ -202,6 +260,14 @@ class BatchSettings:
         params.pop("points_per_batch")
         if params["contrast_limits"] is not None:
             params["contrast_limits"] = [float(v) for v in params["contrast_limits"]]
+        objects = {name: params.pop(name) for name in OBJECT_FIELDS[1:]}  # all but prompts
+        if self.params.prompts == "grid":  # the record of runs before object prompts
+            params.pop("prompts")
+        else:  # no grid; the detector's settings in one entry (one line when they differ)
+            params.pop("points_per_side")
+            objects["object_diameter"] = [float(v) for v in objects["object_diameter"]]
+            objects["object_threshold"] = float(objects["object_threshold"])
+            params["objects"] = objects
         return {
             "model": self.model.name,
             "checkpoint": checkpoint_identity(self.model.checkpoint),
@@ -235,8 +301,20 @@ def checkpoint_identity(checkpoint: str | None) -> dict[str, Any] | None:
     return {"name": path.name, "size": size, "digest": h.hexdigest()}
 
 
-def max_objects_per_tile(params: EverythingParams) -> int:
-    """Upper bound on the masks one tile can give: 3 candidates per point, all crops."""
+def max_objects_per_tile(params: EverythingParams,
+                         tile_shape: Sequence[int] | None = None) -> int:
+    """Upper bound on the masks one tile of ``tile_shape`` (H, W) can give: 3 candidates per
+    point of every crop layer; with object prompts, the most objects the detector can find
+    in the tile (:func:`~napari_esam.core.plane.object_prompts.max_object_prompts`) times
+    3 (point decoding) or 1 (box decoding)."""
+    if params.prompts == "objects":
+        from napari_esam.core.plane.object_prompts import max_object_prompts
+
+        if tile_shape is None:
+            raise ValueError("the bound of object prompts needs the tile shape")
+        k = 1 if params.object_decoding == "box" else 3
+        shape = (int(tile_shape[0]), int(tile_shape[1]))
+        return k * max_object_prompts(shape, float(params.object_diameter[0]))
     n = 0
     for layer in range(params.crop_n_layers + 1):
         per_side = int(params.points_per_side / params.crop_n_points_downscale_factor**layer)

@@ -27,13 +27,18 @@ import numpy as np
 from napari_esam.core.plane.image import to_model_rgb
 from napari_esam.core.plane.predictor import Predictor, _image_key
 from napari_esam.core.runs.outputs import TileScratch, ZarrOutput
-from napari_esam.core.runs.settings import BatchSettings, get_model, output_dtype
+from napari_esam.core.runs.settings import (
+    BatchSettings,
+    EverythingParams,
+    get_model,
+    output_dtype,
+)
 from napari_esam.core.runs.sources import StackSource
 from napari_esam.core.tiling.grid import Tile, TileGrid
 from napari_esam.core.tiling.merge import PlaneMerger, TileMasks, keep_tile_masks
 from napari_esam.core.tiling.predictor import TiledPredictor
 
-__all__ = ["TaskResult", "TileTask", "merge_plane"]
+__all__ = ["TaskResult", "TileTask", "merge_plane", "tile_object_prompts"]
 
 
 @dataclass
@@ -86,6 +91,36 @@ def merge_plane(
     if n >= stride:  # cannot happen with the bound; guards against a changed algorithm
         raise OverflowError(f"plane {plane} has {n} objects, more than its id range {stride}")
     return n, merger.stats
+
+
+def tile_object_prompts(
+    grid: TileGrid,
+    tile: Tile,
+    pixels: np.ndarray,
+    params: EverythingParams,
+    contrast_limits: tuple[float, float] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The object prompts of one tile: (points (N, 2) (x, y) in the tile's frame, blob radii
+    (N,)), detected in the tile's ``pixels`` under the plane's ``contrast_limits``.
+
+    A tile keeps the objects whose point lies in its core grown by half the largest object
+    diameter (clipped to the tile): an object near a seam is prompted by both tiles, one far
+    inside a neighbour's core only by the neighbour (which sees it whole); the ownership
+    and seam rules then keep each object once (``docs/rules/tiling.md``).
+    """
+    from napari_esam.core.plane.object_prompts import detect_object_prompts
+
+    points, found = detect_object_prompts(pixels, contrast_limits=contrast_limits,
+                                          return_details=True, **params.object_kwargs())
+    radii = found["radius"]
+    if grid.n_tiles > 1 and len(points):
+        win, core = tile.window, tile.core
+        m = float(params.object_diameter[1]) / 2
+        x, y = points[:, 0] + win.x0, points[:, 1] + win.y0  # plane frame
+        keep = ((x >= core.x0 - m) & (x < core.x1 + m) & (y >= core.y0 - m)
+                & (y < core.y1 + m))
+        points, radii = points[keep], radii[keep]
+    return points, radii
 
 
 _PREDICTORS: OrderedDict[tuple, TiledPredictor] = OrderedDict()
@@ -189,12 +224,22 @@ class TileTask:
         kwargs = params.everything_kwargs()
         kwargs.pop("contrast_limits")
         image = None
-        if params.crop_n_layers:  # crops re-encode parts of the tile: they need its pixels
+        if params.prompts == "objects":  # detected in the tile's own pixels
+            from napari_esam.core.plane.object_prompts import segment_detected_objects
+
             image = pixels if pixels is not None else self.source.read(plane, tile.window)
-            image = to_model_rgb(image, limits)  # the model's 8-bit RGB: no limits to pass
-            predictor.image_key = _image_key(image)
-        records = segment_everything(image, predictor, cancel=cancel, progress=progress,
-                                     **kwargs)
+            points, radii = tile_object_prompts(grid, tile, image, params, limits)
+            kwargs.pop("points_per_side")
+            records = segment_detected_objects(None, predictor, points, radii,
+                                               decoding=params.object_decoding, cancel=cancel,
+                                               progress=progress, **kwargs)
+        else:
+            if params.crop_n_layers:  # crops re-encode parts of the tile: they need its pixels
+                image = pixels if pixels is not None else self.source.read(plane, tile.window)
+                image = to_model_rgb(image, limits)  # the model's 8-bit RGB: no limits to pass
+                predictor.image_key = _image_key(image)
+            records = segment_everything(image, predictor, cancel=cancel, progress=progress,
+                                         **kwargs)
         kept = keep_tile_masks(grid, tile, records, coords)
         res = TaskResult(int(index), plane, 0.0, n_masks=len(kept), stats=dict(kept.stats),
                          encoder_calls=enc, store_hits=hits, store_repairs=fixed,

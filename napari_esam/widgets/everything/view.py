@@ -1,6 +1,7 @@
 """The "Segment everything" dock widget: a thin Qt view over :mod:`.controller`.
 
-Sections (top to bottom): input, model, parameters (with an "Advanced" fold), large images
+Sections (top to bottom): input, model, parameters (the prompt set, grid or objects, with
+its fields; an "Advanced" fold), large images
 (tiled mode, tile, halo, embedding store), output, where to run (this process, a local Dask
 cluster or a Dask scheduler), the Run/Cancel buttons with the progress bar, and the per-slice
 counts of the last run. :meth:`EverythingWidget.add_section`
@@ -30,8 +31,9 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
+from napari_esam.core.plane.object_prompts import DECODINGS, POLARITIES
 from napari_esam.core.runs.pipeline import BatchProgress, BatchResult
-from napari_esam.core.runs.settings import EverythingParams
+from napari_esam.core.runs.settings import PROMPTS, EverythingParams
 from napari_esam.core.tiling.grid import HALO, TILE, TILED_MODES, TILING_THRESHOLD
 from napari_esam.widgets.everything.controller import (
     EXECUTORS,
@@ -101,7 +103,7 @@ class EverythingWidget(QWidget):
         self.layer_contrast.setChecked(True)
         self.unique_ids = QCheckBox("label ids unique across the stack")
         self.unique_ids.setChecked(True)
-        form.addRow("Points per side", self.points_per_side)
+        self._add_prompt_rows(form, d)
         form.addRow("Min predicted IoU", self.pred_iou_thresh)
         form.addRow("Min stability", self.stability_thresh)
         form.addRow("Box NMS", self.box_nms_thresh)
@@ -250,6 +252,60 @@ class EverythingWidget(QWidget):
         self.add_section(self.export_section)
 
     # ------------------------------------------------------------------ helpers
+    def _add_prompt_rows(self, form: QFormLayout, d: EverythingParams) -> None:
+        """The prompt set (grid | objects) and its fields: points per side for the grid, the
+        detector's fields for objects (only the chosen set's fields are shown)."""
+        self.prompts_combo = QComboBox()
+        self.prompts_combo.addItems(list(PROMPTS))
+        self.prompts_combo.setCurrentText(d.prompts)
+        self.prompts_combo.setToolTip(
+            "grid: N x N points per tile, for objects of any shape; objects: one prompt per "
+            "blob-like object (cells, nuclei) found by a detector, much faster"
+        )
+        self.min_diameter = dspin(2, 10_000, d.object_diameter[0], 1.0,
+                                  "smallest object diameter (pixels)")
+        self.max_diameter = dspin(2, 10_000, d.object_diameter[1], 1.0,
+                                  "largest object diameter (pixels)")
+        self.diameter_row = QWidget()
+        row = QHBoxLayout(self.diameter_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.min_diameter, 1)
+        row.addWidget(QLabel("to"))
+        row.addWidget(self.max_diameter, 1)
+        self.object_threshold = dspin(0.001, 10, d.object_threshold, 0.01,
+                                      "detector threshold: lower finds fainter objects")
+        self.polarity_combo = QComboBox()
+        self.polarity_combo.addItems(list(POLARITIES))
+        self.polarity_combo.setCurrentText(d.object_polarity)
+        self.polarity_combo.setToolTip(
+            "bright objects on a dark background (fluorescence) or dark on bright")
+        self.decoding_combo = QComboBox()
+        self.decoding_combo.addItems(list(DECODINGS))
+        self.decoding_combo.setCurrentText(d.object_decoding)
+        self.decoding_combo.setToolTip(
+            "point: a positive point per object, SAM's IoU/stability filters as for the grid; "
+            "box: the object's box, one mask each, no IoU/stability filters (fastest, "
+            "MobileSAMv2)"
+        )
+        form.addRow("Prompts", self.prompts_combo)
+        form.addRow("Points per side", self.points_per_side)
+        form.addRow("Object diameter (px)", self.diameter_row)
+        form.addRow("Object threshold", self.object_threshold)
+        form.addRow("Object polarity", self.polarity_combo)
+        form.addRow("Object decoding", self.decoding_combo)
+        self._prompt_form = form
+        self.prompts_combo.currentIndexChanged.connect(self._refresh_prompts)
+        self._refresh_prompts()
+
+    def _refresh_prompts(self, *_: Any) -> None:
+        """Show the grid's or the detector's fields, as the prompt set says."""
+        objects = self.prompts_combo.currentText() == "objects"
+        for field, shown in ((self.points_per_side, not objects),
+                             (self.diameter_row, objects), (self.object_threshold, objects),
+                             (self.polarity_combo, objects), (self.decoding_combo, objects)):
+            field.setVisible(shown)  # (QFormLayout.setRowVisible needs Qt >= 6.4)
+            self._prompt_form.labelForField(field).setVisible(shown)
+
     def add_section(self, widget: QWidget) -> None:
         """Append a section below the run controls (used by later features, e.g. export)."""
         self.sections.addWidget(widget)
@@ -324,6 +380,11 @@ class EverythingWidget(QWidget):
             method=self.method_combo.currentText(),
             min_size=self.min_size.value(),
             max_size=max_size,
+            prompts=self.prompts_combo.currentText(),
+            object_diameter=(self.min_diameter.value(), self.max_diameter.value()),
+            object_threshold=self.object_threshold.value(),
+            object_polarity=self.polarity_combo.currentText(),
+            object_decoding=self.decoding_combo.currentText(),
         )
         return EverythingForm(
             model=self.model_combo.currentText(),

@@ -1,5 +1,6 @@
 """Object-aware prompts: the LoG detector on synthetic nuclei, and segment-everything with
-the detected points (on a fast fake model). No timings here: speed is in ``benchmarks/``."""
+the detected points or their boxes (on fast fake models). No timings here: speed is in
+``benchmarks/``."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import pytest
 from napari_esam._sample_data import synthetic_nuclei
 from napari_esam.core.plane.everything import segment_everything
 from napari_esam.core.plane.object_prompts import (
+    BOX_SCALE,
     detect_object_prompts,
+    max_object_prompts,
+    object_boxes,
     object_scales,
+    segment_detected_objects,
     segment_everything_objects,
 )
 from napari_esam.core.plane.predictor import Predictor
-from tests.fakes import BlobModel, blob_stack
+from tests.fakes import BlobModel, PromptRecorder, blob_stack
 
 GRID_32 = 32 * 32
 
@@ -215,3 +220,96 @@ def test_segment_everything_objects_rejects_grid_and_crop_arguments(kwargs):
 def test_segment_everything_objects_needs_the_image():
     with pytest.raises(ValueError):
         segment_everything_objects(None, BlobModel())
+
+
+# ------------------------------------------------------------------- box decoding
+
+
+def test_box_decoding_sends_one_box_per_object_with_single_mask_output():
+    image = blob_stack(3, 64)[0][2]
+    model = PromptRecorder()
+    details: dict = {}
+    records = segment_everything_objects(image, model, min_diameter=8, max_diameter=24,
+                                         decoding="box", details=details, **FAST)
+    points, radii = details["object_prompts"], details["object_radii"]
+    assert len(points) == 4 and len(model.calls) == 1  # 4 blobs, one batch of 4
+    coords, labels, multimask = model.calls[0]
+    assert not multimask and (labels == [2, 3]).all() and coords.shape == (4, 2, 2)
+    expected = object_boxes(points, radii, image.shape)
+    np.testing.assert_allclose(coords.reshape(4, 4), expected, atol=1e-4)
+    # (the blobs lie inside the image: no box is clipped) centre = point, side = 3 radii
+    np.testing.assert_allclose(expected[:, 2:] - expected[:, :2],
+                               np.repeat(2 * BOX_SCALE * radii[:, None], 2, 1))
+    np.testing.assert_allclose((expected[:, 2:] + expected[:, :2]) / 2, points)
+    # the fake's box masks (IoU 0.9, stability 1) are kept although pred_iou_thresh is 0.95:
+    # box decoding has no quality filters; the records' points are the detected points
+    strict = segment_everything_objects(image, PromptRecorder(), min_diameter=8,
+                                        max_diameter=24, decoding="box",
+                                        pred_iou_thresh=0.95, stability_score_thresh=0.99)
+    assert len(records) == len(strict) == 4
+    assert sorted(tuple(r["point_coords"][0]) for r in strict) == sorted(map(tuple, points))
+
+
+def test_point_decoding_sends_positive_points_with_three_candidates():
+    image = blob_stack(3, 64)[0][2]
+    model = PromptRecorder()
+    points = detect_object_prompts(image, min_diameter=8, max_diameter=24)
+    segment_everything_objects(image, model, min_diameter=8, max_diameter=24, **FAST)
+    coords = np.concatenate([c for c, _, _ in model.calls])
+    assert all(m for _, _, m in model.calls)
+    assert all((lab == 1).all() and lab.shape[1] == 1 for _, lab, _ in model.calls)
+    np.testing.assert_allclose(coords[:, 0], points, atol=1e-4)
+
+
+def test_object_boxes_are_clipped_and_the_prompt_bound_holds():
+    boxes = object_boxes(np.array([[5.0, 60.0], [30.0, 30.0]]), np.array([8.0, 4.0]),
+                         (64, 48))
+    np.testing.assert_allclose(boxes, [[0, 48, 17, 64], [24, 24, 36, 36]])
+    with pytest.raises(ValueError, match="2 points but 1 radii"):
+        object_boxes(np.zeros((2, 2)), np.ones(1), (8, 8))
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 60000, (96, 120)).astype(np.uint16)  # peaks everywhere
+    points = detect_object_prompts(noise, min_diameter=2, max_diameter=3, threshold=1e-6)
+    assert 500 < len(points) <= max_object_prompts(noise.shape, 2)
+    d = np.hypot(*(points[:, None] - points[None]).transpose(2, 0, 1))
+    assert d[np.triu_indices(len(points), 1)].min() >= 1.0  # at least min_diameter / 2
+
+
+def test_detected_objects_on_the_image_set_on_the_predictor():
+    image = blob_stack(3, 64)[0][2]
+    predictor = Predictor(BlobModel())
+    predictor.set_image(image)
+    points, found = detect_object_prompts(image, min_diameter=8, max_diameter=24,
+                                          return_details=True)
+    ours = segment_detected_objects(None, predictor, points, found["radius"],
+                                    decoding="box", **FAST)
+    ref = segment_everything_objects(image, BlobModel(), min_diameter=8, max_diameter=24,
+                                     decoding="box", **FAST)
+    assert predictor.encoder_calls == 1 and len(ours) == len(ref) == 4
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_array_equal(a["segmentation"], b["segmentation"])
+    assert segment_detected_objects(None, predictor, np.zeros((0, 2))) == []
+    with pytest.raises(ValueError, match="radii"):
+        segment_detected_objects(None, predictor, points, decoding="box")
+    with pytest.raises(ValueError, match="decoding must be 'point' or 'box'"):
+        segment_detected_objects(None, predictor, points, decoding="mask")
+    with pytest.raises(ValueError, match="no image"):
+        segment_detected_objects(None, Predictor(BlobModel()), points)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"point_grids": np.full((2, 2), 0.5), "prompt_boxes": np.zeros((3, 4))}, "one per"),
+        ({"point_grids": np.full((2, 2), 0.5), "prompt_boxes": np.zeros((2, 4)),
+          "method": "efficientsam"}, "method='sam'"),
+        ({"point_grids": [np.full((2, 2), 0.5)] * 2, "prompt_boxes": np.zeros((2, 4)),
+          "crop_n_layers": 1}, "no crops"),
+        ({"points_per_side": 4, "prompt_boxes": np.zeros((16, 4))}, "one per"),
+        ({"point_grids": np.full((1, 2), 0.5), "prompt_boxes": np.full((1, 4), np.nan)},
+         "NaN"),
+    ],
+)
+def test_segment_everything_checks_prompt_boxes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        segment_everything(blob_stack(1, 64)[0][0], BlobModel(), **kwargs)

@@ -231,6 +231,39 @@ def test_the_cli_runs_tiles_on_the_cluster_and_fills_the_store(cluster, data, tm
     np.testing.assert_array_equal(np.asarray(again.labels), ref)
 
 
+@pytest.mark.parametrize("decoding", ["point", "box"])
+def test_object_prompts_on_the_cluster_give_the_in_process_labels(cluster, data, tmp_path,
+                                                                  monkeypatch, capsys,
+                                                                  decoding):
+    """``napari-esam everything --prompts objects --workers 2`` (the module's cluster; the
+    blob model): each worker detects the objects of its tiles; the labels are those of the
+    in-process run."""
+    from napari_esam.cli import everything as cli_everything
+    from napari_esam.cli import main
+    from napari_esam.core.runs import cluster as C
+
+    src, _, _ = data
+    monkeypatch.setattr(C, "DaskExecutor", lambda **kw: DaskExecutor(client=cluster.client))
+    spec = ModelSpec("blob", device="cpu", factory="tests.fakes:BlobModel")
+    real = cli_everything.settings_from_args
+    monkeypatch.setattr(cli_everything, "settings_from_args",
+                        lambda args: dataclasses.replace(real(args), model=spec))
+    objects = {"prompts": "objects", "object_diameter": (12.0, 48.0),
+               "object_decoding": decoding}
+    ref = run_batch(str(src), settings(**objects))
+    assert ref.counts[0] > 10 and ref.details["merged"] > 0  # seams at work
+    out = tmp_path / "labels.zarr"
+    assert main(["everything", str(src), "-o", str(out), "--tiled", "on", "--tile", str(TILE),
+                 "--halo", str(HALO), "--prompts", "objects", "--object-diameter", "12", "48",
+                 "--object-decoding", decoding, "--workers", "2", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "running on a Dask cluster" in captured.err
+    assert f"1 of 1 slices, {ref.counts[0]} objects" in captured.out
+    np.testing.assert_array_equal(stored(out), np.asarray(ref.labels))
+    rec = zarr.open_group(out, mode="r").attrs[RUN_ATTR]["settings"]["params"]
+    assert rec["objects"]["object_decoding"] == decoding
+
+
 def test_a_distributed_run_needs_a_file_input_and_a_zarr_output(cluster, data, tmp_path):
     src, _, _ = data
     with pytest.raises(ValueError, match="from a file every worker can open"):

@@ -64,8 +64,8 @@ def counting(monkeypatch):
 def tiled_settings(factory=BlobModel, **changes) -> BatchSettings:
     """Tiling on with the 256/64 grid, per-plane automatic contrast (as ``tiled_form()``)."""
     changes.setdefault("tiling", TilingParams("on", TILE, HALO))
-    return BatchSettings(ModelSpec("blob", device="cpu", factory=factory),
-                         EverythingParams(**FAST_TILED), **changes)
+    changes.setdefault("params", EverythingParams(**FAST_TILED))
+    return BatchSettings(ModelSpec("blob", device="cpu", factory=factory), **changes)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,26 @@ def test_tiled_controller_gives_the_labels_of_run_batch(tmp_path, reference, cou
     again = ctl.results[-1]
     assert again.complete and again.details["skipped"] == 0 and counting.encodes == N_TILES
     np.testing.assert_array_equal(np.asarray(viewer.layers["slide everything [1]"].data), ref)
+
+
+@pytest.mark.parametrize("decoding", ["point", "box"])
+def test_object_prompts_on_tiled_planes_give_the_labels_of_run_batch(tmp_path, counting,
+                                                                     decoding):
+    image = blob_image(SHAPE)
+    params = EverythingParams(prompts="objects", object_diameter=(12.0, 48.0),
+                              object_decoding=decoding)
+    ref = run_batch(image, tiled_settings(params=params))
+    assert ref.counts[0] > 10 and ref.details["merged"] > 0
+    viewer = ViewerModel()
+    viewer.add_image(image, name="slide")
+    ctl = make_controller(viewer)
+    out = tmp_path / "labels.zarr"
+    ctl.start("slide", tiled_form(params=params, zarr_path=str(out)))
+    assert ctl.errors == [] and ctl.results[-1].counts == ref.counts
+    np.testing.assert_array_equal(np.asarray(viewer.layers["slide everything"].data),
+                                  np.asarray(ref.labels))
+    rec = zarr.open_group(out, mode="r").attrs[RUN_ATTR]["settings"]["params"]
+    assert rec["prompts"] == "objects" and rec["objects"]["object_decoding"] == decoding
 
 
 def test_tiled_controller_with_a_zarr_path_gives_exactly_the_labels_of_run_batch(

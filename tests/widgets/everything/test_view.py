@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -9,7 +11,13 @@ import zarr
 
 from napari_esam.core.runs.outputs import RUN_ATTR, ZarrOutput
 from napari_esam.core.runs.pipeline import run_batch
-from napari_esam.core.runs.settings import BatchSettings, EverythingParams, ModelSpec, TilingParams
+from napari_esam.core.runs.settings import (
+    OBJECT_FIELDS,
+    BatchSettings,
+    EverythingParams,
+    ModelSpec,
+    TilingParams,
+)
 from napari_esam.core.tiling.grid import TileGrid
 from napari_esam.core.tiling.store import EmbeddingStore, read_signature
 from napari_esam.widgets.everything.controller import (
@@ -212,3 +220,44 @@ def test_progress_text_and_time_format():
     assert format_seconds(75) == "1:15" and format_seconds(3725) == "1:02:05"
     assert format_seconds(None) == "?"
     assert progress_text(BatchProgress("slice", 2, 5, eta=42.0)) == "2 / 5 slices · 0:42 left"
+
+
+def test_widget_prompts_choice_shows_its_fields_and_object_runs_match_run_batch(
+    make_napari_viewer, qtbot
+):
+    viewer = make_napari_viewer()
+    stack, counts = blob_stack(3)
+    viewer.add_image(stack, name="cells")
+    widget = make_widget(viewer)
+    widget.show()
+    object_fields = (widget.diameter_row, widget.object_threshold, widget.polarity_combo,
+                     widget.decoding_combo)
+    # the default: a grid, and the detector's defaults
+    d, params = EverythingParams(), widget.form().params
+    assert widget.prompts_combo.currentText() == params.prompts == "grid"
+    assert [getattr(params, k) for k in OBJECT_FIELDS] == [getattr(d, k) for k in OBJECT_FIELDS]
+    assert widget.points_per_side.isVisible()
+    assert not any(f.isVisible() for f in object_fields)
+    widget.prompts_combo.setCurrentText("objects")
+    assert all(f.isVisible() for f in object_fields) and not widget.points_per_side.isVisible()
+    assert widget._prompt_form.labelForField(widget.diameter_row).isVisible()
+    widget.min_diameter.setValue(8)
+    widget.max_diameter.setValue(24)
+    widget.decoding_combo.setCurrentText("box")
+    params = widget.form().params
+    assert (params.prompts, params.object_diameter, params.object_decoding,
+            params.object_polarity, params.object_threshold) == (
+        "objects", (8.0, 24.0), "box", "bright", 0.05)
+
+    run_and_wait(qtbot, widget)
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=10_000)
+    labels = np.asarray(viewer.layers["cells everything"].data)
+    lo, hi = viewer.layers["cells"].contrast_limits
+    ref = run_batch(stack, BatchSettings(ModelSpec("blob", device="cpu", factory=BlobModel),
+                                         dataclasses.replace(params, contrast_limits=(lo, hi))))
+    np.testing.assert_array_equal(labels, np.asarray(ref.labels))
+    assert [len(np.unique(labels[i])) - 1 for i in range(3)] == counts
+
+    widget.min_diameter.setValue(30)  # larger than the largest diameter
+    assert widget.run() is None
+    assert "object_diameter must be (min, max) pixels" in widget.status.text()
