@@ -109,8 +109,18 @@ class EverythingWidget(QWidget):
         form.addRow("Box NMS", self.box_nms_thresh)
         form.addRow("Min size (px)", self.min_size)
         form.addRow("Max size (px)", self.max_size)
+        self.link_combo = QComboBox()
+        for text, value in (("off (ids per slice)", "off"), ("3-D objects", "3d"),
+                            ("tracks", "track")):
+            self.link_combo.addItem(text, value)
+        self.link_combo.setToolTip(
+            "After a complete run, link each slice's objects into one id per 3-D object (z) "
+            "or per track (t) along the first stack axis, as new layers (tracks also as a "
+            "Tracks layer)"
+        )
         form.addRow(self.layer_contrast)
         form.addRow(self.unique_ids)
+        form.addRow("Link slices", self.link_combo)
         adv = QCollapsible("Advanced")
         adv_widget = QWidget()
         adv_form = QFormLayout(adv_widget)
@@ -404,6 +414,7 @@ class EverythingWidget(QWidget):
             tile=self.tile_spin.value(),
             halo=self.halo_spin.value(),
             embeddings=self.embeddings_edit.text(),
+            link=self.link_combo.currentData(),
         )
 
     # ---------------------------------------------------------------------- run

@@ -261,3 +261,18 @@ def test_widget_prompts_choice_shows_its_fields_and_object_runs_match_run_batch(
     widget.min_diameter.setValue(30)  # larger than the largest diameter
     assert widget.run() is None
     assert "object_diameter must be (min, max) pixels" in widget.status.text()
+
+
+def test_link_slices_adds_3d_objects_and_tracks_layers(make_napari_viewer, qtbot):
+    stack, _ = blob_stack(4)
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, name="stack")
+    widget = make_widget(viewer)
+    assert widget.form().link == "off"
+    widget.link_combo.setCurrentIndex(widget.link_combo.findData("track"))
+    assert widget.form().link == "track"
+    run_and_wait(qtbot, widget)
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=10_000)
+    tracks = viewer.layers["stack tracks"]
+    assert len({int(tracks.data[z, 16, 16]) for z in range(4)}) == 1  # one track id
+    assert viewer.layers["stack tracks (centroids)"].data.shape[1] == 4  # id, t, y, x
