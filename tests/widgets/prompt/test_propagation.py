@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from napari.components import ViewerModel
 
-from napari_esam.widgets.prompt.controller import PromptController
+from napari_esam.widgets.prompt.controller import PromptController, plane_of
 from tests.fakes import Factory, ObjectsModel, add_point, carved_foreground, moving_disc_frames
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "stardist"
@@ -134,3 +134,28 @@ def test_new_prompts_discard_the_propagated_object():
     assert ctrl.propagated() is not None
     add_point(ctrl, (0, 50, 80))
     assert ctrl.propagated() is None
+
+
+def test_tiled_planes_follow_the_object_across_tiles_with_scale():
+    n, h, w = 6, 2200, 2300
+    frames = np.zeros((n, h, w), np.uint8)
+    yy, xx = np.ogrid[:h, :w]
+    centres = [(1000, 800 + 10 * t) for t in range(n)]  # crosses the tiles' cores at x=831
+    for t, (cy, cx) in enumerate(centres):
+        frames[t][(yy - cy) ** 2 + (xx - cx) ** 2 <= 40**2] = 255
+    viewer, ctrl = make(frames, scale=(2.0, 0.5, 0.5), translate=(0, 10, 20))
+    viewer.dims.set_current_step(0, 0)
+    add_point(ctrl, (0, 10 + 0.5 * 1000, 20 + 0.5 * 800))
+    assert ctrl.is_tiled(plane_of(viewer, ctrl.image_layer))
+    ctrl.propagate()
+    prop = ctrl.propagated()
+    assert prop.slices == list(range(n))
+    windows = {tuple(prop.masks[t][0].window) for t in range(n)}
+    assert len(windows) > 1  # the answering tile window changed as the disc moved
+    assert ctrl.commit() == [1]
+    data = ctrl.labels_layer.data
+    for t, (cy, cx) in enumerate(centres):
+        disc = np.zeros((h, w), bool)
+        disc[(yy - cy) ** 2 + (xx - cx) ** 2 <= 40**2] = True
+        got = data[t] == 1
+        assert (got & disc).sum() / (got | disc).sum() >= 0.95
