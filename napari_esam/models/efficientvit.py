@@ -28,8 +28,20 @@ def _act() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
 
+def _inference() -> bool:
+    """True when no autograd graph is recorded (``no_grad`` / ``inference_mode``): the
+    forward passes may then work in place and use BatchNorm folded into the convolution."""
+    return not torch.is_grad_enabled()
+
+
 class ConvLayer(nn.Module):
-    """Conv2d (``padding = k // 2``), then BatchNorm if ``norm``, then GELU if ``act``."""
+    """Conv2d (``padding = k // 2``), then BatchNorm if ``norm``, then GELU if ``act``.
+
+    In eval mode without autograd, the BatchNorm is folded into the convolution's weight and
+    bias (computed in float64 once and cached outside the state dict, recomputed when a
+    parameter or running statistic changes), and GELU works in place: one kernel and one new
+    tensor instead of three.
+    """
 
     def __init__(
         self,
@@ -48,13 +60,47 @@ class ConvLayer(nn.Module):
         )
         self.norm = nn.BatchNorm2d(cout, eps=NORM_EPS) if norm else None
         self.act = _act() if act else None
+        self._folded: tuple[tuple, Tensor, Tensor] | None = None
+
+    def folded_conv(self) -> tuple[Tensor, Tensor]:
+        """(weight, bias) of the convolution with the eval-mode BatchNorm folded in."""
+        conv, bn = self.conv, self.norm
+        if bn is None or bn.running_mean is None or bn.running_var is None:
+            raise RuntimeError("folded_conv needs a BatchNorm with running statistics")
+        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device) for t in sources if t is not None
+        ) + (bn.eps,)
+        if self._folded is None or self._folded[0] != key:
+            w = conv.weight
+            dt = torch.float32 if w.device.type == "mps" else torch.float64
+            with torch.inference_mode(False), torch.no_grad():
+                scale = torch.rsqrt(bn.running_var.to(dt) + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight.to(dt)
+                bias = -bn.running_mean.to(dt)
+                if conv.bias is not None:
+                    bias = bias + conv.bias.to(dt)
+                bias = bias * scale
+                if bn.bias is not None:
+                    bias = bias + bn.bias.to(dt)
+                weight = (w.to(dt) * scale.view(-1, 1, 1, 1)).to(w.dtype)
+                self._folded = (key, weight, bias.to(w.dtype))
+        return self._folded[1], self._folded[2]
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
-        if self.norm is not None:
-            x = self.norm(x)
+        fast = _inference()
+        norm = self.norm
+        if fast and norm is not None and not norm.training and norm.running_mean is not None:
+            weight, bias = self.folded_conv()
+            c = self.conv
+            x = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+        else:
+            x = self.conv(x)
+            if norm is not None:
+                x = norm(x)
         if self.act is not None:
-            x = self.act(x)
+            x = torch.ops.aten.gelu_(x, approximate="tanh") if fast else self.act(x)
         return x
 
 
@@ -156,7 +202,10 @@ class ResidualBlock(nn.Module):
         self.shortcut = shortcut
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.main(x) + x if self.shortcut else self.main(x)
+        out = self.main(x)
+        if not self.shortcut:
+            return out
+        return out.add_(x) if _inference() else out + x
 
 
 class EfficientViTBlock(nn.Module):
@@ -256,6 +305,8 @@ class UpSample(nn.Module):
         self.size = size
 
     def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) == self.size:
+            return x  # bicubic at scale 1 samples every pixel with weight 1: the identity
         return F.interpolate(x, size=self.size, mode="bicubic", align_corners=False)
 
 
