@@ -38,9 +38,9 @@ class ConvLayer(nn.Module):
     """Conv2d (``padding = k // 2``), then BatchNorm if ``norm``, then GELU if ``act``.
 
     In eval mode without autograd, the BatchNorm is folded into the convolution's weight and
-    bias (computed in float64 once and cached outside the state dict, recomputed when a
-    parameter or running statistic changes), and GELU works in place: one kernel and one new
-    tensor instead of three.
+    bias (computed in float64 once and cached outside the state dict, channels-last on the
+    CPU, recomputed when a parameter or running statistic changes), and GELU works in place:
+    one kernel and one new tensor instead of three.
     """
 
     def __init__(
@@ -85,6 +85,8 @@ class ConvLayer(nn.Module):
                 if bn.bias is not None:
                     bias = bias + bn.bias.to(dt)
                 weight = (w.to(dt) * scale.view(-1, 1, 1, 1)).to(w.dtype)
+                if w.device.type == "cpu":  # the layout of the encoder's CPU activations
+                    weight = weight.contiguous(memory_format=torch.channels_last)
                 self._folded = (key, weight, bias.to(w.dtype))
         return self._folded[1], self._folded[2]
 
@@ -172,13 +174,19 @@ class LiteMLA(nn.Module):
         )
         self.proj = ConvLayer(2 * channels, channels, 1, act=False)
 
-    def attend(self, qkv: Tensor) -> Tensor:
-        """(B, G*3*dim, H, W) grouped [q, k, v] -> (B, G*dim, H, W), in float32."""
+    def attend(self, qkv: Tensor, inplace: bool = False) -> Tensor:
+        """(B, G*3*dim, H, W) grouped [q, k, v] -> (B, G*dim, H, W), in float32.
+
+        Args:
+            qkv: the concatenated q, k, v groups.
+            inplace: the ReLUs may overwrite ``qkv`` (no autograd, a tensor of our own).
+        """
         b, _, h, w = qkv.shape
         qkv = qkv.float().reshape(b, -1, 3 * self.dim, h * w)
         q, k, v = qkv.split(self.dim, dim=2)
-        q = F.relu(q)
-        k = F.relu(k)
+        relu = F.relu_ if inplace else F.relu
+        q = relu(q)
+        k = relu(k)
         v = F.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)  # a row of ones: (dim+1, N)
         vk = torch.matmul(v, k.transpose(-1, -2))  # (B, G, dim+1, dim)
         out = torch.matmul(vk, q)  # (B, G, dim+1, N)
@@ -189,8 +197,10 @@ class LiteMLA(nn.Module):
         qkv = self.qkv(x)
         multi = torch.cat([qkv] + [op(qkv) for op in self.aggreg], dim=1)
         with torch.autocast(x.device.type, enabled=False):
-            out = self.attend(multi)
-        return self.proj(out.to(x.dtype))
+            out = self.attend(multi, inplace=_inference()).to(x.dtype)
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)  # keep the input's layout
+        return self.proj(out)
 
 
 class ResidualBlock(nn.Module):
@@ -382,5 +392,8 @@ class EfficientViTSamImageEncoder(nn.Module):
         self.norm = LayerNorm2d(256, eps=NORM_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and _inference():
+            # oneDNN's CPU convolutions are faster on channels-last (NHWC) activations
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.backbone(x)
-        return self.norm(self.neck([feats[-1], feats[-2], feats[-3]]))
+        return self.norm(self.neck([feats[-1], feats[-2], feats[-3]])).contiguous()

@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from napari_esam.models.efficientvit import (
+    L_TYPES,
+    BackboneConfig,
     ConvLayer,
     EfficientViTBlock,
+    EfficientViTSamImageEncoder,
+    EncoderConfig,
     FusedMBConv,
     ResidualBlock,
     UpSample,
@@ -117,3 +121,14 @@ def test_upsample_to_its_own_size_is_the_bicubic_identity():
     ref = torch.nn.functional.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False)
     assert torch.equal(out, ref)
     assert UpSample((32, 32))(x).shape == (1, 3, 32, 32)
+
+
+def test_small_encoder_fast_path_matches_and_returns_nchw():
+    """Channels-last inside on the CPU, a plain NCHW embedding outside."""
+    backbone = BackboneConfig((8, 16, 32, 64, 64), (1, 1, 1, 1, 1), L_TYPES, (1, 2, 2, 2, 2), 3)
+    encoder = _randomise(EfficientViTSamImageEncoder(EncoderConfig(backbone, 64, 1, 1)))
+    x = torch.randn(1, 3, 64, 64)
+    plain, fast = _both(encoder, x)
+    assert fast.shape == (1, 256, 64, 64)
+    assert fast.is_contiguous()
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
