@@ -89,10 +89,10 @@ def worker(side: str, variant: str, threads: int, conformance: Path) -> None:
             break
         if cmd == "time":
             with torch.no_grad():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 out = encode(x)
-                dt = time.perf_counter() - t0
-            print(json.dumps({"s": dt, "cpu": time.process_time()}), flush=True)
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            print(json.dumps({"s": dt, "cpu_s": dc, "cpu": time.process_time()}), flush=True)
         elif cmd == "save":
             np.save(arg, out.numpy())
             print(json.dumps({"saved": arg}), flush=True)
@@ -156,6 +156,7 @@ def compare(variant: str, args: argparse.Namespace, tmp: Path) -> dict:
             ours.ask("time")
             ref.ask("time")
         times: dict[str, list[float]] = {"ours": [], "ref": []}
+        cpu: dict[str, list[float]] = {"ours": [], "ref": []}
         cpu0 = {"ours": ours.ask("time")["cpu"], "ref": ref.ask("time")["cpu"]}
         ticks = os.sysconf("SC_CLK_TCK")
         busy0, wall0 = _busy_jiffies(), time.perf_counter()
@@ -165,6 +166,7 @@ def compare(variant: str, args: argparse.Namespace, tmp: Path) -> dict:
             for side, w in order if i % 2 == 0 else order[::-1]:
                 r = w.ask("time")
                 times[side].append(r["s"])
+                cpu[side].append(r["cpu_s"])
                 cpu1[side] = r["cpu"]
         busy = (_busy_jiffies() - busy0) / ticks
         wall = time.perf_counter() - wall0
@@ -183,6 +185,8 @@ def compare(variant: str, args: argparse.Namespace, tmp: Path) -> dict:
         "model": f"efficientvit_sam_{variant}",
         "ours": statistics.median(times["ours"]),
         "ref": statistics.median(times["ref"]),
+        "ours_cpu": statistics.median(cpu["ours"]),
+        "ref_cpu": statistics.median(cpu["ref"]),
         "ours_all": times["ours"],
         "ref_all": times["ref"],
         "diff": float(np.abs(emb["ours"] - emb["ref"]).max()),
@@ -222,14 +226,17 @@ def main() -> None:
           f"{rows[0]['threads']} threads, float32, CPU; python {platform.python_version()}")
     print(f"load average before {load_before}, after {load_after}")
     print(f"median of {args.repeats} encoder calls after {args.warmup} warm-up, ours and reference "
-          "alternating (ABBA); diff = max |ours - reference| of the embedding")
-    head = (f"| {'model':20} | {'ours':>8} | {'reference':>9} | {'ratio':>5} | {'diff':>7} "
-            f"| {'diff vs fixture':>15} | {'others (cores)':>14} |")
+          "alternating (ABBA): wall time, and the process's CPU time per call; diff = max "
+          "|ours - reference| of the embedding; others = cores used by other processes meanwhile")
+    head = (f"| {'model':20} | {'ours':>8} | {'reference':>9} | {'ratio':>5} | {'ours CPU':>8} "
+            f"| {'ref CPU':>8} | {'CPU ratio':>9} | {'diff':>7} | {'diff vs fixture':>15} "
+            f"| {'others (cores)':>14} |")
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
-        ratio = r["ours"] / r["ref"]
+        ratio, cpu_ratio = r["ours"] / r["ref"], r["ours_cpu"] / r["ref_cpu"]
         print(f"| {r['model']:20} | {r['ours']:7.3f}s | {r['ref']:8.3f}s | {ratio:5.2f} "
+              f"| {r['ours_cpu']:7.3f}s | {r['ref_cpu']:7.3f}s | {cpu_ratio:9.2f} "
               f"| {r['diff']:7.1e} | {r['diff_fixture_ours']:15.1e} | {r['others_cores']:14.2f} |")
 
 
