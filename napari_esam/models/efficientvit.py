@@ -28,8 +28,20 @@ def _act() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
 
+def _inference() -> bool:
+    """True when no autograd graph is recorded (``no_grad`` / ``inference_mode``): the
+    forward passes may then work in place and use BatchNorm folded into the convolution."""
+    return not torch.is_grad_enabled()
+
+
 class ConvLayer(nn.Module):
-    """Conv2d (``padding = k // 2``), then BatchNorm if ``norm``, then GELU if ``act``."""
+    """Conv2d (``padding = k // 2``), then BatchNorm if ``norm``, then GELU if ``act``.
+
+    In eval mode without autograd, the BatchNorm is folded into the convolution's weight and
+    bias (computed in float64 once and cached outside the state dict, channels-last on the
+    CPU, recomputed when a parameter or running statistic changes), and GELU works in place:
+    one kernel and one new tensor instead of three.
+    """
 
     def __init__(
         self,
@@ -48,13 +60,49 @@ class ConvLayer(nn.Module):
         )
         self.norm = nn.BatchNorm2d(cout, eps=NORM_EPS) if norm else None
         self.act = _act() if act else None
+        self._folded: tuple[tuple, Tensor, Tensor] | None = None
+
+    def folded_conv(self) -> tuple[Tensor, Tensor]:
+        """(weight, bias) of the convolution with the eval-mode BatchNorm folded in."""
+        conv, bn = self.conv, self.norm
+        if bn is None or bn.running_mean is None or bn.running_var is None:
+            raise RuntimeError("folded_conv needs a BatchNorm with running statistics")
+        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device) for t in sources if t is not None
+        ) + (bn.eps,)
+        if self._folded is None or self._folded[0] != key:
+            w = conv.weight
+            dt = torch.float32 if w.device.type == "mps" else torch.float64
+            with torch.inference_mode(False), torch.no_grad():
+                scale = torch.rsqrt(bn.running_var.to(dt) + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight.to(dt)
+                bias = -bn.running_mean.to(dt)
+                if conv.bias is not None:
+                    bias = bias + conv.bias.to(dt)
+                bias = bias * scale
+                if bn.bias is not None:
+                    bias = bias + bn.bias.to(dt)
+                weight = (w.to(dt) * scale.view(-1, 1, 1, 1)).to(w.dtype)
+                if w.device.type == "cpu":  # the layout of the encoder's CPU activations
+                    weight = weight.contiguous(memory_format=torch.channels_last)
+                self._folded = (key, weight, bias.to(w.dtype))
+        return self._folded[1], self._folded[2]
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
-        if self.norm is not None:
-            x = self.norm(x)
+        fast = _inference()
+        norm = self.norm
+        if fast and norm is not None and not norm.training and norm.running_mean is not None:
+            weight, bias = self.folded_conv()
+            c = self.conv
+            x = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+        else:
+            x = self.conv(x)
+            if norm is not None:
+                x = norm(x)
         if self.act is not None:
-            x = self.act(x)
+            x = torch.ops.aten.gelu_(x, approximate="tanh") if fast else self.act(x)
         return x
 
 
@@ -126,13 +174,19 @@ class LiteMLA(nn.Module):
         )
         self.proj = ConvLayer(2 * channels, channels, 1, act=False)
 
-    def attend(self, qkv: Tensor) -> Tensor:
-        """(B, G*3*dim, H, W) grouped [q, k, v] -> (B, G*dim, H, W), in float32."""
+    def attend(self, qkv: Tensor, inplace: bool = False) -> Tensor:
+        """(B, G*3*dim, H, W) grouped [q, k, v] -> (B, G*dim, H, W), in float32.
+
+        Args:
+            qkv: the concatenated q, k, v groups.
+            inplace: the ReLUs may overwrite ``qkv`` (no autograd, a tensor of our own).
+        """
         b, _, h, w = qkv.shape
         qkv = qkv.float().reshape(b, -1, 3 * self.dim, h * w)
         q, k, v = qkv.split(self.dim, dim=2)
-        q = F.relu(q)
-        k = F.relu(k)
+        relu = F.relu_ if inplace else F.relu
+        q = relu(q)
+        k = relu(k)
         v = F.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)  # a row of ones: (dim+1, N)
         vk = torch.matmul(v, k.transpose(-1, -2))  # (B, G, dim+1, dim)
         out = torch.matmul(vk, q)  # (B, G, dim+1, N)
@@ -143,8 +197,10 @@ class LiteMLA(nn.Module):
         qkv = self.qkv(x)
         multi = torch.cat([qkv] + [op(qkv) for op in self.aggreg], dim=1)
         with torch.autocast(x.device.type, enabled=False):
-            out = self.attend(multi)
-        return self.proj(out.to(x.dtype))
+            out = self.attend(multi, inplace=_inference()).to(x.dtype)
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)  # keep the input's layout
+        return self.proj(out)
 
 
 class ResidualBlock(nn.Module):
@@ -156,7 +212,10 @@ class ResidualBlock(nn.Module):
         self.shortcut = shortcut
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.main(x) + x if self.shortcut else self.main(x)
+        out = self.main(x)
+        if not self.shortcut:
+            return out
+        return out.add_(x) if _inference() else out + x
 
 
 class EfficientViTBlock(nn.Module):
@@ -256,6 +315,8 @@ class UpSample(nn.Module):
         self.size = size
 
     def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) == self.size:
+            return x  # bicubic at scale 1 samples every pixel with weight 1: the identity
         return F.interpolate(x, size=self.size, mode="bicubic", align_corners=False)
 
 
@@ -331,5 +392,8 @@ class EfficientViTSamImageEncoder(nn.Module):
         self.norm = LayerNorm2d(256, eps=NORM_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and _inference():
+            # oneDNN's CPU convolutions are faster on channels-last (NHWC) activations
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.backbone(x)
-        return self.norm(self.neck([feats[-1], feats[-2], feats[-3]]))
+        return self.norm(self.neck([feats[-1], feats[-2], feats[-3]])).contiguous()

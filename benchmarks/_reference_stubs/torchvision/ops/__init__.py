@@ -1,0 +1,1 @@
+"""Minimal torchvision.ops stand-in."""
