@@ -300,8 +300,8 @@ def autocast_for(model: Any) -> contextlib.AbstractContextManager:
 
 def _sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
                 **kwargs: Any) -> int:
-    """FLOPs of ``scaled_dot_product_attention`` (QK^T and the product with V), which the
-    flop counter does not count on the CPU."""
+    """FLOPs of ``scaled_dot_product_attention`` (QK^T and the product with V): the flop
+    counter has no formula for the CPU's fused kernel, which it would count as zero."""
     lead = math.prod(query[:-2])
     return 2 * lead * query[-2] * key[-2] * (query[-1] + value[-1])
 
@@ -311,8 +311,10 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(
-        display=False, custom_mapping={torch.ops.aten.scaled_dot_product_attention: _sdpa_flops})
+    aten = torch.ops.aten
+    fused = {op: _sdpa_flops for op in (aten.scaled_dot_product_attention,
+                                          aten._scaled_dot_product_flash_attention_for_cpu)}
+    counter = FlopCounterMode(display=False, custom_mapping=fused)
     with counter:
         out = fn()
     return int(counter.get_total_flops()), out

@@ -26,13 +26,18 @@ def test_flops_count_attention_and_linear_layers(bench):
     import torch
     import torch.nn.functional as F
 
-    q, k, v = torch.ones(1, 2, 8, 4), torch.ones(1, 2, 6, 4), torch.ones(1, 2, 6, 5)
+    q = torch.randn(1, 2, 8, 4)
     lin = torch.nn.Linear(4, 5)
-    flops, out = bench.count_flops(
-        lambda: (F.scaled_dot_product_attention(q, k, v), lin(torch.ones(3, 4))))
-    # QK^T: 2*(1*2)*8*6*4, AV: 2*(1*2)*8*6*5; the linear layer: 2*3*4*5
-    assert flops == 2 * 2 * 8 * 6 * 4 + 2 * 2 * 8 * 6 * 5 + 2 * 3 * 4 * 5
-    assert out[0].shape == (1, 2, 8, 5)
+    with torch.inference_mode():  # equal shapes: the CPU's fused kernel
+        flops, out = bench.count_flops(
+            lambda: (F.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(8, 8)),
+                     lin(torch.ones(3, 4))))
+    # QK^T and AV: 2 * 2 * (1*2)*8*8*4; the linear layer: 2*3*4*5
+    assert flops == 2 * 2 * 2 * 8 * 8 * 4 + 2 * 3 * 4 * 5
+    assert out[0].shape == (1, 2, 8, 4)
+    k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 5)  # the unfused path
+    flops, _ = bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+    assert flops == 2 * 2 * 8 * 6 * (4 + 5)
 
 
 def test_matmul_peak_function_multiplies(bench):
