@@ -420,14 +420,15 @@ def _decode_only(model: Any, image: Any, rc: Sequence[float], repeats: int) -> f
 class _Viewer:
     """A prompt controller on a bare ``ViewerModel`` (synchronous runner) and its clicks."""
 
-    def __init__(self, image: Any, factory: Callable[..., Any], device: str, tiled: bool):
+    def __init__(self, image: Any, name: str, factory: Callable[..., Any], device: str,
+                 tiled: bool):
         from napari.components import ViewerModel
 
         from napari_esam.widgets.prompt.controller import PromptController
 
         self.viewer = ViewerModel()
         self.ctrl = PromptController(self.viewer, model_factory=factory, notify=False)
-        self.ctrl.set_model(device=device)
+        self.ctrl.set_model(name, device=device)
         self.ctrl.set_tiling("on" if tiled else "off")
         layer = self.viewer.add_image(image)
         self.ctrl.image_layer = layer
@@ -476,10 +477,11 @@ def job_latency(args: argparse.Namespace, name: str, dtype: str | None = None) -
     built: dict[str, Any] = {}
 
     def factory(model_name: str, checkpoint: Any, device: str) -> Any:
+        if model_name != name:
+            raise ValueError(f"the controller asked for {model_name!r}, not {name!r}")
         if "model" not in built:
             t0 = time.perf_counter()
-            built["model"] = build_model(model_name, checkpoint=state, device=dev_name,
-                                         dtype=dtype)
+            built["model"] = build_model(name, checkpoint=state, device=dev_name, dtype=dtype)
             sync_for(built["model"].device)()
             built["build_s"] = time.perf_counter() - t0
         return built["model"]
@@ -495,7 +497,7 @@ def job_latency(args: argparse.Namespace, name: str, dtype: str | None = None) -
     pts = centres(labels, args.clicks + 1)
     tag = f" {dtype}" if dtype else ""
     if with_napari:
-        plane = _Viewer(image, factory, dev_name, tiled=False)
+        plane = _Viewer(image, name, factory, dev_name, tiled=False)
         first, _ = plane.click(pts[0])
         model = built["model"]
         clicks = [plane.click(p) for p in pts[1:]]
@@ -534,7 +536,7 @@ def job_latency(args: argparse.Namespace, name: str, dtype: str | None = None) -
     large = np.tile(image, (reps, reps))[:big, :big]
     tpts = tile_points(np.tile(labels, (reps, reps))[:big, :big], args.clicks + 1)
     if with_napari:
-        tiled = _Viewer(large, factory, dev_name, tiled=True)
+        tiled = _Viewer(large, name, factory, dev_name, tiled=True)
         tfirst, _ = tiled.click(tpts[0])
         tmed, note = split_clicks([tiled.click(p) for p in tpts[1:]])
         what = f"click → preview{tag}, tile of a {big}² image (tile embedded)"
