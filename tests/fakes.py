@@ -59,7 +59,8 @@ class FakeModel(PromptableModel):
         pooled = F.adaptive_avg_pool2d(x.mean(1, keepdim=True), 64)
         return pooled.expand(x.shape[0], 256, 64, 64).contiguous() + self.dummy
 
-    def decode(self, embedding, coords, labels, original_size, multimask_output=True):
+    def decode(self, embedding, coords, labels, original_size, multimask_output=True,
+               iou_gate=None):
         h, w = original_size
         s = 1024 / max(h, w) / 4  # original px -> 256 frame
         yy, xx = torch.meshgrid(
@@ -116,7 +117,8 @@ class BlobModel(FakeModel):
 
     name = "blob"
 
-    def decode(self, embedding, coords, labels, original_size, multimask_output=True):
+    def decode(self, embedding, coords, labels, original_size, multimask_output=True,
+               iou_gate=None):
         h, w = original_size
         img = embedding[0, 0].detach().cpu().numpy()  # (64, 64) mean intensity, 0..255
         comp, _ = ndimage.label(img > 100)
@@ -224,7 +226,7 @@ class MaskFake(CountingFake):
         self.calls: list[tuple] = []
 
     def decode(self, embedding, coords, labels, original_size, multimask_output=True,
-               mask_input=None):
+               mask_input=None, iou_gate=None):
         self.calls.append((
             coords.cpu().numpy().copy(), labels.cpu().numpy().copy(), tuple(original_size),
             None if mask_input is None else mask_input.cpu().numpy().copy(),
@@ -243,7 +245,8 @@ class PromptRecorder(FakeModel):
         super().__init__()
         self.calls: list[tuple[np.ndarray, np.ndarray, bool]] = []
 
-    def decode(self, embedding, coords, labels, original_size, multimask_output=True):
+    def decode(self, embedding, coords, labels, original_size, multimask_output=True,
+               iou_gate=None):
         self.calls.append((coords.detach().cpu().numpy().astype(np.float64),
                            labels.detach().cpu().numpy(), bool(multimask_output)))
         return super().decode(embedding, coords, labels, original_size, multimask_output)
@@ -543,7 +546,8 @@ class ObjectsModel(PromptableModel):
         self.tiles[k] = self._pending
         return torch.full((x.shape[0], 256, 64, 64), float(k))
 
-    def decode(self, embedding, coords, labels, original_size, multimask_output=True):
+    def decode(self, embedding, coords, labels, original_size, multimask_output=True,
+               iou_gate=None):
         k = int(embedding.reshape(-1)[0].item())
         comp = self.tiles[k]
         assert comp.shape == tuple(original_size)
@@ -817,7 +821,7 @@ class MaskInputModel(FakeModel):
         self.calls: list[dict] = []
 
     def decode(self, embedding, coords, labels, original_size, multimask_output=True,
-               mask_input=None):
+               mask_input=None, iou_gate=None):
         self.calls.append({
             "coords": coords.detach().cpu().numpy().copy(),
             "labels": labels.detach().cpu().numpy().copy(),

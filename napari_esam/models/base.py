@@ -63,12 +63,16 @@ class PromptableModel(nn.Module):
         labels: Tensor,
         original_size: tuple[int, int],
         multimask_output: bool = True,
+        iou_gate: float | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Decode B prompts on one image embedding.
 
         ``embedding`` is (1, 256, 64, 64) (shared by all rows) or (B, 256, 64, 64).
         Returns (low_res_logits (B, K, 256, 256), iou_predictions (B, K)), K = 3 with
         multimask output (mask tokens 1..3, model order) else 1 (mask token 0).
+        ``iou_gate``: when given, the logits of rows none of whose K IoU predictions exceeds
+        it may be left uncomputed (NaN): segment-everything's filter drops them anyway, so
+        callers must not read them; the IoU predictions are always complete.
         """
         raise NotImplementedError
 

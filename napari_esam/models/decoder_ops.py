@@ -6,6 +6,8 @@ functions evaluate attention and the upscaling without projecting the image toke
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -188,3 +190,59 @@ def subpixel_to_image(
         return masks.reshape(b, k, h * 2**n_up, w * 2**n_up)
     out.view(b, k, h, *sub[:n_up], w, *sub[:n_up]).copy_(masks)
     return out
+
+
+def gate_rows(iou: Tensor, iou_gate: float | None, masks: Tensor) -> Tensor | None:
+    """Rows of a decoder chunk whose masks are worth computing (segment-everything's skip).
+
+    ``iou`` (B, K) are the chunk's IoU predictions, ``masks`` (B, K, H, W) its output. With
+    ``iou_gate`` None every row is computed (returns None). Otherwise a row none of whose K
+    predictions exceeds ``iou_gate`` cannot give a mask that passes a predicted-IoU filter
+    at that threshold, so its masks are filled with NaN and not computed; returns the
+    indices (1-D int64) of the other rows.
+    """
+    if iou_gate is None:
+        return None
+    dead = ~(iou.float() > iou_gate).any(dim=1)
+    if bool(dead.any()):
+        masks[dead] = float("nan")
+    return torch.nonzero(~dead).flatten()
+
+
+class Scratch:
+    """Named scratch tensors reused by the prompt chunks of one decoder call (no autograd).
+
+    A fresh large tensor is page-faulted in by the OS on first touch, which costs about as
+    much as the memory-bound steps themselves; reusing buffers across chunks avoids that.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A contiguous tensor of ``shape`` (dtype and device of ``like``), contents undefined."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if (
+            buf is None
+            or buf.numel() < numel
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
+            buf = like.new_empty(numel)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+def buffer(
+    scratch: Scratch | None, name: str, shape: tuple[int, ...], like: Tensor
+) -> Tensor | None:
+    """``scratch(name, shape, like)``, or None without scratch (the op then allocates)."""
+    return None if scratch is None else scratch(name, shape, like)
+
+
+def softmax_into(x: Tensor, dim: int, out: Tensor | None) -> Tensor:
+    """``x.softmax(dim)``, written into ``out`` when given."""
+    if out is None:
+        return x.softmax(dim)
+    return torch.ops.aten._softmax.out(x, dim, False, out=out)

@@ -107,6 +107,7 @@ class EfficientSAM(PromptableModel):
         labels: Tensor,
         original_size: tuple[int, int],
         multimask_output: bool = True,
+        iou_gate: float | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Decode B prompts; see :meth:`PromptableModel.decode`.
 
@@ -116,7 +117,7 @@ class EfficientSAM(PromptableModel):
         sparse = self.prompt_encoder(coords, labels).to(self.dtype)
         image_pe = self.prompt_encoder.get_dense_pe().to(self.dtype)
         embedding = embedding.to(device=self.device, dtype=self.dtype)
-        return self.mask_decoder(embedding, image_pe, sparse, multimask_output)
+        return self.mask_decoder(embedding, image_pe, sparse, multimask_output, iou_gate)
 
     def postprocess_masks(
         self, low_res_logits: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]

@@ -30,8 +30,6 @@ Efficiency (results equal the reference up to float rounding):
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,10 +37,14 @@ from torch import Tensor, nn
 from napari_esam.models.common import Attention
 from napari_esam.models.decoder_ops import (
     PromptEncoderBase,
+    Scratch,
     TwoWayAttentionBlockBase,
     TwoWayTransformerBase,
+    buffer,
     conv_transpose_2x2_linear,
+    gate_rows,
     image_to_token_factors,
+    softmax_into,
     split_heads,
     subpixel_to_image,
     token_to_image_shared,
@@ -99,61 +101,6 @@ class MLPBlock(nn.Module):
         return self.fc(x)
 
 
-class Scratch:
-    """Named scratch tensors reused by the prompt chunks of one decoder call (no autograd).
-
-    A fresh large tensor is page-faulted in by the OS on first touch, which costs about as
-    much as the memory-bound steps themselves; reusing buffers across chunks avoids that.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, Tensor] = {}
-
-    def __call__(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """A contiguous tensor of ``shape`` (dtype and device of ``like``), contents undefined."""
-        numel = math.prod(shape)
-        buf = self._buffers.get(name)
-        if (
-            buf is None
-            or buf.numel() < numel
-            or buf.dtype != like.dtype
-            or buf.device != like.device
-        ):
-            buf = like.new_empty(numel)
-            self._buffers[name] = buf
-        return buf[:numel].view(shape)
-
-
-def _buffer(
-    scratch: Scratch | None, name: str, shape: tuple[int, ...], like: Tensor
-) -> Tensor | None:
-    return None if scratch is None else scratch(name, shape, like)
-
-
-def _layer_norm(ln: nn.LayerNorm, x: Tensor, out: Tensor | None) -> Tensor:
-    """``ln(x)``, written into ``out`` when given."""
-    if out is None:
-        return ln(x)
-    stats = x.shape[: x.ndim - len(ln.normalized_shape)] + (1,) * len(ln.normalized_shape)
-    torch.ops.aten.native_layer_norm.out(
-        x,
-        list(ln.normalized_shape),
-        ln.weight,
-        ln.bias,
-        ln.eps,
-        out0=out,
-        out1=x.new_empty(stats),
-        out2=x.new_empty(stats),
-    )
-    return out
-
-
-def _softmax(x: Tensor, dim: int, out: Tensor | None) -> Tensor:
-    if out is None:
-        return x.softmax(dim)
-    return torch.ops.aten._softmax.out(x, dim, False, out=out)
-
-
 def token_to_image_reassociated(
     attn: Attention, queries: Tensor, keys_pe: Tensor, keys: Tensor
 ) -> Tensor:
@@ -200,22 +147,22 @@ def image_to_token_residual(
     n = t * h
     k, bias, v = image_to_token_factors(attn, tokens_pe, tokens)
     s = keys.shape[1]
-    scores = _buffer(scratch, "scores", (s, b * n), keys)
-    probs = _buffer(scratch, "probs", (s, b, t, h), keys)
+    scores = buffer(scratch, "scores", (s, b * n), keys)
+    probs = buffer(scratch, "probs", (s, b, t, h), keys)
     if keys.shape[0] == 1:
         kmat = k.transpose(0, 1).reshape(c, b * n)
         scores = torch.addmm(bias.reshape(1, b * n), keys_pe[0], kmat, out=scores)  # (S, B*n)
-        probs = _softmax(scores.view(s, b, t, h), -2, probs).view(s, b, n).transpose(0, 1)
+        probs = softmax_into(scores.view(s, b, t, h), -2, probs).view(s, b, n).transpose(0, 1)
         keys = keys.expand(b, -1, -1)
     else:
         if scores is not None:
             scores = scores.view(b, s, n)
             probs = probs.view(b, s, t, h)
         scores = torch.baddbmm(bias, keys_pe, k, out=scores)  # (B, S, n)
-        probs = _softmax(scores.view(b, s, t, h), -2, probs).view(b, s, n)
+        probs = softmax_into(scores.view(b, s, t, h), -2, probs).view(b, s, n)
         if inplace and not (keys.requires_grad and torch.is_grad_enabled()):
             return keys.baddbmm_(probs, v)
-    return torch.baddbmm(keys, probs, v, out=_buffer(scratch, "residual", (b, s, c), keys))
+    return torch.baddbmm(keys, probs, v, out=buffer(scratch, "residual", (b, s, c), keys))
 
 
 class TwoWayAttentionBlock(TwoWayAttentionBlockBase):
@@ -234,13 +181,12 @@ class TwoWayAttentionBlock(TwoWayAttentionBlockBase):
         shared: tuple[Tensor, ...] | None = None,
         keys_owned: bool = False,
         scratch: Scratch | None = None,
-        out_name: str = "keys",
     ) -> tuple[Tensor, Tensor]:
         """queries (B, T, C), keys (1 or B, S, C), query_pe (B, T, C), key_pe (1, S, C).
 
         ``shared``: :meth:`shared_image_projections` of ``keys`` when they are shared (batch 1)
         by B > 1 prompts. ``keys_owned``: ``keys`` is a temporary that may be overwritten.
-        ``scratch``: buffers for the image-sized results (the new keys go to ``out_name``).
+        ``scratch``: reused buffers for the image-sized intermediates.
         Returns (queries (B, T, C), keys (B, S, C)).
         """
         if not self.skip_first_layer_pe:
@@ -253,7 +199,7 @@ class TwoWayAttentionBlock(TwoWayAttentionBlockBase):
             attn_out = token_to_image_shared(t2i, queries + query_pe, k, v)
         else:
             keys_pe = torch.add(
-                keys, key_pe, out=_buffer(scratch, "keys_pe", tuple(keys.shape), keys)
+                keys, key_pe, out=buffer(scratch, "keys_pe", tuple(keys.shape), keys)
             )
             if keys.shape[0] != queries.shape[0]:
                 attn_out = token_to_image_shared(
@@ -273,9 +219,7 @@ class TwoWayAttentionBlock(TwoWayAttentionBlockBase):
             inplace=keys_owned,
             scratch=scratch,
         )
-        return queries, _layer_norm(
-            self.norm4, keys, _buffer(scratch, out_name, tuple(keys.shape), keys)
-        )
+        return queries, self.norm4(keys)
 
 
 class TwoWayTransformer(TwoWayTransformerBase):
@@ -340,14 +284,13 @@ class TwoWayTransformer(TwoWayTransformerBase):
                 shared if i == 0 else None,
                 owned,
                 scratch,
-                f"keys{i % 2}",
             )
             owned = True
         if keys.shape[0] != b:  # depth 0 with a shared image
             keys = keys.expand(b, -1, -1)
         if out_tokens is not None:
             queries, point_embedding = queries[:, out_tokens], point_embedding[:, out_tokens]
-        keys_pe = torch.add(keys, key_pe, out=_buffer(scratch, "keys_pe", tuple(keys.shape), keys))
+        keys_pe = torch.add(keys, key_pe, out=buffer(scratch, "keys_pe", tuple(keys.shape), keys))
         attn_out = token_to_image_reassociated(
             self.final_attn_token_to_image, queries + point_embedding, keys_pe, keys
         )
@@ -413,11 +356,13 @@ class MaskDecoder(nn.Module):
         image_pe: Tensor,
         sparse_prompt_embeddings: Tensor,
         multimask_output: bool = True,
+        iou_gate: float | None = None,
     ) -> tuple[Tensor, Tensor]:
         """image_embeddings (1 or B, C, h, w), image_pe (1, C, h, w), prompts (B, N, C).
 
         Returns (mask logits (B, K, 4h, 4w), iou predictions (B, K)); K = 3 with multimask
-        output (mask tokens 1..3), else 1 (mask token 0).
+        output (mask tokens 1..3), else 1 (mask token 0). ``iou_gate``: see
+        :func:`~napari_esam.models.decoder_ops.gate_rows`.
         """
         b = sparse_prompt_embeddings.shape[0]
         if image_embeddings.shape[0] not in (1, b):
@@ -432,17 +377,26 @@ class MaskDecoder(nn.Module):
         scratch = ctx["scratch"]
         scale = 2 ** len(self.final_output_upscaling_layers)
         out = None
-        if scratch is not None:
+        if scratch is not None or iou_gate is not None:
             out = tokens.new_empty(b, len(sel), h * scale, w * scale)
         masks, ious = [], []
         for i in range(0, b, self.chunk_size):
             rows = slice(i, i + self.chunk_size)
             hs, src = self.transformer.forward_prepared(ctx, tokens[rows], rows, out_tokens)
-            ious.append(self.iou_prediction_head(hs[:, 0])[:, sel])
+            iou = self.iou_prediction_head(hs[:, 0])[:, sel]
+            ious.append(iou)
+            live = None if out is None else gate_rows(iou, iou_gate, out[rows])
+            if live is not None:
+                if not live.numel():
+                    continue
+                hs, src = hs[live], src[live]
             hyper_in = torch.stack(
                 [self.output_hypernetworks_mlps[j](hs[:, 1 + n]) for n, j in enumerate(sel)],
                 dim=1,
             )  # (b, K, c_last)
+            if live is not None:
+                out[i + live] = self._upscale_and_predict(src, hyper_in, h, w, scratch)
+                continue
             chunk = self._upscale_and_predict(
                 src, hyper_in, h, w, scratch, None if out is None else out[rows]
             )
@@ -488,7 +442,7 @@ class MaskDecoder(nn.Module):
                     )
         k = hyper_in.shape[1]
         masks = torch.matmul(
-            hyper_in, x.transpose(1, 2), out=_buffer(scratch, "masks", (b, k, x.shape[1]), x)
+            hyper_in, x.transpose(1, 2), out=buffer(scratch, "masks", (b, k, x.shape[1]), x)
         )  # (B, K, pixels)
         return subpixel_to_image(masks, h, w, len(layers), out)
 
@@ -504,7 +458,7 @@ def _conv_transpose_2x2(
     weight, bias = conv_transpose_2x2_linear(conv)
     c_out, c_in = weight.shape[0] // 4, weight.shape[1]
     b, p, c = x.shape
-    out = _buffer(scratch, name, (b * p, 4 * c_out), x)
+    out = buffer(scratch, name, (b * p, 4 * c_out), x)
     if c == c_in + 1:
         if bias is None:
             bias = weight.new_zeros(4 * c_out)

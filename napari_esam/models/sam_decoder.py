@@ -29,10 +29,14 @@ from torch import Tensor, nn
 from napari_esam.models.common import Attention, LayerNorm2d
 from napari_esam.models.decoder_ops import (
     PromptEncoderBase,
+    Scratch,
     TwoWayAttentionBlockBase,
     TwoWayTransformerBase,
+    buffer,
     conv_transpose_2x2_linear,
+    gate_rows,
     image_to_token_factors,
+    softmax_into,
     subpixel_to_image,
     token_to_image_shared,
     values_through_output,
@@ -134,7 +138,9 @@ class SharedImage(NamedTuple):
     i2t_q: Tensor  # (L, heads * d) image-to-token query projection of keys_pe
 
 
-def token_to_image_rows(attn: Attention, q_in: Tensor, keys: Tensor, keys_pe: Tensor) -> Tensor:
+def token_to_image_rows(
+    attn: Attention, q_in: Tensor, keys: Tensor, keys_pe: Tensor, scratch: Scratch | None = None
+) -> Tensor:
     """``attn(q=q_in, k=keys_pe, v=keys)``; q_in (B, T, C), keys/keys_pe (B or 1, L, C).
 
     The L image tokens are never projected: ``q . (W_k x + b_k) = (W_k^T q) . x + const``
@@ -147,22 +153,34 @@ def token_to_image_rows(attn: Attention, q_in: Tensor, keys: Tensor, keys_pe: Te
     d = q.shape[-1]
     wk = attn.k_proj.weight.view(h, d, c) * d**-0.5
     qt = torch.einsum("bthd,hdc->bhtc", q, wk).reshape(b, h * t, c)
-    p = torch.softmax(qt @ keys_pe.transpose(1, 2), dim=-1)  # (B, h*T, L)
+    kt = keys_pe.expand(b, -1, -1).transpose(1, 2)
+    n = keys.shape[1]
+    scores = torch.bmm(qt, kt, out=buffer(scratch, "t2i_scores", (b, h * t, n), qt))
+    p = softmax_into(scores, -1, buffer(scratch, "t2i_probs", (b, h * t, n), qt))  # (B, h*T, L)
     z = (p @ keys).view(b, h, t, c)
     wv = attn.v_proj.weight.view(h, d, c)
     out = torch.einsum("bhtc,hdc->bthd", z, wv) + attn.v_proj.bias.view(h, d)
     return attn.out_proj(out.flatten(2))
 
 
-def _attend_image_to_token(keys: Tensor, scores: Tensor, u: Tensor, t: int) -> Tensor:
+def _attend_image_to_token(
+    keys: Tensor, scores: Tensor, u: Tensor, t: int, scratch: Scratch | None = None
+) -> Tensor:
     """``keys + softmax_t(scores)^T @ u``; scores (B, T*heads, L), u (B, T*heads, C)."""
-    b = scores.shape[0]
-    p = torch.softmax(scores.view(b, t, -1), dim=1).view(scores.shape)
-    return torch.baddbmm(keys, p.transpose(1, 2), u)
+    b, n, length = scores.shape
+    probs = buffer(scratch, "i2t_probs", (b, t, n // t * length), scores)
+    p = softmax_into(scores.view(b, t, -1), 1, probs).view(scores.shape)
+    out = buffer(scratch, "i2t_out", (b, length, keys.shape[-1]), scores)
+    return torch.baddbmm(keys, p.transpose(1, 2), u, out=out)
 
 
 def image_to_token_shared(
-    attn: Attention, keys: Tensor, q: Tensor, k_in: Tensor, v_in: Tensor
+    attn: Attention,
+    keys: Tensor,
+    q: Tensor,
+    k_in: Tensor,
+    v_in: Tensor,
+    scratch: Scratch | None = None,
 ) -> Tensor:
     """``keys + attn(q=., k=k_in, v=v_in)`` with one image's query projection q (L, h*d).
 
@@ -174,12 +192,19 @@ def image_to_token_shared(
     k = attn.k_proj(k_in).unflatten(-1, (h, -1))
     eye = torch.eye(h, device=k.device, dtype=k.dtype)
     kbd = torch.einsum("bthd,gh->btghd", k * k.shape[-1] ** -0.5, eye)
-    scores = (kbd.reshape(b * t * h, -1) @ q.T).view(b, t * h, -1)
-    return _attend_image_to_token(keys, scores, values_through_output(attn, v_in), t)
+    kbd = kbd.reshape(b * t * h, -1)
+    scores = torch.mm(kbd, q.T, out=buffer(scratch, "i2t_scores", (b * t * h, q.shape[0]), kbd))
+    u = values_through_output(attn, v_in)
+    return _attend_image_to_token(keys, scores.view(b, t * h, -1), u, t, scratch)
 
 
 def image_to_token_rows(
-    attn: Attention, keys: Tensor, keys_pe: Tensor, k_in: Tensor, v_in: Tensor
+    attn: Attention,
+    keys: Tensor,
+    keys_pe: Tensor,
+    k_in: Tensor,
+    v_in: Tensor,
+    scratch: Scratch | None = None,
 ) -> Tensor:
     """``keys + attn(q=keys_pe, k=k_in, v=v_in)``; keys/keys_pe (B or 1, L, C).
 
@@ -188,8 +213,9 @@ def image_to_token_rows(
     b, t, _ = k_in.shape
     kt, kb, u = image_to_token_factors(attn, k_in, v_in)
     keys_pe = keys_pe.expand(b, -1, -1).transpose(1, 2)
-    scores = torch.baddbmm(kb.transpose(1, 2), kt.transpose(1, 2), keys_pe)
-    return _attend_image_to_token(keys, scores, u, t)
+    out = buffer(scratch, "i2t_scores", (b, kt.shape[2], keys_pe.shape[2]), kt)
+    scores = torch.baddbmm(kb.transpose(1, 2), kt.transpose(1, 2), keys_pe, out=out)
+    return _attend_image_to_token(keys, scores, u, t, scratch)
 
 
 class TwoWayAttentionBlock(TwoWayAttentionBlockBase):
@@ -212,10 +238,12 @@ class TwoWayAttentionBlock(TwoWayAttentionBlockBase):
         query_pe: Tensor,
         key_pe: Tensor,
         shared: SharedImage | None = None,
+        scratch: Scratch | None = None,
     ) -> tuple[Tensor, Tensor]:
         """queries, query_pe (B, T, C); keys (1 or B, L, C); key_pe (1, L, C).
 
         With ``shared`` (from :meth:`share`), ``keys`` is ignored and its tensors are used.
+        ``scratch``: reused buffers for the image-sized intermediates.
         """
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
@@ -227,15 +255,17 @@ class TwoWayAttentionBlock(TwoWayAttentionBlockBase):
         if shared is not None:
             attn = token_to_image_shared(t2i, queries + query_pe, shared.t2i_k, shared.t2i_v)
         else:
-            keys_pe = keys + key_pe
-            attn = token_to_image_rows(t2i, queries + query_pe, keys, keys_pe)
+            keys_pe = torch.add(keys, key_pe, out=buffer(scratch, "keys_pe", keys.shape, keys))
+            attn = token_to_image_rows(t2i, queries + query_pe, keys, keys_pe, scratch)
         queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
         if shared is not None:
             k_in = queries + query_pe
-            keys = image_to_token_shared(i2t, shared.keys, shared.i2t_q, k_in, queries)
+            keys = image_to_token_shared(
+                i2t, shared.keys, shared.i2t_q, k_in, queries, scratch
+            )
         else:
-            keys = image_to_token_rows(i2t, keys, keys_pe, queries + query_pe, queries)
+            keys = image_to_token_rows(i2t, keys, keys_pe, queries + query_pe, queries, scratch)
         return queries, self.norm4(keys)
 
 
@@ -259,20 +289,25 @@ class TwoWayTransformer(TwoWayTransformerBase):
         image_pe: Tensor,
         point_embedding: Tensor,
         shared: SharedImage | None = None,
+        scratch: Scratch | None = None,
     ) -> tuple[Tensor, Tensor]:
         """image_embedding (1 or B, C, h, w), image_pe (1, C, h, w), tokens (B, T, C).
 
         ``shared`` (from :meth:`share` on the same image) replaces the first layer's
-        prompt-independent work. Returns (tokens (B, T, C), image tokens (B, h*w, C)).
+        prompt-independent work. ``scratch``: buffers reused across calls for the image-sized
+        intermediates. Returns (tokens (B, T, C), image tokens (B, h*w, C)).
         """
         keys = self._tokens(image_embedding)
         key_pe = self._tokens(image_pe)
         queries = point_embedding
         for i, layer in enumerate(self.layers):
             layer_shared = shared if i == 0 else None
-            queries, keys = layer(queries, keys, point_embedding, key_pe, layer_shared)
+            queries, keys = layer(
+                queries, keys, point_embedding, key_pe, layer_shared, scratch
+            )
+        keys_pe = torch.add(keys, key_pe, out=buffer(scratch, "keys_pe", keys.shape, keys))
         attn = token_to_image_rows(
-            self.final_attn_token_to_image, queries + point_embedding, keys, keys + key_pe
+            self.final_attn_token_to_image, queries + point_embedding, keys, keys_pe, scratch
         )
         return self.norm_final_attn(queries + attn), keys
 
@@ -330,13 +365,15 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: Tensor,
         dense_prompt_embeddings: Tensor,
         multimask_output: bool = True,
+        iou_gate: float | None = None,
     ) -> MaskOutput:
         """Masks (B, K, 4h, 4w) and IoU predictions (B, K) for B prompt rows.
 
         ``image_embeddings`` (1 or B, C, h, w) is shared by all rows when its batch is 1;
         ``dense_prompt_embeddings`` broadcasts against it. K = 3 (mask tokens 1..3) with
         ``multimask_output`` else 1 (mask token 0). Rows are decoded in chunks of
-        ``rows_per_chunk`` (bounded memory, cache-friendly).
+        ``rows_per_chunk`` (bounded memory, cache-friendly). ``iou_gate``: see
+        :func:`gate_rows`.
         """
         b = sparse_prompt_embeddings.shape[0]
         src = image_embeddings + dense_prompt_embeddings
@@ -346,35 +383,58 @@ class MaskDecoder(nn.Module):
         selected = range(1, self.num_mask_tokens) if multimask_output else range(1)
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])
         masks = src.new_empty(b, len(selected), 4 * h, 4 * w)
+        scratch = None if torch.is_grad_enabled() else Scratch()
         ious = []
         for i in range(0, b, self.rows_per_chunk):
             sparse = sparse_prompt_embeddings[i : i + self.rows_per_chunk]
             n = sparse.shape[0]
             tokens = torch.cat([out_tokens.expand(n, -1, -1), sparse], dim=1)
             image = src if one_image else src[i : i + n]
-            hs, keys = self.transformer(image, image_pe, tokens, shared)
+            hs, keys = self.transformer(image, image_pe, tokens, shared, scratch)
+            iou = self.iou_prediction_head(hs[:, 0])[:, selected.start : selected.stop]
+            ious.append(iou)
+            live = gate_rows(iou, iou_gate, masks[i : i + n])
+            if live is not None:
+                if not live.numel():
+                    continue
+                hs, keys = hs[live], keys[live]
             hyper_in = torch.stack(
                 [self.output_hypernetworks_mlps[j](hs[:, 1 + j]) for j in selected], dim=1
             )
-            self._upscale_and_project(keys, hyper_in, masks[i : i + n])
-            ious.append(self.iou_prediction_head(hs[:, 0])[:, selected.start : selected.stop])
+            if live is None:
+                self._upscale_and_project(keys, hyper_in, masks[i : i + n], scratch)
+            else:
+                part = masks.new_empty(live.numel(), *masks.shape[1:])
+                self._upscale_and_project(keys, hyper_in, part, scratch)
+                masks[i + live] = part
         iou = torch.cat(ious) if ious else src.new_empty(0, len(selected))
         return MaskOutput(masks, iou)
 
-    def _upscale_and_project(self, keys: Tensor, hyper_in: Tensor, out: Tensor) -> None:
+    def _upscale_and_project(
+        self, keys: Tensor, hyper_in: Tensor, out: Tensor, scratch: Scratch | None = None
+    ) -> None:
         """``out[:] = hyper_in @ output_upscaling(image tokens)``, out (B, K, 4h, 4w).
 
         A kernel-2 stride-2 ConvTranspose2d writes each input position to its own 2x2 output
         block, so it is a per-position Linear (channels-last, sub-pixel order (di, dj, c)).
+        ``scratch``: reused buffers for the intermediates.
         """
         up1, norm, _, up2, _ = self.output_upscaling
-        b = hyper_in.shape[0]
+        b, k = hyper_in.shape[:2]
         h, w = out.shape[-2] // 4, out.shape[-1] // 4
         c1, c2 = up1.out_channels, up2.out_channels
-        y = F.linear(keys, *conv_transpose_2x2_linear(up1)).view(b, -1, c1)
+        x = keys.reshape(-1, keys.shape[-1])
+        wt, bias = conv_transpose_2x2_linear(up1)
+        y = torch.addmm(bias, x, wt.T, out=buffer(scratch, "up1", (x.shape[0], wt.shape[0]), x))
+        y = y.view(b, -1, c1)
         y = _gelu_(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
-        y = _gelu_(F.linear(y, *conv_transpose_2x2_linear(up2))).view(b, -1, c2)
-        m = hyper_in @ y.transpose(1, 2)  # (B, K, h*w*16) ordered (i, j, di, dj, ei, ej)
+        wt, bias = conv_transpose_2x2_linear(up2)
+        y = y.view(-1, c1)
+        y = torch.addmm(bias, y, wt.T, out=buffer(scratch, "up2", (y.shape[0], wt.shape[0]), y))
+        y = _gelu_(y).view(b, -1, c2)
+        m = torch.matmul(
+            hyper_in, y.transpose(1, 2), out=buffer(scratch, "m", (b, k, y.shape[1]), y)
+        )  # (B, K, h*w*16) ordered (i, j, di, dj, ei, ej)
         subpixel_to_image(m, h, w, 2, out)
 
 
@@ -401,6 +461,7 @@ class SamDecoding:
         original_size: tuple[int, int],
         multimask_output: bool = True,
         mask_input: Tensor | None = None,
+        iou_gate: float | None = None,
     ) -> tuple[Tensor, Tensor]:
         """See :meth:`PromptableModel.decode`; outputs are in the model's dtype.
 
@@ -438,6 +499,7 @@ class SamDecoding:
             sparse,
             dense,
             multimask_output,
+            iou_gate,
         )
         return masks, iou
 

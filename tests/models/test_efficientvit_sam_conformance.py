@@ -236,10 +236,13 @@ class CachingPredictor(Predictor):
         super().__init__(model)
         self._memo: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def decode_torch(self, coords, labels, multimask_output=True):
-        key = coords.numpy().tobytes() + labels.numpy().tobytes() + bytes([multimask_output])
+    def decode_torch(self, coords, labels, multimask_output=True, iou_gate=None):
+        key = (coords.numpy().tobytes() + labels.numpy().tobytes() + bytes([multimask_output])
+               + repr(iou_gate).encode())
         if key not in self._memo:
-            self._memo[key] = super().decode_torch(coords, labels, multimask_output)
+            self._memo[key] = super().decode_torch(
+                coords, labels, multimask_output, iou_gate=iou_gate
+            )
         return self._memo[key]
 
 

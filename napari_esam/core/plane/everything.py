@@ -349,22 +349,39 @@ def segment_everything(
 # ---------------------------------------------------------------------------- SAM procedure
 
 
-def _decode_points(predictor: Predictor, points: np.ndarray) -> tuple[Tensor, Tensor]:
-    """One positive point per row -> (low-res (B, 3, 256, 256), iou (B, 3)) on the device."""
+def _gate(iou_thresh: float) -> float | None:
+    """The decoder's IoU gate for a predicted-IoU filter (None when the filter is off)."""
+    return float(iou_thresh) if iou_thresh > 0.0 else None
+
+
+def _decode_points(
+    predictor: Predictor, points: np.ndarray, iou_thresh: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """One positive point per row -> (low-res (B, 3, 256, 256), iou (B, 3)) on the device.
+
+    Rows whose three IoU predictions are all <= ``iou_thresh`` (> 0) have undefined logits:
+    the decoder skips their masks, which the predicted-IoU filter drops.
+    """
     coords = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float64))[:, None, :]
     labels = torch.ones(coords.shape[0], 1, dtype=torch.int64)
-    return predictor.decode_torch(coords, labels, multimask_output=True)
+    return predictor.decode_torch(
+        coords, labels, multimask_output=True, iou_gate=_gate(iou_thresh)
+    )
 
 
-def _decode_boxes(predictor: Predictor, boxes: np.ndarray) -> tuple[Tensor, Tensor]:
+def _decode_boxes(
+    predictor: Predictor, boxes: np.ndarray, iou_thresh: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """One XYXY box per row -> (low-res (B, 1, 256, 256), iou (B, 1)): single-mask output,
-    the corners labelled 2 and 3 (SAM's box prompt)."""
+    the corners labelled 2 and 3 (SAM's box prompt); ``iou_thresh`` as for points."""
     h, w = predictor.original_size
     b = np.ascontiguousarray(boxes, dtype=np.float64)
     b = np.clip(b, 0, [w, h, w, h])
     coords = torch.from_numpy(b.reshape(-1, 2, 2))
     labels = torch.tensor([[2, 3]], dtype=torch.int64).expand(coords.shape[0], 2)
-    return predictor.decode_torch(coords, labels.contiguous(), multimask_output=False)
+    return predictor.decode_torch(
+        coords, labels.contiguous(), multimask_output=False, iou_gate=_gate(iou_thresh)
+    )
 
 
 def _sam_batch(
@@ -381,9 +398,9 @@ def _sam_batch(
 ) -> None:
     model = predictor.model
     if boxes is None:
-        low_res, iou = _decode_points(predictor, points)
+        low_res, iou = _decode_points(predictor, points, pred_iou_thresh)
     else:
-        low_res, iou = _decode_boxes(predictor, boxes)
+        low_res, iou = _decode_boxes(predictor, boxes, pred_iou_thresh)
     k = low_res.shape[1]
     low_res = low_res.flatten(0, 1)
     iou = iou.flatten(0, 1)
@@ -607,7 +624,7 @@ def _everything_efficientsam(
     packed: list[np.ndarray] = []
     for start in range(0, len(points), ppb):
         steps.check()
-        low_res, iou = _decode_points(predictor, points[start : start + ppb])
+        low_res, iou = _decode_points(predictor, points[start : start + ppb], iou_thresh)
         order = torch.argsort(iou, dim=-1, descending=True)
         best = order[:, 0]
         b_iou = iou.gather(1, best[:, None])[:, 0]

@@ -213,13 +213,20 @@ class Predictor:
         labels: torch.Tensor,
         multimask_output: bool = True,
         mask_input: torch.Tensor | None = None,
+        iou_gate: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode prepared prompts on the current embedding → (low-res logits, IoU) on device.
 
         ``mask_input``: from :meth:`prepare_mask_input` (``None``: no mask prompt).
+        ``iou_gate``: skip the masks of rows whose IoU predictions are all at most this
+        (their logits are undefined; see :meth:`PromptableModel.decode`).
         """
         self._require_image()
-        extra = {} if mask_input is None else {"mask_input": mask_input.to(self.device)}
+        extra: dict[str, Any] = {}
+        if mask_input is not None:
+            extra["mask_input"] = mask_input.to(self.device)
+        if iou_gate is not None:
+            extra["iou_gate"] = float(iou_gate)
         with torch.inference_mode(), self.autocast():
             low_res, iou = self.model.decode(
                 self.features,

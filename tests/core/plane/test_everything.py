@@ -32,7 +32,8 @@ class VariedFake(FakeModel):
     """FakeModel's disks around one positive point per row (vectorised), with a predicted IoU
     that varies with the point."""
 
-    def decode(self, embedding, coords, labels, original_size, multimask_output=True):
+    def decode(self, embedding, coords, labels, original_size, multimask_output=True,
+               iou_gate=None):
         assert coords.shape[1] == 1 and bool((labels == 1).all()) and multimask_output
         h, w = original_size
         s = 1024 / max(h, w) / 4  # original px -> 256 frame
