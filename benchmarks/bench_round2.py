@@ -5,7 +5,7 @@ Plain script, not a timed unit test. Each job runs in its own subprocess (so pea
 peak GPU memory on CUDA, are per job) and the parent prints one markdown table. Synthetic
 weights (the conformance recipe): speeds are real, masks are not meaningful.
 
-Parts on the CPU (``--parts``, default all four):
+Parts on the CPU (``--parts``, default all six):
 
 * ``peak``: a measured fp32 matrix-product peak (``torch.mm`` of ``--mm-size``², the same
   threads) timed interleaved with each encoder (A B A B ...); the encoder's FLOPs are counted
@@ -18,6 +18,13 @@ Parts on the CPU (``--parts``, default all four):
   alone (prompt encoder + mask decoder, low-res logits) and the widget's engine path without
   napari (decode, upsample, threshold, paint); the first click (model build from synthetic
   weights + encoder + decode + paint) and the first click on a new tile.
+* ``everything``: exact segment-everything (MobileSAM, grid ``--amg-grid`` 32, the 1024²
+  retina crop of the reference timings, encoder included) against ``segment_anything``'s
+  unmodified ``SamAutomaticMaskGenerator`` in the same process (``--amg-repeats`` rounds,
+  interleaved), records compared one by one; the conformance fixtures ``amg``/``amg_all``.
+* ``objects``: object-aware everything (detector + one prompt per object, encoder
+  included) against the same reference generator at grid 32 on stardist's 2-D nuclei image
+  (``--stardist-dir``, see ``bench_object_prompts.py``), and the share of its nuclei prompted.
 * ``scale``: tiled segment-everything (``run_batch``, tile 1024, halo 256, Zarr in and out)
   of 2048², 4096² and 8192² synthetic blob images, one subprocess per size: time per tile,
   growth against area, peak RSS.
@@ -32,7 +39,8 @@ on 1024², mask IoU against float32), ``stack`` (a 16-slice 1024² stack, slices
 engine path only). On a machine without CUDA it stops at once with a one-line message.
 ``models`` and ``stack`` also run on the CPU (float32 only) with small sizes, to test them.
 
-    .venv/bin/python benchmarks/bench_round2.py [--parts peak,latency,scale,dask]
+    .venv/bin/python benchmarks/bench_round2.py [--parts peak,latency,everything,objects,...]
+        [--stardist-dir DIR] [--amg-grid 32] [--amg-repeats 1]
         [--threads 2] [--repeats 3] [--clicks 5] [--models a,b] [--latency-models a,b]
         [--scale-sizes 2048,4096,8192] [--workdir DIR] [--json FILE] [--device cpu|cuda]
 """
@@ -63,9 +71,9 @@ MODELS = ("mobilesam", "efficientsam_ti", "efficientsam_s", "efficientvit_sam_l0
           "efficientvit_sam_l1", "efficientvit_sam_l2", "efficientvit_sam_xl0",
           "efficientvit_sam_xl1")
 LATENCY_MODELS = ("mobilesam", "efficientvit_sam_l0", "efficientsam_ti")
-CPU_PARTS = ("peak", "latency", "scale", "dask")
+CPU_PARTS = ("peak", "latency", "everything", "objects", "scale", "dask")
 CUDA_PARTS = ("peak", "models", "stack", "latency")
-PARTS = ("peak", "latency", "scale", "dask", "models", "stack")
+PARTS = ("peak", "latency", "everything", "objects", "scale", "dask", "models", "stack")
 #: segment-everything settings that keep masks with synthetic weights (bench_suite's)
 AMG_SETTINGS = dict(pred_iou_thresh=0.8, stability_score_thresh=0.5,
                     stability_score_offset=0.25, box_nms_thresh=0.999)
@@ -691,6 +699,147 @@ def job_dask(args: argparse.Namespace) -> dict:
     return {"rows": rows, **peaks(torch.device("cpu"))}
 
 
+# ----------------------------------------------------- jobs: everything and objects
+
+
+def _reference_generator(model: Any, grid: int, **settings: float) -> Any:
+    """``segment_anything``'s unmodified ``SamAutomaticMaskGenerator`` at ``grid`` points
+    per side with ``settings`` (default: those of the reference timings, ``AMG_SETTINGS``),
+    on ``model``'s weights (its encoder is ours: that only favours the reference). Needs
+    ``segment-anything==1.0`` (the testing extra); torchvision is replaced by
+    ``bench_suite``'s small shim."""
+    sys.path.insert(0, str(HERE))
+    import bench_suite
+
+    bench_suite._torchvision_shim()
+    from segment_anything import SamAutomaticMaskGenerator
+
+    return SamAutomaticMaskGenerator(
+        bench_suite._reference_sam(model), points_per_side=grid, crop_n_layers=0,
+        min_mask_region_area=0, output_mode="binary_mask", points_per_batch=64,
+        **(settings or AMG_SETTINGS))
+
+
+def job_everything(args: argparse.Namespace) -> dict:
+    """Exact segment-everything, grid ``--amg-grid`` on the 1024² retina crop of the reference
+    timings (encoder included), against the reference generator in the same process, timed
+    interleaved (``--amg-repeats`` rounds); records compared one by one; then the
+    conformance fixtures ``amg`` and ``amg_all`` (records against the reference's)."""
+    sys.path.insert(0, str(HERE))
+    import bench_suite
+    import numpy as np
+    import torch
+
+    from napari_esam.core.plane.everything import segment_everything
+    from napari_esam.core.plane.predictor import Predictor
+
+    model = synthetic_model("mobilesam", "cpu")
+    image = bench_suite._retina_1024()
+    grid = args.amg_grid
+    try:
+        reference = _reference_generator(model, grid)
+    except ImportError as exc:
+        return {"rows": [row("everything", "mobilesam", f"grid {grid}", None,
+                             notes=f"skipped: segment_anything not importable ({exc})")]}
+    out: dict[str, list] = {}
+
+    def ours() -> None:
+        out["ours"] = segment_everything(image, Predictor(model), points_per_side=grid,
+                                         points_per_batch=64, **AMG_SETTINGS)
+
+    def ref() -> None:
+        with torch.inference_mode():
+            out["ref"] = reference.generate(image)
+
+    with torch.inference_mode():
+        model.encode(model_input(model, image))  # warm-up: first-call costs, not timed
+    t = interleaved({"ours": ours, "ref": ref}, args.amg_repeats, lambda: None, warm=False)
+    same = bench_suite._compare_records(out["ours"], out["ref"])
+    rows = [row("everything", "mobilesam", f"exact everything, grid {grid}, 1024² (incl. "
+                "encoder)", t["ours"], beside=f"reference {fmt(t['ref'], 's')}",
+                ratio=f"{t['ref'] / t['ours']:.1f}x",
+                notes=f"segment_anything's SamAutomaticMaskGenerator in the same process, "
+                      f"median of {args.amg_repeats} interleaved; records: {same}")]
+    conf = bench_suite.SHARED / "conformance" / "mobilesam"
+    for fixture in ("amg", "amg_all"):
+        path = conf / f"{fixture}.npz"
+        if not path.is_file():
+            rows.append(row("everything", "mobilesam", f"conformance {fixture}", None,
+                            notes=f"skipped: {path} not found"))
+            continue
+        with np.load(path) as f:
+            data = {k: f[k] for k in f.files}
+        settings = json.loads(str(data["settings_json"]))
+        settings.pop("output_mode")
+        t0 = time.perf_counter()
+        recs = segment_everything(data["image"], Predictor(model), **settings)
+        rows.append(row("everything", "mobilesam", f"conformance fixture {fixture}",
+                        time.perf_counter() - t0,
+                        notes=f"{data['image'].shape[0]}², grid {settings['points_per_side']}; "
+                              f"records vs the reference's: "
+                              f"{bench_suite._compare_records(recs, data)}"))
+    return {"rows": rows, **peaks(model.device)}
+
+
+def job_objects(args: argparse.Namespace) -> dict:
+    """Object-aware everything (``prompts="objects"``: detector + one prompt per object,
+    encoder included) against the reference generator at grid ``--amg-grid`` on stardist's
+    2-D nuclei image, in the same process; the share of annotated nuclei that get a prompt."""
+    sys.path.insert(0, str(HERE))
+    import bench_object_prompts as bop
+    import numpy as np
+    import torch
+
+    from napari_esam.core.plane.image import to_model_rgb
+    from napari_esam.core.plane.object_prompts import (
+        detect_object_prompts,
+        segment_everything_objects,
+    )
+    from napari_esam.core.plane.predictor import Predictor
+
+    try:
+        image, labels = bop.load_stardist_nuclei(args.stardist_dir)
+    except FileNotFoundError as exc:
+        return {"rows": [row("objects", "mobilesam", "stardist nuclei", None,
+                             notes=f"skipped: {exc}")]}
+    model = synthetic_model("mobilesam", "cpu")
+    try:
+        reference = _reference_generator(model, args.amg_grid)
+    except ImportError as exc:
+        return {"rows": [row("objects", "mobilesam", "object prompts", None,
+                             notes=f"skipped: segment_anything not importable ({exc})")]}
+    rgb = to_model_rgb(image)
+    points = detect_object_prompts(image, **bop.DETECTOR)
+    recall, hit, background = bop.coverage(points, labels)
+    n_true = len(np.unique(labels)) - 1
+    out: dict[str, list] = {}
+
+    def ours() -> None:
+        out["ours"] = segment_everything_objects(image, Predictor(model), points_per_batch=64,
+                                                 **bop.DETECTOR, **AMG_SETTINGS)
+
+    def ref() -> None:
+        with torch.inference_mode():
+            out["ref"] = reference.generate(rgb)
+
+    with torch.inference_mode():
+        model.encode(model_input(model, rgb))  # warm-up
+    t = interleaved({"ours": ours, "ref": ref}, args.amg_repeats, lambda: None, warm=False)
+    h, w = image.shape
+    rows = [
+        row("objects", "-", f"nuclei prompted, object prompts ({h}x{w} stardist)", recall,
+            unit="%", beside=f"{hit}/{n_true} nuclei",
+            notes=f"{len(points)} prompts, {background} on background; detector defaults"),
+        row("objects", "mobilesam", "object-aware everything (incl. encoder, detection)",
+            t["ours"], beside=f"reference grid {args.amg_grid} {fmt(t['ref'], 's')}",
+            ratio=f"{t['ref'] / t['ours']:.1f}x",
+            notes=f"{len(points)} vs {args.amg_grid ** 2} prompts, masks {len(out['ours'])} vs "
+                  f"{len(out['ref'])}; reference: segment_anything's generator in the same "
+                  f"process on the same RGB image; median of {args.amg_repeats} interleaved"),
+    ]
+    return {"rows": rows, **peaks(model.device)}
+
+
 # ------------------------------------------------------------------ job: models (GPU)
 
 
@@ -846,7 +995,8 @@ def run_job(job: str, args: argparse.Namespace) -> dict:
         return job_latency(args, name, dt or None)
     if kind == "scale":
         return job_scale(args, int(rest))
-    return {"dask": job_dask, "stack": job_stack}[kind](args)
+    return {"dask": job_dask, "stack": job_stack, "everything": job_everything,
+            "objects": job_objects}[kind](args)
 
 
 def spawn(job: str, argv: Sequence[str], timeout: float | None) -> dict:
@@ -935,6 +1085,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stack-slices", type=int, default=16)
     ap.add_argument("--scale-sizes", default="2048,4096,8192")
     ap.add_argument("--scale-points", type=int, default=4, help="points per side per tile")
+    ap.add_argument("--amg-grid", type=int, default=32,
+                    help="points per side of exact everything against the reference")
+    ap.add_argument("--amg-repeats", type=int, default=1,
+                    help="interleaved rounds of everything/objects against the reference")
+    ap.add_argument("--stardist-dir", default=None,
+                    help="stardist's img2d.tif/mask2d.tif (see bench_object_prompts.py)")
     ap.add_argument("--dask-slices", type=int, default=4)
     ap.add_argument("--dask-size", type=int, default=512)
     ap.add_argument("--dask-points", type=int, default=4)

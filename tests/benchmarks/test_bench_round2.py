@@ -108,3 +108,51 @@ def test_unknown_part_and_missing_cuda_fail_cleanly(bench, capsys):
     assert bench.main(["--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "needs a CUDA GPU" in err and "nothing was run" in err
+
+
+def test_cpu_parts_include_everything_and_objects_against_the_reference(bench):
+    args = bench.parse([])
+    assert {"everything", "objects"} <= set(args.parts)
+    assert bench.jobs_for("everything", args) == ["everything"]
+    assert args.amg_grid == 32
+
+
+@pytest.fixture
+def bench_suite():
+    """``benchmarks/bench_suite.py`` with its torchvision shim installed; ``segment_anything``
+    is imported afresh against the shim and every module involved is restored afterwards."""
+    prefixes = ("torchvision", "segment_anything", "bench_suite")
+    saved = {k: v for k, v in sys.modules.items() if k.startswith(prefixes)}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, str(PATH.parent))
+    try:
+        import bench_suite
+
+        bench_suite._torchvision_shim()
+        pytest.importorskip("segment_anything", reason="segment-anything==1.0 not installed")
+        yield bench_suite
+    finally:
+        sys.path.remove(str(PATH.parent))
+        for k in [k for k in sys.modules if k.startswith(prefixes)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+@pytest.mark.slow
+def test_reference_generator_gives_our_records(bench, bench_suite):
+    import torch
+
+    from napari_esam.core.plane.everything import segment_everything
+    from napari_esam.core.plane.predictor import Predictor
+
+    torch.set_num_threads(2)
+    model = bench.synthetic_model("mobilesam", "cpu")
+    image = bench_suite._retina_1024()
+    # the IoU filter on (44 of the 64 prompts pass it: the gate skips 20), stability off
+    settings = dict(bench.AMG_SETTINGS, pred_iou_thresh=0.45, stability_score_thresh=0.0)
+    with torch.inference_mode():
+        ref = bench._reference_generator(model, 8, **settings).generate(image)
+    ours = segment_everything(image, Predictor(model), points_per_side=8, **settings)
+    assert len(ref) >= 3  # synthetic masks are large: most touch the border or overlap
+    assert bench_suite._compare_records(ours, ref) == f"identical ({len(ref)})"
