@@ -728,6 +728,8 @@ class PromptController:
         self._labels: Any = None
         self._preview: Any = None
         self._preview_region: tuple[Plane, tuple[int, int, int, int]] | None = None
+        #: (decoded result, mask rank, image layer) the preview shows, to skip repainting
+        self._shown: tuple[Any, int, Any] | None = None
         self._model: PromptableModel | None = None
         self._model_key: tuple | None = None
         self._failed: dict[Hashable, str] = {}
@@ -1275,14 +1277,21 @@ class PromptController:
         if dec is None or self._image is None:
             return
         masks, scores = dec.chosen(self.mask_rank)
-        r0, c0, h, w = region = dec.frame()
-        preview = np.zeros((h, w), dtype=np.uint8)
-        for b, (m, (mr, mc)) in enumerate(zip(masks, dec.offsets, strict=True)):
-            view = preview[mr - r0 : mr - r0 + m.shape[0], mc - c0 : mc - c0 + m.shape[1]]
-            view[m] = b % 255 + 1
-        self._set_preview(self._image, dec.plane, preview, region)
-        n = len(masks)
         k = dec.scores.shape[1]
+        shown = self._shown
+        layer = self._preview
+        if not (
+            shown is not None and shown[0] is dec and shown[1] == self.mask_rank % k
+            and shown[2] is self._image and layer is not None and layer in self.viewer.layers
+        ):  # repaint unless the preview already shows this mask (e.g. a second prompt event)
+            r0, c0, h, w = region = dec.frame()
+            preview = np.zeros((h, w), dtype=np.uint8)
+            for b, (m, (mr, mc)) in enumerate(zip(masks, dec.offsets, strict=True)):
+                view = preview[mr - r0 : mr - r0 + m.shape[0], mc - c0 : mc - c0 + m.shape[1]]
+                view[m] = b % 255 + 1
+            self._set_preview(self._image, dec.plane, preview, region)
+            self._shown = (dec, self.mask_rank % k, self._image)
+        n = len(masks)
         what = "1 object" if n == 1 else f"{n} objects"
         score = ", ".join(f"{s:.2f}" for s in scores)
         text = (
@@ -1739,6 +1748,7 @@ class PromptController:
         layer.data = data
 
     def _clear_preview(self) -> None:
+        self._shown = None
         layer = self._preview
         if layer is not None and layer in self.viewer.layers and np.any(layer.data):
             layer.data = np.zeros_like(layer.data)

@@ -160,6 +160,22 @@ def test_multimask_cycles_through_three_candidates():
     assert (ctrl.labels_layer.data == 1).sum() == areas[1]  # commits the shown candidate
 
 
+def test_an_update_without_changes_keeps_the_painted_preview():
+    viewer, ctrl, _, _ = make(blobs())
+    add_point(ctrl, (60, 80))
+    layer = ctrl.preview_layer
+    data = layer.data
+    painted: list = []
+    layer.events.data.connect(painted.append)
+    ctrl.update()  # a second prompt event with the same prompts: nothing to repaint
+    assert layer.data is data and not painted
+    ctrl.next_mask()  # another candidate: painted again
+    assert painted and layer.data is not data
+    viewer.layers.remove(layer)  # the user deletes the preview: the next update shows it anew
+    ctrl.update()
+    assert ctrl.preview_layer in viewer.layers and (ctrl.preview_mask() > 0).any()
+
+
 # --------------------------------------------------------------------- geometry
 
 
