@@ -46,7 +46,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -96,19 +95,12 @@ def _sync_for(device: Any) -> Callable[[], None]:
 def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
                  sync: Callable[[], None]) -> dict[str, float]:
     """Median seconds per function: one warm-up each, then ``repeats`` rounds A, B, A, B...
+    (``bench_round2.interleaved``; interleaving keeps a loaded machine's drift out of the
+    ratio)."""
+    sys.path.insert(0, str(HERE))
+    from bench_round2 import interleaved
 
-    Interleaving keeps a loaded machine's drift out of the ratio."""
-    for fn in fns.values():
-        fn()
-        sync()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved(fns, repeats, sync)
 
 
 def _mask_iou(a: Any, b: Any) -> float:
