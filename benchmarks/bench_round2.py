@@ -750,7 +750,6 @@ def job_everything(args: argparse.Namespace) -> dict:
     conformance fixtures ``amg`` and ``amg_all`` (records against the reference's)."""
     sys.path.insert(0, str(HERE))
     import bench_suite
-    import numpy as np
     import torch
 
     from napari_esam.core.plane.everything import segment_everything
@@ -783,24 +782,9 @@ def job_everything(args: argparse.Namespace) -> dict:
                 ratio=f"{t['ref'] / t['ours']:.1f}x",
                 notes=f"segment_anything's SamAutomaticMaskGenerator in the same process, "
                       f"median of {args.amg_repeats} interleaved; records: {same}")]
-    conf = bench_suite.SHARED / "conformance" / "mobilesam"
-    for fixture in ("amg", "amg_all"):
-        path = conf / f"{fixture}.npz"
-        if not path.is_file():
-            rows.append(row("everything", "mobilesam", f"conformance {fixture}", None,
-                            notes=f"skipped: {path} not found"))
-            continue
-        with np.load(path) as f:
-            data = {k: f[k] for k in f.files}
-        settings = json.loads(str(data["settings_json"]))
-        settings.pop("output_mode")
-        t0 = time.perf_counter()
-        recs = segment_everything(data["image"], Predictor(model), **settings)
-        rows.append(row("everything", "mobilesam", f"conformance fixture {fixture}",
-                        time.perf_counter() - t0,
-                        notes=f"{data['image'].shape[0]}², grid {settings['points_per_side']}; "
-                              f"records vs the reference's: "
-                              f"{bench_suite._compare_records(recs, data)}"))
+    for fixture, what, secs, check in bench_suite.conformance_everything(model):
+        rows.append(row("everything", "mobilesam", f"conformance fixture {fixture}{what}", secs,
+                        notes=check))
     return {"rows": rows, **peaks(model.device)}
 
 

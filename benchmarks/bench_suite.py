@@ -430,10 +430,37 @@ def _plain_everything(image: Any, model: Any, grid: int) -> list[dict]:
              "crop_box": [0, 0, w, h]} for i in keep]
 
 
-def job_everything(args: argparse.Namespace) -> dict:
+def conformance_everything(model: Any) -> list[tuple[str, str, float | None, str]]:
+    """MobileSAM everything on the conformance fixtures ``amg`` and ``amg_all``: per fixture
+    (name, " (size², grid N)", seconds or None, records against the reference's or why it
+    was skipped)."""
     import json as _json
 
     import numpy as np
+
+    from napari_esam.core.plane.everything import segment_everything
+    from napari_esam.core.plane.predictor import Predictor
+
+    out = []
+    for fixture in ("amg", "amg_all"):
+        path = SHARED / "conformance" / "mobilesam" / f"{fixture}.npz"
+        if not path.is_file():
+            out.append((fixture, "", None, f"skipped: {path} not found"))
+            continue
+        with np.load(path) as f:
+            ref = {k: f[k] for k in f.files}
+        settings = _json.loads(str(ref["settings_json"]))
+        settings.pop("output_mode")
+        t0 = time.perf_counter()
+        recs = segment_everything(ref["image"], Predictor(model), **settings)
+        out.append((fixture, f" ({ref['image'].shape[0]}², grid {settings['points_per_side']})",
+                    time.perf_counter() - t0,
+                    f"records vs the reference's: {_compare_records(recs, ref)}"))
+    return out
+
+
+def job_everything(args: argparse.Namespace) -> dict:
+
     import torch
 
     from napari_esam.core.plane.everything import segment_everything
@@ -471,22 +498,9 @@ def job_everything(args: argparse.Namespace) -> dict:
         rows.append(_row("everything", "mobilesam", f"grid {g}, 1024² (incl. encoder)", ours,
                          plain=plain, ref=REFERENCE_AMG[g] if dev.type == "cpu" else None,
                          check=check))
-    conf = SHARED / "conformance" / "mobilesam"
-    for fixture in ("amg", "amg_all"):
-        path = conf / f"{fixture}.npz"
-        if not path.is_file():
-            rows.append(_row("everything", "mobilesam", f"conformance {fixture}", None,
-                             check=f"skipped: {path} not found"))
-            continue
-        with np.load(path) as f:
-            ref = {k: f[k] for k in f.files}
-        settings = _json.loads(str(ref["settings_json"]))
-        settings.pop("output_mode")
-        t0 = time.perf_counter()
-        recs = segment_everything(ref["image"], Predictor(model), **settings)
-        rows.append(_row("everything", "mobilesam", f"conformance {fixture} (512², grid "
-                         f"{settings['points_per_side']})", time.perf_counter() - t0,
-                         check=f"records vs reference: {_compare_records(recs, ref)}"))
+    for fixture, what, secs, check in conformance_everything(model):
+        rows.append(_row("everything", "mobilesam", f"conformance {fixture}{what}", secs,
+                         check=check))
     return {"rows": rows, **_peaks(dev)}
 
 
